@@ -1,0 +1,201 @@
+"""The ``orchestrator`` command line. Exit codes: 0 success, 1 a stage failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from typing import Sequence
+
+from .errors import SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+DEFAULT_TRACKING = "sqlite:///mlflow.db"
+
+
+def _default_tracking() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING)
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking store holding the runs (default: $MLFLOW_TRACKING_URI or "
+                        f"{DEFAULT_TRACKING} in the current directory).")
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="Pipeline YAML file.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a field of the file, e.g. --set stages.train.retries=5 "
+                        "(VALUE is parsed as YAML; repeatable).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Run GenAI pipelines (tokenize, pretrain, fine-tune, RLHF, serve) as DAGs of stages "
+                    "on Ray, tracked in MLflow.",
+        epilog="Exit codes: 0 success, 1 a stage failed, 2 bad input.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="Check a pipeline file and print its plan; runs nothing.",
+                       description="Validate FILE (and overrides) and print the plan: stages in order, "
+                                   "what they need, resources and cache status.")
+    _add_pipeline_args(p)
+
+    p = sub.add_parser("run", help="Run a pipeline.", description="Run FILE: every stage whose needs are done "
+                       "starts at once on Ray. Shows a live table of stages; Ctrl-C cancels.")
+    _add_pipeline_args(p)
+    p.add_argument("--no-cache", action="store_true", help="Rerun every stage even if its outputs are cached.")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help='Ray cluster to run on ("auto", "ray://host:10001"); overrides ray.address in FILE.')
+    p.add_argument("--plain", action="store_true", help="Print one line per stage transition instead of a live table.")
+
+    p = sub.add_parser("status", help="Show a run's stages (default: the latest run).",
+                       description="Show the state of each stage of RUN_ID (the MLflow parent run id).")
+    p.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true", help="Print the run record as JSON.")
+    _add_tracking(p)
+
+    p = sub.add_parser("list", help="List recent pipeline runs.", description="List recent pipeline runs.")
+    p.add_argument("--limit", type=int, default=20, help="How many runs to show (default 20).")
+    _add_tracking(p)
+
+    p = sub.add_parser("resume", help="Continue a failed, cancelled or killed run.",
+                       description="Continue RUN_ID: stages that finished are not rerun; the same MLflow "
+                                   "parent run continues.")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster to run on.")
+    p.add_argument("--plain", action="store_true", help="Print transitions instead of a live table.")
+    _add_tracking(p)
+
+    p = sub.add_parser("cancel", help="Cancel a running pipeline run.",
+                       description="Stop RUN_ID: its running stages' Ray tasks and actors are killed; "
+                                   "states become CANCELLED.")
+    p.add_argument("run_id", metavar="RUN_ID")
+    _add_tracking(p)
+
+    p = sub.add_parser("ui", help="Open the MLflow UI on the tracking store.",
+                       description="Start the MLflow UI on the pipeline's tracking store (127.0.0.1 unless --host).")
+    p.add_argument("file", nargs="?", metavar="FILE", help="Pipeline file whose tracking store to show.")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
+    p.add_argument("--port", type=int, default=5000, help="Port (default 5000).")
+    _add_tracking(p)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .runs import cache_status, prepare
+
+    prep = prepare(args.file, args.overrides)
+    cache = cache_status(prep)
+    print(f"pipeline {prep.pipeline.name!r}: {len(prep.plan.stages)} stages, storage {prep.pipeline.storage}, "
+          f"tracking {prep.pipeline.tracking_uri()}")
+    print(f"{'#':>2}  {'stage':<16} {'kind':<10} {'needs':<24} {'resources':<26} cache")
+    for i, s in enumerate(prep.plan.stages, 1):
+        r = s.resources
+        res = f"cpus={r.cpus:g} gpus={r.gpus:g}" + (f" workers={r.workers}" if r.workers else "")
+        flag = "" if s.enabled else "  (disabled)"
+        print(f"{i:>2}  {s.name:<16} {s.kind:<10} {','.join(s.needs) or '-':<24} {res:<26} {cache[s.name]}{flag}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runs import exit_code, prepare, start_run
+
+    prep = prepare(args.file, args.overrides)
+    record = start_run(prep, no_cache=args.no_cache, address=args.address, live=False if args.plain else None)
+    return exit_code(record)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .runs import exit_code, resume_run
+
+    record = resume_run(args.run_id, args.tracking_uri or _default_tracking(), address=args.address,
+                        live=False if args.plain else None)
+    return exit_code(record)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from .console import stage_table
+    from .runs import list_runs, load_record
+
+    uri = args.tracking_uri or _default_tracking()
+    run_id = args.run_id
+    if run_id is None:
+        runs = list_runs(uri, 1)
+        if not runs:
+            raise SpecError(f"no pipeline runs in {uri}")
+        run_id = runs[0]["run_id"]
+    record = load_record(run_id, uri)
+    if args.json:
+        print(json.dumps(asdict(record), indent=2, default=str))
+    else:
+        Console().print(stage_table(record, list(record.stages)))
+        for r in record.stages.values():
+            if r.error:
+                print(f"{r.name}: {r.error}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .runs import list_runs
+
+    rows = list_runs(args.tracking_uri or _default_tracking(), args.limit)
+    print(f"{'run id':<34} {'pipeline':<20} {'state':<10} started")
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["start"]).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{r['run_id']:<34} {r['pipeline']:<20} {r['state']:<10} {when}")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .runs import cancel_run
+
+    record = cancel_run(args.run_id, args.tracking_uri or _default_tracking())
+    print(f"run {record.run_id}: {record.state.value}")
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    uri = args.tracking_uri
+    if uri is None and args.file:
+        from .spec import load_pipeline
+
+        uri = load_pipeline(args.file)[0].tracking_uri()
+    uri = uri or _default_tracking()
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
+            "list": cmd_list, "cancel": cmd_cancel, "ui": cmd_ui}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

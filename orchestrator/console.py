@@ -1,0 +1,83 @@
+"""What the user sees in the terminal: a live table of stages, or one line per transition
+when output is not a terminal (CI logs, pipes)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .state import RunRecord, StageRecord
+
+STYLE = {"RUNNING": "cyan", "RETRYING": "yellow", "SUCCEEDED": "green", "CACHED": "green", "FAILED": "bold red",
+         "SKIPPED": "dim", "CANCELLED": "magenta", "PENDING": "dim"}
+
+
+def _progress(rec: StageRecord) -> str:
+    p = rec.progress
+    if not p:
+        return ""
+    done, total, unit = p.get("done"), p.get("total"), p.get("unit", "")
+    if total:
+        return f"{done:,.0f}/{total:,.0f} {unit} ({100 * done / total:.0f}%)"
+    return f"{done:,.0f} {unit}"
+
+
+def stage_table(record: RunRecord, order: list[str]) -> Table:
+    t = Table(title=f"{record.pipeline}  run {record.run_id}  {record.state.value}", title_justify="left")
+    for col in ("stage", "kind", "state", "attempt", "elapsed", "progress"):
+        t.add_column(col)
+    for name in order:
+        r = record.stages[name]
+        elapsed = f"{r.elapsed:.1f}s" if r.elapsed is not None else ""
+        state = r.state.value + (" (cache)" if r.cache_source_run else "")
+        t.add_row(name, r.kind, f"[{STYLE.get(r.state.value, '')}]{state}[/]", str(r.attempts or ""), elapsed, _progress(r))
+    return t
+
+
+class StageDisplay:
+    """Live table on a TTY; transition lines otherwise. Call ``update`` often, it is cheap."""
+
+    def __init__(self, record: RunRecord, order: list[str], stream: TextIO | None = None, live: bool | None = None):
+        self.record, self.order = record, order
+        self.stream = stream or sys.stderr
+        self.live_mode = self.stream.isatty() if live is None else live
+        self.console = Console(file=self.stream, highlight=False)
+        self._live: Live | None = None
+        self._last_states: dict[str, str] = {}
+        self._last_refresh = 0.0
+
+    def __enter__(self) -> StageDisplay:
+        if self.live_mode:
+            self._live = Live(stage_table(self.record, self.order), console=self.console, refresh_per_second=4)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(stage_table(self.record, self.order))
+            self._live.__exit__(*exc)
+
+    def update(self) -> None:
+        if self._live is not None:
+            now = time.monotonic()
+            if now - self._last_refresh > 0.25:
+                self._live.update(stage_table(self.record, self.order))
+                self._last_refresh = now
+            return
+        for name in self.order:
+            r = self.record.stages[name]
+            if self._last_states.get(name) != r.state.value:
+                self._last_states[name] = r.state.value
+                extra = f" attempt {r.attempts}" if r.state.value in ("RUNNING", "RETRYING") else ""
+                err = f": {r.error}" if r.error and r.state.value in ("FAILED", "RETRYING", "SKIPPED") else ""
+                self.console.print(f"[{STYLE.get(r.state.value, '')}]{name:<16} {r.state.value}{extra}[/]{err}",
+                                   markup=True, soft_wrap=True)
+
+    def summary(self, ui_hint: str) -> None:
+        self.console.print(stage_table(self.record, self.order))
+        self.console.print(ui_hint, soft_wrap=True)

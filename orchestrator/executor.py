@@ -1,0 +1,293 @@
+"""The executor: launches every ready stage on Ray with the resources it asked for, retries
+with exponential backoff, enforces timeouts, honours cancellation, reuses cached outputs and
+records state after every transition."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import ray
+
+from . import state as st
+from . import storage
+from .console import StageDisplay
+from .errors import StageError
+from .plan import Plan, PlannedStage
+from .runner import EventBus, RaySink, execute_stage
+from .state import RunRecord, RunState, StageRecord, StageState
+from .tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+_CANCEL_POLL_S = 0.5
+
+
+class Executor:
+    def __init__(self, plan: Plan, record: RunRecord, tracker: Tracker, display: StageDisplay,
+                 sys_path: list[str] | None = None, no_cache: bool = False):
+        self.plan, self.record, self.tracker, self.display = plan, record, tracker, display
+        self.sys_path = sys_path or []
+        self.no_cache = no_cache
+        self._running: dict[Any, tuple[str, float]] = {}  # ObjectRef -> (stage, submitted at)
+        self._retry_at: dict[str, float] = {}
+        self._cancel = threading.Event()
+        self._last_cancel_poll = 0.0
+        self._remote = ray.remote(execute_stage)
+        self._bus = EventBus.remote()
+
+    # -- public ------------------------------------------------------------------------------
+    def request_cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> RunState:
+        prev = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, lambda *_: self._cancel.set())
+        try:
+            with self.display:
+                self._loop()
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, prev)
+            self._drain_events()
+            ray.kill(self._bus)
+        return self.record.state
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            if self._cancel.is_set() or self._cancel_requested():
+                self._cancel_all()
+                break
+            self._schedule()
+            if all(r.state.terminal for r in self.record.stages.values()):
+                break
+            if self._running:
+                ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=_POLL_S)
+                for ref in ready:
+                    self._finish(ref)
+            else:
+                time.sleep(_POLL_S)
+            self._check_timeouts()
+            self._drain_events()
+            self.display.update()
+        self._drain_events()
+        states = [r.state for r in self.record.stages.values()]
+        if self.record.state != RunState.CANCELLED:
+            self.record.state = RunState.SUCCEEDED if all(
+                s.done or s == StageState.SKIPPED and not self._skipped_for_failure(n)
+                for n, s in zip(self.record.stages, states)) else RunState.FAILED
+        self.record.save()
+
+    def _skipped_for_failure(self, name: str) -> bool:
+        return self.record.stages[name].error is not None
+
+    def _schedule(self) -> None:
+        now = time.time()
+        for s in self.plan.stages:
+            rec = self.record.stages[s.name]
+            if rec.state == StageState.RETRYING and now >= self._retry_at.get(s.name, 0):
+                self._launch(s, rec)
+            if rec.state != StageState.PENDING:
+                continue
+            deps = [self.record.stages[d] for d in s.needs]
+            blocked = [d for d in deps if d.state in (StageState.FAILED, StageState.SKIPPED, StageState.CANCELLED)]
+            if not s.enabled:
+                self._transition(s, rec, StageState.SKIPPED)
+            elif blocked:
+                rec.error = f"upstream stage {blocked[0].name!r} {blocked[0].state.value.lower()}"
+                self._transition(s, rec, StageState.SKIPPED)
+            elif all(d.state.done for d in deps):
+                if not self._from_cache(s, rec):
+                    self._launch(s, rec)
+
+    # -- cache -------------------------------------------------------------------------------
+    def _from_cache(self, s: PlannedStage, rec: StageRecord) -> bool:
+        if self.no_cache or not s.policy.cache:
+            return False
+        uri = st.cache_uri(self.record.storage, s.fingerprint)
+        if not storage.exists(uri):
+            return False
+        try:
+            entry = storage.read_json(uri)
+        except (ValueError, OSError) as e:
+            log.warning("ignoring unreadable cache record %s: %s", uri, e)
+            return False
+        if entry.get("has_artifacts") and not storage.exists(entry["output_uri"]):
+            log.warning("cache record %s names missing artifacts %s; rerunning", uri, entry["output_uri"])
+            return False
+        rec.outputs = entry["outputs"]
+        rec.cache_source_run = entry.get("run_id")
+        rec.started = rec.ended = time.time()
+        self._transition(s, rec, StageState.CACHED)
+        return True
+
+    def _write_cache(self, s: PlannedStage, rec: StageRecord, has_artifacts: bool) -> None:
+        storage.write_json(st.cache_uri(self.record.storage, s.fingerprint), {
+            "outputs": rec.outputs, "run_id": self.record.run_id, "stage_run_id": rec.child_run_id,
+            "stage": s.name, "pipeline": self.plan.pipeline, "completed": time.time(),
+            "has_artifacts": has_artifacts, "output_uri": self._output_uri(s),
+        })
+
+    # -- launching and finishing -------------------------------------------------------------
+    def _output_uri(self, s: PlannedStage) -> str:
+        return st.output_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
+
+    def _infeasible(self, s: PlannedStage) -> str | None:
+        """A reason the cluster can never run this stage (asking more than any node has)."""
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        r = s.resources
+        if not any(n.get("CPU", 0) >= r.cpus and n.get("GPU", 0) >= r.gpus for n in nodes):
+            have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+            return (f"stages.{s.name}.resources asks {r.cpus:g} CPU and {r.gpus:g} GPU per worker; "
+                    f"no node of this cluster has that (nodes: {have})")
+        return None
+
+    def _launch(self, s: PlannedStage, rec: StageRecord) -> None:
+        if (reason := self._infeasible(s)) is not None:
+            rec.error, rec.started, rec.ended = reason, time.time(), time.time()
+            if rec.state == StageState.PENDING:
+                self._transition(s, rec, StageState.RUNNING)
+            self._transition(s, rec, StageState.FAILED)
+            return
+        rec.attempts += 1
+        rec.error = None
+        if rec.started is None or rec.state == StageState.PENDING:
+            rec.started = time.time()
+        rec.ended = None
+        if rec.child_run_id is None:
+            rec.child_run_id = self.tracker.start_stage(self.record.run_id, rec, s.config, s.resources.model_dump())
+        from workers.stage import Resources
+
+        ctx_fields = {
+            "stage": s.name, "run_id": rec.child_run_id, "attempt": rec.attempts,
+            "inputs": {d: self.record.stages[d].outputs or {} for d in s.needs},
+            "output_uri": self._output_uri(s), "storage": self.record.storage,
+            "resources": Resources(cpus=s.resources.cpus, gpus=s.resources.gpus, workers=s.resources.workers),
+            "sink": RaySink(self._bus), "fingerprint": s.fingerprint,
+            "scratch_uri": st.scratch_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint),
+        }
+        opts: dict[str, Any] = {"max_retries": 0, "name": f"stage:{s.name}"}
+        if s.distributed:
+            opts.update(num_cpus=0, num_gpus=0)  # the kind's own workers ask for the resources
+        else:
+            opts.update(num_cpus=s.resources.cpus, num_gpus=s.resources.gpus)
+        ref = self._remote.options(**opts).remote(s.kind, s.config, ctx_fields, self.sys_path)
+        self._running[ref] = (s.name, time.time())
+        rec.history.append({"attempt": rec.attempts, "submitted": time.time()})
+        self._transition(s, rec, StageState.RUNNING)
+
+    def _finish(self, ref: Any) -> None:
+        name, _ = self._running.pop(ref)
+        s, rec = self.plan[name], self.record.stages[name]
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.TaskCancelledError:
+            return  # cancellation and timeouts are handled where they are decided
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+            if isinstance(cause, StageError):
+                self._attempt_failed(s, rec, cause.message, cause.traceback, cause.retryable)
+            else:
+                self._attempt_failed(s, rec, f"{type(cause).__name__}: {cause}", str(e), True)
+            return
+        except ray.exceptions.RayError as e:  # worker died, node lost, OOM ...
+            self._attempt_failed(s, rec, f"{type(e).__name__}: {e}", "", True)
+            return
+        rec.outputs = result["outputs"]
+        rec.ended = time.time()
+        rec.history[-1].update(started=result["started"], ended=result["ended"], state="SUCCEEDED")
+        self._write_cache(s, rec, result["has_artifacts"])
+        self._transition(s, rec, StageState.SUCCEEDED)
+        if result["has_artifacts"] and storage.is_local(self._output_uri(s)):
+            self.tracker.log_artifacts(rec.child_run_id, storage.resolve(self._output_uri(s))[1], "outputs")
+        self.tracker.set_tags(rec.child_run_id, {"output_uri": self._output_uri(s)})
+
+    def _attempt_failed(self, s: PlannedStage, rec: StageRecord, message: str, tb: str, retryable: bool) -> None:
+        rec.error, rec.traceback = message, tb or None
+        rec.history[-1].update(ended=time.time(), state="FAILED", error=message)
+        if retryable and rec.attempts <= s.policy.retries:
+            delay = s.policy.retry_backoff_s * (2 ** (rec.attempts - 1))
+            self._retry_at[s.name] = time.time() + delay
+            self._transition(s, rec, StageState.RETRYING)
+        else:
+            rec.ended = time.time()
+            self._transition(s, rec, StageState.FAILED)
+
+    def _check_timeouts(self) -> None:
+        now = time.time()
+        for ref, (name, submitted) in list(self._running.items()):
+            s = self.plan[name]
+            if s.policy.timeout_s is not None and now - submitted > s.policy.timeout_s:
+                del self._running[ref]
+                self._kill([ref])
+                self._attempt_failed(s, self.record.stages[name],
+                                     f"timed out after {s.policy.timeout_s:g}s (stages.{name}.timeout_s)", "", True)
+
+    # -- cancellation ------------------------------------------------------------------------
+    def _cancel_requested(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_cancel_poll < _CANCEL_POLL_S:
+            return False
+        self._last_cancel_poll = now
+        return storage.exists(st.cancel_uri(self.record.storage, self.record.run_id))
+
+    def _kill(self, refs: list[Any]) -> None:
+        """Stop attempts for real: force-cancel kills the worker process, and with it the
+        actors it owns (tokenizer pools, Train workers, rollout actors)."""
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=True, recursive=True)
+            except Exception as e:  # noqa: BLE001 - already finished is fine
+                log.debug("cancel %s: %s", ref, e)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=10)
+
+    def _cancel_all(self) -> None:
+        refs = list(self._running)
+        self._kill(refs)
+        for ref in refs:
+            name, _ = self._running.pop(ref)
+            rec = self.record.stages[name]
+            rec.error, rec.ended = "cancelled", time.time()
+            self._transition(self.plan[name], rec, StageState.CANCELLED)
+        for s in self.plan.stages:
+            rec = self.record.stages[s.name]
+            if rec.state in (StageState.PENDING, StageState.RETRYING):
+                rec.error = rec.error or "cancelled before it started"
+                self._transition(s, rec, StageState.CANCELLED)
+        self.record.state = RunState.CANCELLED
+
+    # -- events and transitions --------------------------------------------------------------
+    def _transition(self, s: PlannedStage, rec: StageRecord, new: StageState) -> None:
+        rec.move(new)
+        if rec.child_run_id is None and new in (StageState.CACHED, StageState.SKIPPED, StageState.CANCELLED):
+            rec.child_run_id = self.tracker.start_stage(self.record.run_id, rec, s.config, s.resources.model_dump())
+        if new.terminal and rec.ended is None:
+            rec.ended = time.time()
+        self.record.save()
+        self.tracker.update_stage(rec)
+        self.display.update()
+
+    def _drain_events(self) -> None:
+        try:
+            events = ray.get(self._bus.drain.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the bus died with a cancelled cluster
+            log.debug("event drain failed: %s", e)
+            return
+        for ev in events:
+            rec = self.record.stages.get(ev.get("stage", ""))
+            if rec is None or rec.child_run_id is None:
+                continue
+            if ev["type"] == "metrics":
+                self.tracker.log_metrics(rec.child_run_id, ev["metrics"], ev.get("step"), ev["ts"])
+            elif ev["type"] == "progress":
+                rec.progress = {k: ev[k] for k in ("done", "total", "unit")}
+            elif ev["type"] == "tags":
+                self.tracker.set_tags(rec.child_run_id, ev["tags"])
+        self.tracker.flush()

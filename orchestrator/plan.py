@@ -1,0 +1,94 @@
+"""The plan: an immutable DAG of stages with their fingerprints (pure: no Ray, MLflow or I/O)."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import graph
+from .errors import SpecError
+from .spec import Pipeline, Policy, Resources
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    kind: str
+    needs: tuple[str, ...]
+    config: dict[str, Any] = field(hash=False, compare=False)
+    resources: Resources = field(hash=False, compare=False)
+    policy: Policy = field(hash=False, compare=False)
+    enabled: bool
+    distributed: bool
+    code_version: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    pipeline: str
+    stages: tuple[PlannedStage, ...]  # topological order
+
+    def __getitem__(self, name: str) -> PlannedStage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        return {s.name: s.needs for s in self.stages}
+
+    def downstream(self, name: str) -> set[str]:
+        return graph.downstream(self.needs, name)
+
+
+def fingerprint(kind: str, config: dict, code_version: str, upstream: dict[str, str]) -> str:
+    """The cache key: kind, resolved config, the kind's code version and upstream fingerprints."""
+    payload = json.dumps(
+        {"kind": kind, "config": config, "code": code_version, "upstream": dict(sorted(upstream.items()))},
+        sort_keys=True, separators=(",", ":"), default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_graph(p: Pipeline) -> list[str]:
+    """Problems with ``needs``: unknown stages and cycles."""
+    problems = []
+    names = list(p.stages)
+    for name, stage in p.stages.items():
+        for i, dep in enumerate(stage.needs):
+            if dep == name:
+                problems.append(f"stages.{name}.needs[{i}]: a stage cannot need itself ({dep!r})")
+            elif dep not in p.stages:
+                close = difflib.get_close_matches(dep, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append(f"stages.{name}.needs[{i}]: unknown stage {dep!r}{hint} (stages: {', '.join(names)})")
+    if not problems:
+        cycle = graph.find_cycle({n: s.needs for n, s in p.stages.items()})
+        if cycle:
+            problems.append(f"stages: cycle in needs: {' -> '.join(cycle)} (a pipeline must be a DAG)")
+    return problems
+
+
+def build_plan(p: Pipeline, resolved: dict[str, dict[str, Any]]) -> Plan:
+    """The plan for a validated pipeline; ``resolved`` comes from ``spec.check_stages``."""
+    problems = check_graph(p)
+    if problems:
+        raise SpecError(problems)
+    needs = {n: tuple(s.needs) for n, s in p.stages.items()}
+    fps: dict[str, str] = {}
+    planned = []
+    for name in graph.topological_order(needs):
+        s, r = p.stages[name], resolved[name]
+        fp = fingerprint(s.kind, r["config"], r["code_version"], {d: fps[d] for d in needs[name]})
+        fps[name] = fp
+        planned.append(PlannedStage(
+            name=name, kind=s.kind, needs=needs[name], config=r["config"], resources=s.resources,
+            policy=p.policy(name), enabled=s.enabled, distributed=r["distributed"],
+            code_version=r["code_version"], fingerprint=fp,
+        ))
+    return Plan(pipeline=p.name, stages=tuple(planned))

@@ -1,0 +1,87 @@
+"""What runs on the cluster for each stage attempt: the kind's ``run`` inside a Ray task, and
+the event bus that carries metrics and progress from any process back to the driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from . import storage
+from .errors import StageError
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class EventBus:
+    """Collects events from stages (any process, any node); the driver drains it."""
+
+    def __init__(self) -> None:
+        self._events: list[dict[str, Any]] = []
+
+    def push(self, events: list[dict[str, Any]]) -> None:
+        self._events.extend(events)
+
+    def drain(self) -> list[dict[str, Any]]:
+        out, self._events = self._events, []
+        return out
+
+
+class RaySink:
+    """``EventSink`` that forwards to an ``EventBus`` actor (fire and forget; order kept per sender)."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.bus.push.remote([event])
+
+
+def _check_json(stage: str, outputs: Any) -> None:
+    if not isinstance(outputs, dict):
+        raise StageError(stage, f"outputs must be a dict of JSON values, got {type(outputs).__name__}: {outputs!r:.200}",
+                         retryable=False)
+    for key, value in outputs.items():
+        try:
+            json.dumps(value, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise StageError(stage, f"output {key!r} is not JSON-serialisable ({type(value).__name__}: {value!r:.200}): {e}",
+                             retryable=False) from None
+
+
+def execute_stage(kind: str, config: dict[str, Any], ctx_fields: dict[str, Any], sys_path: list[str]) -> dict[str, Any]:
+    """Run one attempt of a stage. Returns {"outputs", "started", "ended"}; raises StageError."""
+    for p in reversed(sys_path):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    from workers import load_kind
+    from workers.stage import StageContext
+
+    started = time.time()
+    stage = ctx_fields["stage"]
+    art = Path(tempfile.mkdtemp(prefix=f"orch-{stage}-"))
+    try:
+        module = load_kind(kind)
+        cfg = module.Config.model_validate(config)
+        ctx = StageContext(artifact_dir=art, **ctx_fields)
+        try:
+            outputs = module.run(ctx, cfg)
+        except StageError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the user's code: report it, with its traceback
+            raise StageError(stage, f"{type(e).__name__}: {e}", traceback.format_exc()) from None
+        outputs = {} if outputs is None else outputs
+        _check_json(stage, outputs)
+        if any(art.iterdir()):
+            storage.publish_dir(art, ctx.output_uri)
+        return {"outputs": outputs, "started": started, "ended": time.time(), "pid": os.getpid(),
+                "has_artifacts": any(art.iterdir())}
+    finally:
+        shutil.rmtree(art, ignore_errors=True)

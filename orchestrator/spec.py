@@ -1,0 +1,265 @@
+"""The pipeline spec: the only place untrusted input (YAML, ``--set`` overrides) is parsed.
+
+Every error names the YAML path (``stages.train.config.lr``), quotes the bad value and says
+what is allowed; unknown fields get the closest known name suggested.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SpecError
+from .yamlio import load_yaml_file, load_yaml_text
+
+NAME_PATTERN = r"^[a-z0-9_-]+$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Strict):
+    """What a stage asks the cluster for."""
+
+    cpus: float = Field(1.0, ge=0, description="CPUs per worker (a python stage has one worker).")
+    gpus: float = Field(0.0, ge=0, description="GPUs per worker.")
+    workers: int | None = Field(None, ge=1, description="Number of workers for kinds that spread their work "
+                                "(tokenizer actors, Ray Train workers, replicas); null: the kind's default.")
+
+
+class Policy(_Strict):
+    """How a stage is retried, timed out and cached (``defaults`` and per-stage overrides)."""
+
+    retries: int = Field(2, ge=0, description="Extra attempts after the first.")
+    retry_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles on each retry.")
+    timeout_s: float | None = Field(None, gt=0, description="Stop an attempt after this many seconds (a failed attempt).")
+    cache: bool = Field(True, description="Reuse the outputs of an earlier run with the same fingerprint.")
+
+
+class Stage(_Strict):
+    """One node of the DAG."""
+
+    kind: str = Field(description="The stage kind (python, tokenize, pretrain, ...).")
+    needs: list[str] = Field(default_factory=list, description="Stages that must finish first; their outputs "
+                             "arrive as ctx.inputs.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The kind's own configuration, validated by the kind.")
+    resources: Resources = Field(default_factory=Resources, description="Resources per worker.")
+    enabled: bool = Field(True, description="false: the stage (and what needs it) is skipped.")
+    retries: int | None = Field(None, ge=0, description="Overrides defaults.retries.")
+    retry_backoff_s: float | None = Field(None, ge=0, description="Overrides defaults.retry_backoff_s.")
+    timeout_s: float | None = Field(None, gt=0, description="Overrides defaults.timeout_s.")
+    cache: bool | None = Field(None, description="Overrides defaults.cache.")
+
+    @field_validator("needs")
+    @classmethod
+    def _unique_needs(cls, v: list[str]) -> list[str]:
+        dupes = sorted({n for n in v if v.count(n) > 1})
+        if dupes:
+            raise ValueError(f"lists {dupes[0]!r} more than once")
+        return v
+
+
+class Tracking(_Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides when set.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the pipeline name.")
+
+
+class RayOptions(_Strict):
+    address: str | None = Field(None, description='null: start a local Ray; "auto" or "ray://host:10001": connect.')
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when address is null.")
+
+
+class Pipeline(_Strict):
+    """A pipeline file."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name: lowercase letters, digits, _ and -.")
+    description: str = Field("", description="Free text, shown in the MLflow UI.")
+    storage: str = Field("./artifacts", description="Artifact root: local path or URI (file://, s3://, gs://, hdfs://).")
+    tracking: Tracking = Field(default_factory=Tracking)
+    ray: RayOptions = Field(default_factory=RayOptions)
+    defaults: Policy = Field(default_factory=Policy, description="Merged under every stage.")
+    stages: dict[str, Stage] = Field(description="Stage name -> stage.", min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v: dict[str, Stage]) -> dict[str, Stage]:
+        import re
+
+        for name in v:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"stage name {name!r} must match {NAME_PATTERN}")
+        return v
+
+    def policy(self, stage: str) -> Policy:
+        """The stage's effective retry/timeout/cache policy (stage fields over defaults)."""
+        s = self.stages[stage]
+        d = self.defaults
+        return Policy(
+            retries=d.retries if s.retries is None else s.retries,
+            retry_backoff_s=d.retry_backoff_s if s.retry_backoff_s is None else s.retry_backoff_s,
+            timeout_s=d.timeout_s if s.timeout_s is None else s.timeout_s,
+            cache=d.cache if s.cache is None else s.cache,
+        )
+
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning pydantic errors into messages that name the YAML path
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (for suggesting close names)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return current if part == loc[-1] else None
+            current = field.annotation
+            # unwrap Optional / dict[str, Model] / list[Model]
+            args = getattr(current, "__args__", ())
+            if args and not (isinstance(current, type) and issubclass(current, BaseModel)):
+                models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+                current = models[0] if models else current
+        elif isinstance(part, str):
+            continue  # a dict key (stage name)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc)) or "<top level>"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            known = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{path}: unknown field {str(loc[-1])!r}{hint} (allowed: {', '.join(known)})")
+        elif e["type"] == "missing":
+            problems.append(f"{path}: required field is missing")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            problems.append(f"{path}: {msg} (got {value!r})" if not isinstance(value, dict) else f"{path}: {msg}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: --set stages.train.retries=5
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a copy of ``raw``."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.train.retries=5")
+        try:
+            value = load_yaml_text(text, source=f"--set {key}") if text.strip() else ""
+        except SpecError as e:
+            raise SpecError(f"--set {item!r}: value is not valid YAML ({e.problems[0]})") from None
+        node = out
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise SpecError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is {nxt!r}, not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_pipeline(raw: Any, source: str = "<pipeline>") -> Pipeline:
+    """Validate the top level of a pipeline (kinds' configs are checked by ``check_stages``)."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"the pipeline must be a mapping with name and stages, got {type(raw).__name__}", source)
+    try:
+        return Pipeline.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, Pipeline), source) from None
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[Pipeline, dict]:
+    """(validated pipeline, raw mapping after overrides) from a YAML file."""
+    raw = load_yaml_file(path)
+    if overrides:
+        if not isinstance(raw, dict):
+            raise SpecError("the pipeline must be a mapping", str(path))
+        raw = apply_overrides(raw, overrides)
+    return parse_pipeline(raw, str(path)), raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage kinds: each validates its own config
+
+
+def check_stages(p: Pipeline, source: str = "<pipeline>") -> dict[str, dict[str, Any]]:
+    """Validate every stage's ``config`` with its kind's model.
+
+    Returns stage name -> {"config": resolved config (JSON-able, defaults filled in),
+    "code_version": str, "distributed": bool}.
+    """
+    from workers import KINDS, load_kind
+
+    problems: list[str] = []
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, stage in p.stages.items():
+        path = f"stages.{name}"
+        if stage.kind not in KINDS:
+            close = difflib.get_close_matches(stage.kind, list(KINDS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{path}.kind: unknown kind {stage.kind!r}{hint} (known: {', '.join(sorted(KINDS))})")
+            continue
+        module = load_kind(stage.kind)
+        try:
+            cfg = module.Config.model_validate(stage.config)
+        except ValidationError as e:
+            problems.extend(format_validation_error(e, module.Config, prefix=f"{path}.config"))
+            continue
+        check = getattr(module, "check", None)
+        if check is not None:
+            try:
+                check(cfg)
+            except ValueError as e:
+                problems.append(f"{path}.config.{e}")
+                continue
+        version_fn = getattr(module, "code_version", None)
+        version = version_fn(cfg) if version_fn else _source_digest(module.__file__)
+        resolved[name] = {
+            "config": cfg.model_dump(mode="json"),
+            "code_version": version,
+            "distributed": bool(getattr(module, "DISTRIBUTED", False)),
+        }
+    if problems:
+        raise SpecError(problems, source)
+    return resolved
+
+
+def _source_digest(path: str | None) -> str:
+    import hashlib
+
+    if not path or not os.path.exists(path):
+        return "unknown"
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

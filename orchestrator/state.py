@@ -1,0 +1,161 @@
+"""Run and stage state: explicit enums with legal transitions, persisted atomically.
+
+The record is written after every transition, so a driver killed at any point leaves a state
+that ``orchestrator resume`` can continue from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from . import storage
+
+
+class StageState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    RETRYING = "RETRYING"  # an attempt failed; waiting out the backoff
+    SUCCEEDED = "SUCCEEDED"
+    CACHED = "CACHED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def done(self) -> bool:
+        """Finished with outputs that downstream stages can use."""
+        return self in (StageState.SUCCEEDED, StageState.CACHED)
+
+
+_TERMINAL = {StageState.SUCCEEDED, StageState.CACHED, StageState.FAILED, StageState.SKIPPED, StageState.CANCELLED}
+
+_LEGAL: dict[StageState, set[StageState]] = {
+    StageState.PENDING: {StageState.RUNNING, StageState.CACHED, StageState.SKIPPED, StageState.CANCELLED},
+    StageState.RUNNING: {StageState.SUCCEEDED, StageState.FAILED, StageState.RETRYING, StageState.CANCELLED},
+    StageState.RETRYING: {StageState.RUNNING, StageState.CANCELLED},
+    StageState.SUCCEEDED: set(),
+    StageState.CACHED: set(),
+    StageState.FAILED: set(),
+    StageState.SKIPPED: set(),
+    StageState.CANCELLED: set(),
+}
+
+
+class RunState(str, Enum):
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class StageRecord:
+    name: str
+    kind: str
+    fingerprint: str
+    state: StageState = StageState.PENDING
+    attempts: int = 0
+    outputs: dict[str, Any] | None = None
+    error: str | None = None
+    traceback: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    child_run_id: str | None = None
+    cache_source_run: str | None = None
+    progress: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def move(self, new: StageState) -> None:
+        if new not in _LEGAL[self.state]:
+            raise IllegalTransition(f"stage {self.name!r}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.ended or time.time()) - self.started
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    pipeline: str
+    state: RunState
+    raw_spec: dict[str, Any]
+    source: str
+    storage: str
+    tracking_uri: str
+    experiment: str
+    stages: dict[str, StageRecord]
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    driver: dict[str, Any] = field(default_factory=dict)
+    no_cache: bool = False
+
+    # -- persistence -----------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return state_uri(self.storage, self.run_id)
+
+    def save(self) -> None:
+        self.updated = time.time()
+        storage.write_json(self.uri, asdict(self))
+
+    @classmethod
+    def load(cls, uri: str) -> RunRecord:
+        data = storage.read_json(uri)
+        try:
+            stages = {n: StageRecord(**{**s, "state": StageState(s["state"])}) for n, s in data.pop("stages").items()}
+            return cls(**{**data, "state": RunState(data.pop("state")), "stages": stages})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupt run state file {uri}: {e}") from None
+
+    def claim_driver(self) -> None:
+        self.driver = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+
+    def driver_alive(self) -> bool:
+        """Whether the recorded driver process still runs (only knowable on the same host)."""
+        pid, host = self.driver.get("pid"), self.driver.get("host")
+        if not pid or host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def state_uri(storage_root: str, run_id: str) -> str:
+    return storage.join(storage_root, "_runs", run_id, "state.json")
+
+
+def cancel_uri(storage_root: str, run_id: str) -> str:
+    return storage.join(storage_root, "_runs", run_id, "cancel.request")
+
+
+def cache_uri(storage_root: str, fingerprint: str) -> str:
+    return storage.join(storage_root, "_cache", f"{fingerprint}.json")
+
+
+def output_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str) -> str:
+    return storage.join(storage_root, pipeline, stage, fingerprint[:16])
+
+
+def scratch_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str) -> str:
+    return storage.join(storage_root, "_scratch", pipeline, stage, fingerprint[:16])

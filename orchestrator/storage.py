@@ -1,0 +1,139 @@
+"""Artifact storage: local paths and object stores alike, through ``pyarrow.fs``.
+
+Every write is atomic: local files are written beside their target and renamed into place;
+object stores make a single PUT visible only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+_SCHEMES = ("file://", "s3://", "gs://", "gcs://", "hdfs://", "viewfs://")
+
+
+def is_local(uri: str) -> bool:
+    return not uri.startswith(_SCHEMES) or uri.startswith("file://")
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or storage URI."""
+    if is_local(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        # pyarrow's S3 client does not read AWS_ENDPOINT_URL itself (MinIO, moto, Ceph...).
+        endpoint = os.environ["AWS_ENDPOINT_URL"]
+        scheme, _, host = endpoint.partition("://")
+        fs = pafs.S3FileSystem(endpoint_override=host or endpoint, scheme=scheme if host else "https",
+                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        return fs, uri[len("s3://"):].rstrip("/")
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_local(uri) and not uri.startswith("file://"):
+        return str(Path(uri).joinpath(*parts))
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_json(uri: str) -> Any:
+    data = read_bytes(uri)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt JSON file {uri}: {e}") from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: a reader sees the old file or the whole new one, never a torn one."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def publish_dir(local_dir: Path, uri: str) -> None:
+    """Move a finished local folder to ``uri`` so it appears whole (rename locally; copy then
+    the caller's commit record for object stores)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        staging = f"{path}.incoming-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(local_dir, staging)
+        if os.path.exists(path):
+            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+        return
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: Path) -> Path:
+    """Copy a stored folder to a local one (returns the local path; no copy when already local)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(path)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,182 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One parent run per pipeline run, one nested child run per stage. Stages never talk to MLflow:
+their events reach the driver, which writes them here. If the tracking store is briefly
+unreachable, writes are kept and retried, so a flaky server loses nothing and fails no stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from .state import RunRecord, StageRecord, StageState
+
+log = logging.getLogger(__name__)
+
+TAG_ROLE = "orchestrator.role"
+TAG_STATE_URI = "orchestrator.state_uri"
+_PARAM_MAX = 6000
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} for MLflow params."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, default=str)
+            out[key] = text[:_PARAM_MAX]
+    return out
+
+
+class Tracker:
+    """Writes a pipeline run's tree to MLflow, buffering writes while the store is unreachable."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_name = experiment
+        self._experiment_id: str | None = None
+        self._pending: deque[tuple[str, tuple, dict]] = deque()
+
+    # -- plumbing ----------------------------------------------------------------------------
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
+        return self._experiment_id
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Queue a write and flush what can be flushed; failures stay queued for the next try."""
+        self._pending.append((method, args, kwargs))
+        self.flush()
+
+    def flush(self) -> bool:
+        while self._pending:
+            method, args, kwargs = self._pending[0]
+            try:
+                getattr(self.client, method)(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the store may be down; keep the write
+                log.warning("MLflow write %s deferred: %s", method, e)
+                return False
+            self._pending.popleft()
+        return True
+
+    # -- pipeline run ------------------------------------------------------------------------
+    def start_pipeline(self, name: str, source_text: str, resolved: dict, description: str = "") -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={TAG_ROLE: "pipeline", "pipeline": name, "mlflow.note.content": description or f"pipeline {name}"},
+        )
+        rid = run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "pipeline.yaml").write_text(source_text)
+            Path(tmp, "resolved.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+            self.client.log_artifacts(rid, tmp, artifact_path="spec")
+        return rid
+
+    def set_state_uri(self, run_id: str, uri: str) -> None:
+        self._call("set_tag", run_id, TAG_STATE_URI, uri)
+
+    def reopen(self, run_id: str) -> None:
+        self._call("update_run", run_id, status="RUNNING")
+
+    def end_pipeline(self, record: RunRecord) -> None:
+        status = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}.get(record.state.value, "FAILED")
+        self._call("set_tag", record.run_id, "state", record.state.value)
+        self._call("set_terminated", record.run_id, status=status)
+
+    # -- stage runs --------------------------------------------------------------------------
+    def start_stage(self, parent_id: str, rec: StageRecord, config: dict, resources: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=rec.name,
+            tags={"mlflow.parentRunId": parent_id, TAG_ROLE: "stage", "stage": rec.name, "kind": rec.kind,
+                  "fingerprint": rec.fingerprint, "state": rec.state.value},
+        )
+        rid = run.info.run_id
+        params = [Param(k, v) for k, v in flatten({"config": config, "resources": resources}).items()]
+        for i in range(0, len(params), 100):
+            self._call("log_batch", rid, params=params[i:i + 100])
+        return rid
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None, ts: float) -> None:
+        ms = [Metric(k, float(v), int(ts * 1000), step or 0) for k, v in metrics.items()]
+        self._call("log_batch", run_id, metrics=ms)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self._call("log_batch", run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def update_stage(self, rec: StageRecord) -> None:
+        if not rec.child_run_id:
+            return
+        tags = {"state": rec.state.value, "attempts": str(rec.attempts), "cache_hit": str(rec.state == StageState.CACHED).lower()}
+        if rec.cache_source_run:
+            tags["cache_source_run"] = rec.cache_source_run
+        if rec.error:
+            tags["error"] = rec.error[:5000]
+        self.set_tags(rec.child_run_id, tags)
+        if rec.state.terminal:
+            if rec.traceback:
+                self._call("log_text", rec.child_run_id, rec.traceback, "error/traceback.txt")
+            if rec.outputs is not None:
+                self._call("log_dict", rec.child_run_id, rec.outputs, "outputs.json")
+            if rec.elapsed is not None:
+                self.log_metrics(rec.child_run_id, {"duration_s": rec.elapsed}, None, time.time())
+            status = {"SUCCEEDED": "FINISHED", "CACHED": "FINISHED", "FAILED": "FAILED"}.get(rec.state.value, "KILLED")
+            self._call("set_terminated", rec.child_run_id, status=status)
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None, max_bytes: int = 50 << 20) -> None:
+        """Log a stage's small files (big ones, e.g. checkpoints, stay in storage and are tagged)."""
+        small = [p for p in Path(local_dir).rglob("*") if p.is_file() and p.stat().st_size <= max_bytes]
+        for p in small:
+            rel = p.relative_to(local_dir).parent.as_posix()
+            dest = "/".join(x for x in (artifact_path, rel if rel != "." else None) if x) or None
+            self._call("log_artifact", run_id, str(p), dest)
+
+    def log_dag(self, record: RunRecord, needs: dict[str, tuple[str, ...]]) -> None:
+        from .dagplot import draw_dag
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "dag.png")
+            draw_dag(needs, {n: s for n, s in record.stages.items()}, path, title=f"{record.pipeline} · {record.state.value}")
+            self._call("log_artifact", record.run_id, path)
+
+    # -- queries (status, list, resume) ------------------------------------------------------
+    def find_pipeline_runs(self, max_results: int = 50) -> list[Any]:
+        exps = self.client.search_experiments()
+        if not exps:
+            return []
+        return self.client.search_runs(
+            [e.experiment_id for e in exps], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'",
+            max_results=max_results, order_by=["attributes.start_time DESC"],
+        )
+
+
+def open_client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def state_uri_of(uri: str, run_id: str) -> str:
+    """The run state file recorded on a pipeline run (ValueError naming the run if unknown)."""
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own RestException types
+        raise ValueError(f"no pipeline run {run_id!r} in the tracking store {uri}") from None
+    state = run.data.tags.get(TAG_STATE_URI)
+    if run.data.tags.get(TAG_ROLE) != "pipeline" or not state:
+        raise ValueError(f"run {run_id!r} in {uri} is not a pipeline run of this orchestrator")
+    return state

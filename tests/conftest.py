@@ -1,0 +1,32 @@
+"""Shared fixtures: one local Ray per test session, a fresh MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep Ray quiet and small on a 2-core machine.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray shared by the whole test session (started once: it takes seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    yield ray
+    # Left running for later tests; pytest's exit shuts it down.
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    """A real MLflow store (SQLite) in a temp folder."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

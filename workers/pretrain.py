@@ -1,0 +1,163 @@
+"""Stage kind `pretrain`: train a GPT from scratch on a token dataset, on Ray Train workers.
+
+Input: a token dataset from an upstream `tokenize` stage (``config.data`` names it, or the only
+upstream with a ``dataset`` output). Output: a self-contained checkpoint folder
+(``config.json`` + ``model.safetensors`` + ``tokenizer.json``) under ``<output_uri>/checkpoint``.
+The loop itself (DDP, checkpoint/resume, LR schedule, MFU) is ``workers.training``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator import storage
+from workers.training import FaultInjection, TrainingConfig, TrainJob, fit
+
+DISTRIBUTED = True
+
+
+class ModelFields(BaseModel):
+    """An explicit model shape; ``size`` (optional) names a base size the other fields override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: str | None = Field(None, description="Base size from workers.model.SIZES (tiny, small, gpt2-124m, ...).")
+    n_layer: int | None = Field(None, ge=1, description="Transformer blocks.")
+    n_head: int | None = Field(None, ge=1, description="Attention heads per block.")
+    n_embd: int | None = Field(None, ge=1, description="Embedding width (divisible by n_head).")
+    block_size: int | None = Field(None, ge=1, description="Context length in tokens.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Dropout probability (0 for pretraining).")
+
+
+class Config(TrainingConfig):
+    model: str | ModelFields = Field("small", description="A size name (tiny, small, medium, gpt2-124m, ...) "
+                                     "or explicit fields n_layer/n_head/n_embd/block_size/dropout.")
+    data: str | None = Field(None, description="The upstream stage whose token dataset to train on; "
+                             "default: the only upstream with a `dataset` output.")
+    max_tokens: int | None = Field(None, ge=1, description="Train until this many tokens have been seen "
+                                   "(rounded up to whole global batches); alternative to max_steps.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "Config":
+        if (self.max_steps is None) == (self.max_tokens is None):
+            got = "both" if self.max_steps is not None else "neither"
+            raise ValueError(f"max_steps / max_tokens: got {got} (max_steps={self.max_steps}, "
+                             f"max_tokens={self.max_tokens}); give exactly one of them")
+        return self
+
+
+def model_spec(config: Config) -> str | dict:
+    if isinstance(config.model, str):
+        return config.model
+    return config.model.model_dump(exclude_none=True)
+
+
+def dataset_input(ctx, config: Config) -> tuple[str, dict]:
+    """(upstream name, its outputs) of the token dataset to train on."""
+    if config.data is not None:
+        if config.data not in ctx.inputs:
+            raise ValueError(f"data: got {config.data!r}; not an upstream of stage {ctx.stage!r} "
+                             f"(upstreams: {sorted(ctx.inputs) or 'none'}); add it to `needs`")
+        if "dataset" not in ctx.inputs[config.data]:
+            raise ValueError(f"data: upstream {config.data!r} has no `dataset` output "
+                             f"(its outputs: {sorted(ctx.inputs[config.data])})")
+        return config.data, ctx.inputs[config.data]
+    candidates = [name for name, out in ctx.inputs.items() if "dataset" in out]
+    if len(candidates) != 1:
+        raise ValueError(f"data: stage {ctx.stage!r} has {len(candidates)} upstreams with a `dataset` output "
+                         f"({candidates}); set `data:` to the one to train on")
+    return candidates[0], ctx.inputs[candidates[0]]
+
+
+# Module-level (picklable) pieces of the TrainJob.
+
+def _make_model(gpt_config):
+    from workers.model import GPT
+    return GPT(gpt_config)
+
+
+def _make_batches(rank, world, device, *, dataset_uri, config: Config, block_size: int):
+    from workers.tokens import TokenBatches, TokenDataset
+    return TokenBatches(TokenDataset.open(dataset_uri), block_size=block_size, batch_size=config.batch_size,
+                        grad_accum=config.grad_accum, rank=rank, world=world, seed=config.seed,
+                        eval_steps=config.eval_steps, device=device)
+
+
+def lm_loss(model, batch):
+    _, loss = model(batch["idx"], batch["targets"])
+    return loss
+
+
+def _save_model(model, directory, *, extra: dict):
+    from workers.model import save_pretrained
+    save_pretrained(model, directory, extra=extra)
+
+
+def _load_model(model, directory):
+    from workers.model import load_pretrained
+    model.load_state_dict(load_pretrained(directory, map_location="cpu").state_dict())
+
+
+def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, dict]:
+    """The TrainJob for this stage and the dataset's upstream outputs."""
+    from workers.model import config_for
+    from workers.tokens import TokenDataset
+
+    _, upstream = dataset_input(ctx, config)
+    dataset = TokenDataset.open(upstream["dataset"])
+    try:
+        gpt_config = config_for(model_spec(config), dataset.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{e} (config.model: {model_spec(config)!r})") from None
+    workers = ctx.resources.workers or 1
+    tokens_per_step = config.batch_size * config.grad_accum * workers * gpt_config.block_size
+    max_steps = config.max_steps or math.ceil(config.max_tokens / tokens_per_step)
+    eos = dataset.eos_id
+    job = TrainJob(
+        name="pretrain",
+        config=config,
+        max_steps=max_steps,
+        make_model=functools.partial(_make_model, gpt_config),
+        make_batches=functools.partial(_make_batches, dataset_uri=dataset.uri, config=config,
+                                       block_size=gpt_config.block_size),
+        loss_fn=lm_loss,
+        save_model=functools.partial(_save_model, extra={"eos_token_id": eos, "bos_token_id": eos}),
+        load_model=_load_model,
+        tokens_per_step=tokens_per_step,
+        threads_per_worker=max(1, int(ctx.resources.cpus)),
+        fault=fault,
+    )
+    return job, upstream
+
+
+def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str, Any]:
+    """Pretrain; ``fault`` is a test hook (never set by the executor)."""
+    job, upstream = build_job(ctx, config, fault)
+    tokenizer = upstream.get("tokenizer") or storage.join(upstream["dataset"], "tokenizer.json")
+    if not storage.exists(tokenizer):  # checked first: the checkpoint must be servable
+        raise FileNotFoundError(f"data: upstream tokenizer {tokenizer!r} not found")
+    result = fit(ctx, job)
+    try:
+        out = Path(ctx.artifact_dir) / "checkpoint"
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy2(result.checkpoint_dir / name, out / name)
+    finally:
+        result.cleanup()
+    (out / "tokenizer.json").write_bytes(storage.read_bytes(tokenizer))
+    checkpoint_uri = storage.join(ctx.output_uri, "checkpoint")
+    state = result.state
+    return {
+        "checkpoint": checkpoint_uri,
+        "tokenizer": storage.join(checkpoint_uri, "tokenizer.json"),
+        "final_train_loss": state.get("train_loss"),
+        "final_val_loss": state.get("val_loss"),
+        "steps": int(state["step"]),
+        "tokens": int(state["tokens"]),
+    }

@@ -1,0 +1,111 @@
+"""The contract between the executor and a stage kind.
+
+A stage kind is one module in ``workers/`` with:
+
+- ``Config``: a pydantic model (``extra="forbid"``) validating the stage's ``config`` mapping;
+- ``run(ctx: StageContext, config: Config) -> dict``: does the work and returns a small
+  JSON-serialisable dict of outputs (URIs, digests, numbers) that downstream stages receive
+  as ``ctx.inputs[upstream_name]``;
+- optionally ``DISTRIBUTED = True`` when the kind spreads its work over Ray actors it starts
+  itself (its runner then holds no CPU; ``ctx.resources`` says what each of its workers gets);
+- optionally ``code_version(config) -> str``; by default the fingerprint covers the kind
+  module's own source.
+
+Kinds know nothing of MLflow or the scheduler: they report through ``ctx``. A ``StageContext``
+pickles, so it can be shipped into Ray Train workers or actors the kind starts; its
+``log_metrics`` and ``progress`` work from any process of the cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class EventSink(Protocol):
+    """Where a stage's events go: a Ray queue read by the driver, or a list in tests."""
+
+    def emit(self, event: dict[str, Any]) -> None: ...
+
+
+class ListSink:
+    """Keeps events in memory: for running a kind in-process (tests, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def metrics(self, name: str) -> list[float]:
+        """Every logged value of metric ``name``, in order."""
+        return [e["metrics"][name] for e in self.events if e["type"] == "metrics" and name in e["metrics"]]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each worker of a stage gets, and how many workers (None: the kind decides)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    workers: int | None = None
+
+
+@dataclass
+class StageContext:
+    stage: str
+    """The stage's name in the pipeline."""
+    run_id: str
+    """The stage's MLflow run id (child of the pipeline run)."""
+    attempt: int
+    """1 for the first try, 2 for the first retry, ..."""
+    inputs: dict[str, dict[str, Any]]
+    """Upstream stage name -> the outputs it returned."""
+    artifact_dir: Path
+    """A local folder for this attempt's files; uploaded to ``output_uri`` when the stage ends."""
+    output_uri: str
+    """Where ``artifact_dir`` lands (local path or storage URI); stable for a given fingerprint,
+    so outputs can name files as ``f"{ctx.output_uri}/model.safetensors"``."""
+    storage: str
+    """The pipeline's storage root (local path or URI)."""
+    resources: Resources = field(default_factory=Resources)
+    sink: EventSink = field(default_factory=ListSink)
+    fingerprint: str = ""
+    scratch_uri: str = ""
+    """A storage location that survives retries of this fingerprint (e.g. training checkpoints
+    to resume from after a failed attempt); empty when the kind does not need one."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log numeric metrics to the stage's MLflow run (asynchronously, from any process)."""
+        clean = {k: float(v) for k, v in metrics.items()}
+        self.sink.emit({"type": "metrics", "stage": self.stage, "metrics": clean, "step": step, "ts": time.time()})
+
+    def progress(self, done: float, total: float | None = None, unit: str = "") -> None:
+        """Report progress of the stage's own work (steps, tokens, iterations) to the live table."""
+        self.sink.emit({"type": "progress", "stage": self.stage, "done": done, "total": total, "unit": unit, "ts": time.time()})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set tags on the stage's MLflow run (e.g. an endpoint URL, recovery notes)."""
+        self.sink.emit({"type": "tags", "stage": self.stage, "tags": {k: str(v) for k, v in tags.items()}, "ts": time.time()})
+
+
+def local_context(tmp: Path, stage: str = "stage", inputs: dict | None = None, resources: Resources | None = None) -> StageContext:
+    """A context for running a kind in-process, outside a pipeline (tests, benchmarks)."""
+    art = Path(tmp) / stage / "out"
+    art.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tmp) / stage / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        stage=stage,
+        run_id="local",
+        attempt=1,
+        inputs=inputs or {},
+        artifact_dir=art,
+        output_uri=str(art),
+        storage=str(tmp),
+        resources=resources or Resources(),
+        sink=ListSink(),
+        scratch_uri=str(scratch),
+    )

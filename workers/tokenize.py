@@ -1,0 +1,436 @@
+"""Stage kind ``tokenize``: a text corpus -> a tokenizer + Parquet shards of token ids.
+
+The driver (``run``) never holds the corpus: it lists files, plans bounded work units
+(``workers.corpus``), trains the tokenizer on a capped sample in one Ray task, then hands the
+units to a pool of encoder actors, each loading the tokenizer once, reading its own unit,
+encoding it and writing that unit's train and val shards itself. Each unit's output depends
+only on the unit, so the dataset is byte-identical for any number of workers.
+
+Output (``ctx.artifact_dir``)::
+
+    tokenizer.json  tokenizer_config.json  manifest.json
+    train/shard-00000.parquet ...   val/shard-00000.parquet ...
+
+One row per document: ``doc_id`` int64, ``ids`` list<uint16> (list<uint32> when the vocabulary
+exceeds 65536); every row ends with ``eos_id`` so rows can be concatenated as a token stream.
+Documents go to val by a hash of their identity (``val_fraction``), never by position.
+
+Where shards are written: actors write straight into ``ctx.artifact_dir`` when the stage's
+output is local storage (they are pinned to the node running ``run``, which owns that folder);
+when it is an object store they write under ``ctx.scratch_uri`` from any node and ``run``
+downloads the finished shards into ``artifact_dir`` before it returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from orchestrator import storage
+from workers import corpus
+from workers.corpus import CorpusError, Unit
+from workers.stage import StageContext
+
+DISTRIBUTED = True
+UINT16_MAX_VOCAB = 1 << 16
+_WINDOW_PER_WORKER = 2  # units queued per actor: the next one is ready when one finishes
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+class BPETokenizer(BaseModel):
+    """Train a byte-level BPE tokenizer (GPT-2 style; any text round-trips)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["bpe"] = Field(description="Byte-level BPE.")
+    vocab_size: int = Field(4096, ge=257, le=1 << 22, description="Largest vocabulary, special tokens included.")
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>"],
+                                      description="Special tokens, given the first ids; `<|endoftext|>` (the document "
+                                                  "separator) is always added.")
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often in the sample to be merged.")
+    sample_bytes: int = Field(10_000_000, gt=0, description="Train on the first this-many bytes of the corpus.")
+
+
+class CharTokenizer(BaseModel):
+    """Train a character tokenizer: one id per character seen in the sample."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["char"] = Field(description="One id per character; unseen characters map to `<|unk|>`.")
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>"],
+                                      description="Special tokens, given the first ids; `<|endoftext|>` and `<|unk|>` "
+                                                  "are always added.")
+    sample_bytes: int = Field(10_000_000, gt=0, description="Collect characters from the first this-many bytes.")
+
+
+class FileTokenizer(BaseModel):
+    """Use an existing Hugging Face ``tokenizer.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["file"] = Field("file", description="Optional; implied by `path`.")
+    path: str = Field(description="A `tokenizer.json` (local path or storage URI).")
+    eos_token: str = Field("<|endoftext|>", description="The token appended to every document.")
+
+
+def _tokenizer_tag(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return v.get("type", "file" if "path" in v else None)
+    return getattr(v, "type", None)
+
+
+TokenizerSpec = Annotated[
+    Union[Annotated[BPETokenizer, Tag("bpe")], Annotated[CharTokenizer, Tag("char")],
+          Annotated[FileTokenizer, Tag("file")]],
+    Discriminator(_tokenizer_tag, custom_error_type="tokenizer_kind",
+                  custom_error_message="tokenizer must be {type: bpe, vocab_size: N}, {type: char} or "
+                                       "{path: tokenizer.json}"),
+]
+
+
+class Config(BaseModel):
+    """Tokenize a corpus into train/val token shards."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | list[str] = Field(
+        description="Files to read: paths, folders, globs (`data/**/*.jsonl`) or storage URIs of `.txt`/`.md`/`.py` "
+                    "(one document per file), `.jsonl` (one per line) and `.parquet` (one per row) files; or "
+                    "`builtin:python-stdlib` (the running Python's standard library, no download).")
+    text_field: str = Field("text", description="JSONL field / Parquet column holding the text.")
+    max_bytes: int | None = Field(None, gt=0, description="Stop before the first document that would take the "
+                                                          "corpus past this many UTF-8 bytes.")
+    max_documents: int | None = Field(None, gt=0, description="Keep only the first this-many documents.")
+    tokenizer: TokenizerSpec = Field(default_factory=lambda: BPETokenizer(type="bpe"),
+                                     description="`{type: bpe, vocab_size: 4096}`, `{type: char}` or "
+                                                 "`{path: tokenizer.json}`.")
+    val_fraction: float = Field(0.05, ge=0.0, le=0.5, description="Share of documents (by hash) held out for "
+                                                                  "validation.")
+    shard_size_bytes: int = Field(8 << 20, ge=1024, description="Input bytes per work unit (one train and one val "
+                                                                "shard each); bounds each worker's memory.")
+    seed: int = Field(0, description="Salt of the train/val hash.")
+
+    @field_validator("source")
+    @classmethod
+    def _nonempty(cls, v: str | list[str]) -> str | list[str]:
+        if not v or (isinstance(v, list) and not all(isinstance(s, str) and s for s in v)):
+            raise ValueError(f"source must be a non-empty path/glob/URI or list of them, got {v!r}")
+        return v
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+
+# ---- encoding one unit (runs in the actors) ---------------------------------------------------
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def staged_path(split: str, unit: int) -> str:
+    return f"{split}/.unit-{unit:05d}.parquet"
+
+
+def encode_unit(tok, unit: Unit, *, text_field: str, eos_id: int, dtype: str, val_fraction: float, seed: int,
+                root: str, unk_id: int | None = None, keep_index: bool = False) -> dict[str, Any]:
+    """Read, encode and write one unit's shards under ``root``; return its counts."""
+    docs = list(corpus.read_unit(unit, text_field))
+    ids_of = [d for d, _ in docs]
+    texts = [t for _, t in docs]
+    del docs
+    doc_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+    del texts
+    seqs = [e.ids for e in encs]
+    del encs
+    lens = np.fromiter((len(s) + 1 for s in seqs), dtype=np.int64, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.empty(int(offsets[-1]), dtype=dtype)
+    for s, o in zip(seqs, offsets[1:]):
+        flat[o - len(s) - 1: o - 1] = s
+        flat[o - 1] = eos_id
+    del seqs
+    unknown = int(np.count_nonzero(flat == unk_id)) if unk_id is not None else 0
+    doc_ids = np.asarray(ids_of, dtype=np.int64)
+    keys = {f.index: f.key for f in unit.files}
+    mask = np.fromiter((corpus.in_val(keys[d >> corpus.POSITION_BITS], d & ((1 << corpus.POSITION_BITS) - 1),
+                                      seed, val_fraction) for d in ids_of), dtype=bool, count=len(ids_of))
+    table = pa.table({"doc_id": pa.array(doc_ids),
+                      "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))})
+    shards = {}
+    for split, rows in (("train", ~mask), ("val", mask)):
+        part = table.filter(pa.array(rows))
+        shards[split] = _write_shard(part, root, staged_path(split, unit.index)) if part.num_rows else None
+    out = {"unit": unit.index, "documents": len(ids_of), "bytes": int(doc_bytes.sum()),
+           "tokens": int(flat.size), "unknown": unknown, "shards": shards}
+    if keep_index:  # only needed to cut the unit at a max_bytes / max_documents cap
+        out["doc_ids"], out["doc_bytes"], out["doc_tokens"] = doc_ids, doc_bytes, lens
+    return out
+
+
+def _write_shard(table: pa.Table, root: str, rel: str) -> dict[str, Any]:
+    data = _parquet_bytes(table)
+    storage.write_bytes(storage.join(root, rel), data)  # atomic: temp + rename / single PUT
+    tokens = int(pc.sum(pc.list_value_length(table.column("ids"))).as_py() or 0)
+    return {"path": rel, "documents": table.num_rows, "tokens": tokens, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class _Encoder:
+    """One pool member: loads the tokenizer once, then encodes whole units."""
+
+    def __init__(self, tokenizer_json: str, threads: int, **opts: Any) -> None:
+        # Before tokenizers builds its thread pool: use the CPUs this actor was given, no more.
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.opts = opts
+
+    def encode(self, unit: Unit) -> dict[str, Any]:
+        return encode_unit(self.tok, unit, **self.opts)
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+def _train_tokenizer(spec: BPETokenizer | CharTokenizer, units: list[Unit], text_field: str,
+                     max_bytes: int | None, max_documents: int | None) -> str:
+    from workers import tokenizer as tk
+
+    cap = min(spec.sample_bytes, max_bytes or spec.sample_bytes)
+    texts = corpus.iter_texts(units, text_field, max_bytes=cap, max_documents=max_documents)
+    if spec.type == "bpe":
+        tok = tk.train_bpe(texts, spec.vocab_size, spec.special_tokens, spec.min_frequency)
+    else:
+        tok = tk.train_char(texts, spec.special_tokens)
+    return tok.to_str()
+
+
+def _unwrap(e: Exception) -> Exception:
+    """The user-facing error inside a Ray task error (a CorpusError names the bad file)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, (CorpusError, ValueError, FileNotFoundError)):
+        return type(cause)(str(cause))
+    return e
+
+
+def _cut(result: dict[str, Any], room_docs: float, room_bytes: float) -> int:
+    """How many of a unit's documents fit in what is left of the caps."""
+    keep = int(min(result["documents"], room_docs))
+    if room_bytes != float("inf"):
+        fits = np.cumsum(result["doc_bytes"][:keep]) <= room_bytes
+        keep = int(np.count_nonzero(fits))  # cumsum is increasing: the fitting ones are a prefix
+    return keep
+
+
+def _truncate(result: dict[str, Any], keep: int, root: str) -> dict[str, Any]:
+    """Keep only a unit's first ``keep`` documents (its shards rewritten, or deleted if empty)."""
+    if keep == result["documents"]:
+        return result
+    ids = result["doc_ids"][:keep]
+    shards = {}
+    for split, shard in result["shards"].items():
+        if shard is None:
+            continue
+        uri = storage.join(root, shard["path"])
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+        part = table.filter(pc.is_in(table.column("doc_id"), value_set=pa.array(ids)))
+        storage.delete(uri)
+        shards[split] = _write_shard(part, root, shard["path"]) if part.num_rows else None
+    return {**result, "documents": keep, "bytes": int(result["doc_bytes"][:keep].sum()),
+            "tokens": int(result["doc_tokens"][:keep].sum()), "shards": shards}
+
+
+def _pool_size(ctx: StageContext, n_units: int, node_id: str | None) -> int:
+    import ray
+
+    cpus = max(ctx.resources.cpus, 1e-3)
+    if ctx.resources.workers:
+        return max(1, min(ctx.resources.workers, n_units))
+    if node_id is not None:  # pinned: the CPUs of this node
+        avail = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]), 1)
+    else:
+        avail = ray.cluster_resources().get("CPU", 1)
+    return max(1, min(int(avail // cpus), n_units))
+
+
+def run(ctx: StageContext, config: Config) -> dict[str, Any]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from tqdm import tqdm
+
+    from workers import tokenizer as tk
+
+    art = Path(ctx.artifact_dir)
+    files = corpus.expand(config.sources)
+    units = corpus.plan_units(files, config.shard_size_bytes, config.text_field)
+    local_out = storage.is_local(ctx.output_uri) or not ctx.scratch_uri
+    if local_out:
+        root = str(art)
+        node_id = ray.get_runtime_context().get_node_id()
+        placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+    else:
+        root = storage.join(ctx.scratch_uri, f"tokenize-attempt-{ctx.attempt}")
+        node_id, placement = None, {}
+    cpus = ctx.resources.cpus
+
+    # 1. the tokenizer
+    t0 = time.perf_counter()
+    spec = config.tokenizer
+    if isinstance(spec, FileTokenizer):
+        uri = spec.path if "://" in spec.path else str(Path(spec.path).expanduser())
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"tokenizer.path={spec.path!r}: no such file (expected a tokenizer.json)")
+        tok_json = storage.read_bytes(uri).decode()
+        eos_token = spec.eos_token
+    else:
+        train = ray.remote(_train_tokenizer).options(num_cpus=cpus, **placement)
+        try:
+            tok_json = ray.get(train.remote(spec, units, config.text_field, config.max_bytes, config.max_documents))
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        eos_token = tk.EOS_TOKEN
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(tok_json)
+    except Exception as e:
+        raise ValueError(f"tokenizer.path={getattr(spec, 'path', '')!r} is not a valid tokenizer.json: {e}") from None
+    eos_id = tk.eos_id(tok, eos_token)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
+    tok_path = tk.save(tok, art, eos_token)
+    train_s = time.perf_counter() - t0
+
+    # 2. encode every unit on the actor pool
+    for split in ("train", "val"):
+        storage.delete(storage.join(root, split))  # leftovers of an earlier attempt
+    capped = config.max_bytes is not None or config.max_documents is not None
+    n_workers = _pool_size(ctx, len(units), node_id)
+    opts = dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype, val_fraction=config.val_fraction,
+                seed=config.seed, root=root, unk_id=tok.token_to_id(tk.UNK_TOKEN), keep_index=capped)
+    Encoder = ray.remote(_Encoder)
+    actors = [Encoder.options(num_cpus=cpus, **placement).remote(tok_json, max(1, int(cpus)), **opts)
+              for _ in range(n_workers)]
+    results: dict[int, dict[str, Any]] = {}
+    room_docs = float(config.max_documents or "inf")
+    room_bytes = float(config.max_bytes or "inf")
+    stop: tuple[int, int] | None = None  # (unit index, documents kept) where a cap was reached
+    prefix = 0  # units [0, prefix) are finished and counted against the caps
+    t1 = time.perf_counter()
+    bar = tqdm(total=len(units), unit="shard", desc=f"tokenize {ctx.stage}", file=sys.stderr, disable=None)
+    try:
+        free = deque(a for a in actors for _ in range(_WINDOW_PER_WORKER))
+        pending: dict[Any, tuple[Any, int]] = {}
+        nxt = 0
+        while True:
+            while free and nxt < len(units) and stop is None:
+                a = free.popleft()
+                pending[a.encode.remote(units[nxt])] = (a, nxt)
+                nxt += 1
+            if not pending:
+                break
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            a, i = pending.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise _unwrap(e) from None
+            free.append(a)
+            bar.update(1)
+            ctx.progress(len(results), len(units), "shards")
+            # Caps are applied in corpus order, so the result does not depend on timing.
+            while stop is None and prefix in results:
+                r = results[prefix]
+                keep = _cut(r, room_docs, room_bytes) if capped else r["documents"]
+                room_docs -= keep
+                room_bytes -= int(r["doc_bytes"][:keep].sum()) if capped else 0
+                if keep < r["documents"] or room_docs <= 0:
+                    stop = (prefix, keep)
+                prefix += 1
+            done_tokens = sum(r["tokens"] for r in results.values())
+            ctx.log_metrics({"tokens": done_tokens, "tokens_per_s": done_tokens / max(time.perf_counter() - t1, 1e-9)},
+                            step=len(results))
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    encode_s = time.perf_counter() - t1
+
+    # 3. apply the caps, name the shards, write the manifest
+    last = stop[0] if stop else len(units) - 1
+    for i in [i for i in results if i > last]:
+        for shard in results.pop(i)["shards"].values():
+            if shard:
+                storage.delete(storage.join(root, shard["path"]))
+    if stop:
+        results[stop[0]] = _truncate(results[stop[0]], stop[1], root)
+    if not local_out:
+        storage.download_dir(root, art)
+        storage.delete(root)
+    kept = [results[i] for i in sorted(results)]
+    documents = sum(r["documents"] for r in kept)
+    if documents == 0:
+        raise CorpusError(f"no documents left from source {config.source!r} (max_bytes={config.max_bytes}, "
+                          f"max_documents={config.max_documents}): raise the caps")
+    splits: dict[str, dict[str, Any]] = {}
+    for split in ("train", "val"):
+        shards = [r["shards"][split] for r in kept if r["shards"][split]]
+        for k, shard in enumerate(shards):
+            final = f"{split}/shard-{k:05d}.parquet"
+            os.replace(art / shard["path"], art / final)
+            shard["path"] = final
+        splits[split] = {"documents": sum(s["documents"] for s in shards),
+                         "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+    nbytes = sum(r["bytes"] for r in kept)
+    unknown = sum(r["unknown"] for r in kept)
+    manifest = {
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "eos_id": eos_id,
+        "tokenizer": {"path": "tokenizer.json", "sha256": storage.sha256_file(tok_path), "type": tk.kind_of(tok)},
+        "splits": splits,
+        "source": {"uris": config.sources, "files": len(files), "text_field": config.text_field,
+                   "max_bytes": config.max_bytes, "max_documents": config.max_documents,
+                   "val_fraction": config.val_fraction, "seed": config.seed, "units": len(kept)},
+        "documents": documents,
+        "bytes": nbytes,
+    }
+    storage.write_json(str(art / "manifest.json"), manifest)
+    metrics = {"documents": documents, "bytes": nbytes, "tokens": tokens,
+               "tokens_per_s": tokens / max(encode_s, 1e-9), "bytes_per_token": nbytes / max(tokens, 1),
+               "workers": n_workers, "tokenizer_s": train_s, "encode_s": encode_s}
+    if unknown:
+        metrics["unknown_tokens"] = unknown
+        ctx.set_tags({"tokenize.warning": f"{unknown} characters were not in the char tokenizer's sample "
+                                          f"and became <|unk|>; raise tokenizer.sample_bytes"})
+    ctx.log_metrics(metrics, step=len(units))
+    ctx.progress(len(units), len(units), "shards")
+    return {
+        "dataset": ctx.output_uri,
+        "manifest": storage.join(ctx.output_uri, "manifest.json"),
+        "tokenizer": storage.join(ctx.output_uri, "tokenizer.json"),
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "dtype": dtype,
+        "train_tokens": splits["train"]["tokens"],
+        "val_tokens": splits["val"]["tokens"],
+        "documents": documents,
+    }
+
+
+__all__ = ["Config", "BPETokenizer", "CharTokenizer", "FileTokenizer", "run", "encode_unit", "DISTRIBUTED"]

@@ -1,0 +1,367 @@
+"""A data-parallel training loop on Ray Train, shared by the training stage kinds.
+
+A kind describes its job as a ``TrainJob`` (a model factory, a batch-source factory, a loss
+function, the options in ``TrainingConfig``) and calls ``fit(ctx, job)``. ``fit`` runs the loop
+on ``ctx.resources.workers`` Ray Train workers (DDP: gloo on CPU, NCCL + bf16 autocast on GPU),
+checkpoints through ``ray.train.report`` into ``ctx.scratch_uri`` (so a retried attempt of the
+stage resumes too), restarts the worker group from the latest checkpoint when a worker dies, and
+returns the final checkpoint's folder and state.
+
+Batches are a pure function of the step (see ``BatchSource``): a resumed run needs no data-loader
+state, and any number of workers sees the same global batch. Dropout randomness is re-seeded from
+``(seed, step, rank)`` at every step for the same reason; a checkpoint therefore holds the
+weights (HF layout), the optimizer state (``optimizer.pt``, loaded with ``weights_only=True``)
+and ``trainer_state.json`` (step, tokens, seed, last losses), and nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator import storage
+
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+_BETAS = (0.9, 0.95)
+
+
+class TrainingConfig(BaseModel):
+    """Options every training kind shares; a kind's ``Config`` subclasses it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step; "
+                            "global batch = batch_size x workers x grad_accum.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for.")
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate, reached after warmup_steps.")
+    min_lr: float = Field(6e-5, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(100, ge=0, description="Steps of linear warmup from 0 to lr; then "
+                              "cosine decay to min_lr at the last step.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every this many steps "
+                            "(and at the end).")
+    eval_steps: int = Field(10, ge=0, description="Global batches in the fixed validation set; 0 disables eval.")
+    checkpoint_every: int = Field(500, ge=1, description="Checkpoint every this many steps (and at the end).")
+    seed: int = Field(1337, ge=0, description="Seeds initialisation, data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16 (GPU only, fp32 on CPU).")
+    compile: bool = Field(False, description="torch.compile the model (slow start, faster steps on GPU).")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts (from the latest checkpoint) "
+                              "before the attempt fails.")
+
+    @model_validator(mode="after")
+    def _check_lr(self) -> "TrainingConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: got {self.min_lr}; must be <= lr ({self.lr})")
+        return self
+
+
+class BatchSource(Protocol):
+    """One rank's share of the data, indexed by step so that resuming needs no iterator state."""
+
+    def train(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's ``grad_accum`` micro-batches of global step ``step``."""
+
+    def val(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the fixed validation set (empty: no eval)."""
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: rank ``rank`` exits hard at the start of step ``step``, once (``marker`` file)."""
+
+    rank: int
+    step: int
+    marker: str
+
+
+@dataclass
+class TrainJob:
+    """Everything the per-worker loop needs; pickled into each Ray Train worker."""
+
+    name: str
+    config: TrainingConfig
+    max_steps: int
+    make_model: Callable[[], torch.nn.Module]
+    """Builds the freshly initialised model (called after seeding, identically on every rank)."""
+    make_batches: Callable[[int, int, torch.device], BatchSource]
+    """(rank, world, device) -> this rank's BatchSource."""
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    """(model, micro-batch) -> mean loss of the micro-batch."""
+    save_model: Callable[[torch.nn.Module, Path], None]
+    """Writes the weights (and model config) into a checkpoint folder."""
+    load_model: Callable[[torch.nn.Module, Path], None]
+    """Loads a checkpoint folder's weights into a model built by make_model."""
+    tokens_per_step: int
+    """Tokens in one global batch (for tokens/s and the token count)."""
+    threads_per_worker: int = 1
+    fault: FaultInjection | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)
+    """Not used by the loop: files (name -> URI) a kind copies next to the final checkpoint."""
+
+
+@dataclass
+class FitResult:
+    checkpoint_dir: Path
+    """A local folder holding the final checkpoint (valid until ``cleanup()``)."""
+    state: dict[str, Any]
+    """The final trainer_state.json."""
+    _tmp: str | None = None
+
+    def cleanup(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- schedule, MFU
+
+
+def lr_at(step: int, cfg: TrainingConfig, max_steps: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at the end."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+# Dense peak FLOP/s per GPU: (bf16/fp16 tensor core, tf32). Matched by substring of the device name,
+# first match wins (so "H100 PCIe" precedes "H100").
+_GPU_PEAKS: list[tuple[str, tuple[float, float]]] = [
+    ("H200", (989e12, 494e12)),
+    ("H100 PCIe", (756e12, 378e12)),
+    ("H100", (989e12, 494e12)),
+    ("A100", (312e12, 156e12)),
+    ("L40S", (362e12, 183e12)),
+    ("L4", (121e12, 60e12)),
+    ("A10G", (70e12, 35e12)),
+    ("A10", (125e12, 62.5e12)),
+    ("V100", (125e12, 15.7e12)),
+    ("T4", (65e12, 8.1e12)),
+]
+
+
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    for key, (half, tf32) in _GPU_PEAKS:
+        if key in name:
+            return half if precision == "bf16" else tf32
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak_flops(threads: int, n: int = 1024, reps: int = 5) -> float:
+    """fp32 matmul FLOP/s measured on this process's threads (best of ``reps``; cached)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up the BLAS
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one worker's device for MFU: a table for GPUs, a measurement on CPU."""
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
+    return cpu_peak_flops(torch.get_num_threads())
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The precision the loop really uses: bf16 needs a GPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if precision in ("auto", "bf16") else "fp32"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(directory: Path, job: TrainJob, model: torch.nn.Module, optimizer, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    job.save_model(model, directory)
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def load_checkpoint(directory: Path, job: TrainJob, model: torch.nn.Module, optimizer, device) -> dict:
+    job.load_model(model, directory)
+    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------- the worker loop
+
+
+def _all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _evaluate(model, batches: BatchSource, job: TrainJob, autocast, world: int, device) -> float | None:
+    micro = batches.val()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, batches)
+    model.eval()
+    with torch.no_grad(), autocast:
+        for b in micro:
+            total[0] += job.loss_fn(model, b).double()
+            total[1] += 1
+    model.train()
+    total = _all_reduce_sum(total, world)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Runs in every Ray Train worker: resume, train, evaluate, checkpoint."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    job: TrainJob = loop_config["job"]
+    ctx = loop_config["ctx"]
+    cfg = job.config
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" uses TF32 tensor cores, as peak_flops assumes
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, job.threads_per_worker))
+    precision = resolve_precision(device, cfg.precision)
+    from workers.model import autocast_context
+
+    def autocast():
+        return autocast_context(device, precision) if device.type == "cuda" else nullcontext()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = job.make_model().to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, device.type)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = load_checkpoint(Path(d), job, model, optimizer, device)
+    start = int(state["step"])
+    if rank == 0 and resumed is not None:
+        ctx.set_tags({"resumed_from_step": str(start)})
+        ctx.log_metrics({"resumed_from_step": start}, step=start)
+
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    batches = job.make_batches(rank, world, device)
+    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
+    peak = peak_flops(device, precision) if rank == 0 and flops_per_token else None
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    for step in range(start, job.max_steps):
+        if job.fault and rank == job.fault.rank and step == job.fault.step and not os.path.exists(job.fault.marker):
+            Path(job.fault.marker).write_text(f"rank {rank} exited at step {step}\n")
+            os._exit(1)
+        t0 = time.perf_counter()
+        torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout: a function of the step
+        lr = lr_at(step, cfg, job.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = batches.train(step)
+        loss_sum = torch.zeros((), device=device)
+        for k, b in enumerate(micro):
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync = nullcontext() if (world == 1 or k == len(micro) - 1) else train_model.no_sync()
+            with sync:
+                with autocast():
+                    loss = job.loss_fn(train_model, b) / len(micro)
+                loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = float(_all_reduce_sum(loss_sum, world)) / world  # syncs the device: timing is real
+        dt = time.perf_counter() - t0
+        done = step + 1
+        state.update(step=done, tokens=int(state["tokens"]) + job.tokens_per_step, train_loss=train_loss)
+
+        if done % cfg.eval_every == 0 or done == job.max_steps:
+            val = _evaluate(model, batches, job, autocast(), world, device)
+            if val is not None:
+                state["val_loss"] = val
+        if rank == 0:
+            tps = job.tokens_per_step / dt
+            metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens_per_s": tps, "step_time_s": dt, "tokens": state["tokens"]}
+            if peak:
+                metrics["mfu"] = flops_per_token * tps / (peak * world)
+            if done % cfg.eval_every == 0 or done == job.max_steps:
+                if state["val_loss"] is not None:
+                    metrics["val_loss"] = state["val_loss"]
+            ctx.log_metrics(metrics, step=done)
+            ctx.progress(done, job.max_steps, "steps")
+        if done % cfg.checkpoint_every == 0 or done == job.max_steps:
+            report = {k: v for k, v in state.items() if isinstance(v, (int, float))}
+            if rank == 0:
+                with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
+                    save_checkpoint(Path(d), job, model, optimizer, state)
+                    ray.train.report(report, checkpoint=Checkpoint.from_directory(d),
+                                     checkpoint_dir_name=f"checkpoint-{done:08d}")
+            else:
+                ray.train.report(report, checkpoint=None, checkpoint_dir_name=f"checkpoint-{done:08d}")
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def fit(ctx, job: TrainJob) -> FitResult:
+    """Train ``job`` on Ray Train with ``ctx.resources``; returns the final checkpoint.
+
+    State lives under ``ctx.scratch_uri/<job.name>``: a retried attempt of the stage (same
+    fingerprint, same scratch) resumes from the latest checkpoint there.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = ctx.resources
+    use_gpu = res.gpus > 0
+    per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if use_gpu else {})}
+    root = ctx.scratch_uri or storage.join(str(ctx.artifact_dir), ".train")
+    fs, path = storage.resolve(root)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": job, "ctx": ctx},
+        scaling_config=ScalingConfig(num_workers=res.workers or 1, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=job.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=job.config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {ctx.stage!r}: training finished without a checkpoint under {root!r}")
+    tmp = tempfile.mkdtemp(prefix="final-ckpt-")
+    local = Path(result.checkpoint.to_directory(os.path.join(tmp, "checkpoint")))
+    state = json.loads((local / STATE_FILE).read_text())
+    return FitResult(checkpoint_dir=local, state=state, _tmp=tmp)
