@@ -34,7 +34,7 @@ def stage_table(record: RunRecord, order: list[str]) -> Table:
     for name in order:
         r = record.stages[name]
         elapsed = f"{r.elapsed:.1f}s" if r.elapsed is not None else ""
-        state = r.state.value + (" (cache)" if r.cache_source_run else "")
+        state = r.state.value
         t.add_row(name, r.kind, f"[{STYLE.get(r.state.value, '')}]{state}[/]", str(r.attempts or ""), elapsed, _progress(r))
     return t
 

@@ -29,16 +29,23 @@ _CANCEL_POLL_S = 0.5
 
 class Executor:
     def __init__(self, plan: Plan, record: RunRecord, tracker: Tracker, display: StageDisplay,
-                 sys_path: list[str] | None = None, no_cache: bool = False):
+                 sys_path: list[str] | None = None, no_cache: bool = False, connect: Any = None):
         self.plan, self.record, self.tracker, self.display = plan, record, tracker, display
         self.sys_path = sys_path or []
         self.no_cache = no_cache
+        self._connect = connect or (lambda: None)
         self._running: dict[Any, tuple[str, float]] = {}  # ObjectRef -> (stage, submitted at)
         self._retry_at: dict[str, float] = {}
         self._cancel = threading.Event()
         self._last_cancel_poll = 0.0
-        self._remote = ray.remote(execute_stage)
-        self._bus = EventBus.remote()
+        self._remote: Any = None
+        self._bus: Any = None  # Ray is touched only when a stage must run: all-cache-hit runs need none
+
+    def _ensure_ray(self) -> None:
+        if self._bus is None:
+            self._connect()
+            self._remote = ray.remote(execute_stage)
+            self._bus = EventBus.remote()
 
     # -- public ------------------------------------------------------------------------------
     def request_cancel(self) -> None:
@@ -55,7 +62,8 @@ class Executor:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, prev)
             self._drain_events()
-            ray.kill(self._bus)
+            if self._bus is not None:
+                ray.kill(self._bus)
         return self.record.state
 
     # -- the loop ----------------------------------------------------------------------------
@@ -149,6 +157,7 @@ class Executor:
         return None
 
     def _launch(self, s: PlannedStage, rec: StageRecord) -> None:
+        self._ensure_ray()
         if (reason := self._infeasible(s)) is not None:
             rec.error, rec.started, rec.ended = reason, time.time(), time.time()
             if rec.state == StageState.PENDING:
@@ -250,7 +259,8 @@ class Executor:
 
     def _cancel_all(self) -> None:
         refs = list(self._running)
-        self._kill(refs)
+        if refs:
+            self._kill(refs)
         for ref in refs:
             name, _ = self._running.pop(ref)
             rec = self.record.stages[name]
@@ -275,6 +285,8 @@ class Executor:
         self.display.update()
 
     def _drain_events(self) -> None:
+        if self._bus is None:
+            return
         try:
             events = ray.get(self._bus.drain.remote(), timeout=10)
         except Exception as e:  # noqa: BLE001 - the bus died with a cancelled cluster

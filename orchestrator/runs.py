@@ -91,11 +91,9 @@ def _ui_hint(record: RunRecord) -> str:
 
 def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = None,
               stream: TextIO | None = None, live: bool | None = None) -> RunRecord:
-    from .executor import Executor
     from .tracking import Tracker
 
     p = prep.pipeline
-    connect_ray(p.ray, address)
     tracker = Tracker(p.tracking_uri(), p.experiment())
     run_id = tracker.start_pipeline(p.name, prep.source_text, prep.raw, p.description)
     root = resolve_storage(p.storage)
@@ -108,15 +106,16 @@ def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = N
     record.claim_driver()
     record.save()
     tracker.set_state_uri(run_id, record.uri)
-    return _execute(prep, record, tracker, no_cache=no_cache, stream=stream, live=live)
+    return _execute(prep, record, tracker, no_cache=no_cache, address=address, stream=stream, live=live)
 
 
-def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool,
+def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool, address: str | None,
              stream: TextIO | None, live: bool | None) -> RunRecord:
     from .executor import Executor
 
     display = StageDisplay(record, [s.name for s in prep.plan.stages], stream=stream, live=live)
-    ex = Executor(prep.plan, record, tracker, display, sys_path=[prep.base_dir, os.getcwd()], no_cache=no_cache)
+    ex = Executor(prep.plan, record, tracker, display, sys_path=[prep.base_dir, os.getcwd()], no_cache=no_cache,
+                  connect=lambda: connect_ray(prep.pipeline.ray, address))
     try:
         ex.run()
     finally:
@@ -172,10 +171,9 @@ def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
     record.state = RunState.RUNNING
     record.claim_driver()
     record.save()
-    connect_ray(pipeline.ray, address)
     tracker = Tracker(record.tracking_uri, record.experiment)
     tracker.reopen(run_id)
-    return _execute(prep, record, tracker, no_cache=record.no_cache, stream=stream, live=live)
+    return _execute(prep, record, tracker, no_cache=record.no_cache, address=address, stream=stream, live=live)
 
 
 def cancel_run(run_id: str, tracking_uri: str, wait_s: float = 15.0) -> RunRecord:

@@ -118,23 +118,44 @@ class Pipeline(_Strict):
 # Turning pydantic errors into messages that name the YAML path
 
 
+def _step(tp: Any, part: Any) -> Any:
+    """The type found at ``part`` inside type ``tp`` (a model field, a dict value, a list item)."""
+    import typing
+
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(str(part))
+        return field.annotation if field else None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin in (list, tuple) and args:
+        return args[0]
+    for a in args:  # Optional[...] / unions: the first branch that knows the part
+        found = _step(a, part)
+        if found is not None:
+            return found
+    return None
+
+
+def _as_model(tp: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for a in typing.get_args(tp):
+        if (m := _as_model(a)) is not None:
+            return m
+    return None
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at ``loc`` (for suggesting close names)."""
+    """The pydantic model that owns the last part of ``loc`` (for suggesting close names)."""
     current: Any = model
-    for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(part))
-            if field is None:
-                return current if part == loc[-1] else None
-            current = field.annotation
-            # unwrap Optional / dict[str, Model] / list[Model]
-            args = getattr(current, "__args__", ())
-            if args and not (isinstance(current, type) and issubclass(current, BaseModel)):
-                models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-                current = models[0] if models else current
-        elif isinstance(part, str):
-            continue  # a dict key (stage name)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+    for part in loc[:-1]:
+        current = _step(current, part)
+        if current is None:
+            return None
+    return _as_model(current)
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -26,7 +26,21 @@ def ray_session():
     # Left running for later tests; pytest's exit shuts it down.
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory):
+    """An MLflow SQLite store with its schema created once (migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path):
-    """A real MLflow store (SQLite) in a temp folder."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(tmp_path, _empty_mlflow_db):
+    """A real MLflow store (SQLite) in a temp folder, fresh for each test."""
+    import shutil
+
+    path = tmp_path / "mlflow.db"
+    shutil.copy(_empty_mlflow_db, path)
+    return f"sqlite:///{path}"

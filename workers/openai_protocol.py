@@ -46,10 +46,11 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     if e.get("type") == "json_invalid":
         ctx = e.get("ctx", {}).get("error", "")
         return APIError(f"request body is not valid JSON: {ctx}".rstrip(": "), code="invalid_json")
-    param = ".".join(loc) or None
+    param = loc[0] if loc else None  # the request field; deeper parts name pydantic's union branches
     got = e.get("input")
     got_s = "" if isinstance(got, dict) and not loc else f" (got {json.dumps(got, default=str)[:200]})"
-    return APIError(f"{param or 'body'}: {e.get('msg', 'invalid value')}{got_s}", param=param)
+    where = ".".join(loc) or "body"
+    return APIError(f"{where}: {e.get('msg', 'invalid value')}{got_s}", param=param)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ one is answered 503 with ``Retry-After``; Ray Serve's own ``max_queued_requests`
 waits in front of the replicas.
 """
 
-from __future__ import annotations
-
 import asyncio
 import collections
 import logging

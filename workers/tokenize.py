@@ -241,7 +241,7 @@ def _truncate(result: dict[str, Any], keep: int, root: str) -> dict[str, Any]:
     if keep == result["documents"]:
         return result
     ids = result["doc_ids"][:keep]
-    shards = {}
+    shards = dict(result["shards"])
     for split, shard in result["shards"].items():
         if shard is None:
             continue

@@ -235,6 +235,7 @@ def _train_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    print("DBG worker start", time.time(), flush=True)
     job: TrainJob = loop_config["job"]
     ctx = loop_config["ctx"]
     cfg = job.config
@@ -272,7 +273,9 @@ def _train_worker(loop_config: dict) -> None:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
+    print("DBG model ready", time.time(), flush=True)
     batches = job.make_batches(rank, world, device)
+    print("DBG batches ready", time.time(), flush=True)
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
     peak = peak_flops(device, precision) if rank == 0 and flops_per_token else None
     params = [p for p in model.parameters() if p.requires_grad]
