@@ -38,6 +38,8 @@ class Executor:
         self._retry_at: dict[str, float] = {}
         self._cancel = threading.Event()
         self._last_cancel_poll = 0.0
+        self._nodes: tuple[float, list[dict]] | None = None
+        self._dirty = False
         self._remote: Any = None
         self._bus: Any = None  # Ray is touched only when a stage must run: all-cache-hit runs need none
 
@@ -73,6 +75,7 @@ class Executor:
                 self._cancel_all()
                 break
             self._schedule()
+            self._save_if_dirty()
             if all(r.state.terminal for r in self.record.stages.values()):
                 break
             if self._running:
@@ -83,6 +86,7 @@ class Executor:
                 time.sleep(_POLL_S)
             self._check_timeouts()
             self._drain_events()
+            self._save_if_dirty()
             self.display.update()
         self._drain_events()
         states = [r.state for r in self.record.stages.values()]
@@ -91,6 +95,11 @@ class Executor:
                 s.done or s == StageState.SKIPPED and not self._skipped_for_failure(n)
                 for n, s in zip(self.record.stages, states)) else RunState.FAILED
         self.record.save()
+
+    def _save_if_dirty(self) -> None:
+        if self._dirty:
+            self.record.save()
+            self._dirty = False
 
     def _skipped_for_failure(self, name: str) -> bool:
         return self.record.stages[name].error is not None
@@ -148,7 +157,9 @@ class Executor:
 
     def _infeasible(self, s: PlannedStage) -> str | None:
         """A reason the cluster can never run this stage (asking more than any node has)."""
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if self._nodes is None or time.monotonic() - self._nodes[0] > 5.0:
+            self._nodes = (time.monotonic(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        nodes = self._nodes[1]
         r = s.resources
         if not any(n.get("CPU", 0) >= r.cpus and n.get("GPU", 0) >= r.gpus for n in nodes):
             have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
@@ -280,7 +291,9 @@ class Executor:
             rec.child_run_id = self.tracker.start_stage(self.record.run_id, rec, s.config, s.resources.model_dump())
         if new.terminal and rec.ended is None:
             rec.ended = time.time()
-        self.record.save()
+        # Saved once per loop turn (see _save_if_dirty): a crash in between loses nothing that
+        # matters, since a finished stage's cache record is written before its transition.
+        self._dirty = True
         self.tracker.update_stage(rec)
         self.display.update()
 
@@ -302,4 +315,3 @@ class Executor:
                 rec.progress = {k: ev[k] for k in ("done", "total", "unit")}
             elif ev["type"] == "tags":
                 self.tracker.set_tags(rec.child_run_id, ev["tags"])
-        self.tracker.flush()

@@ -121,7 +121,8 @@ def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool,
     finally:
         tracker.log_dag(record, prep.plan.needs)
         tracker.end_pipeline(record)
-        tracker.flush()
+        if not tracker.flush(timeout=120):
+            print(f"warning: {tracker.pending} MLflow writes could not reach {record.tracking_uri}", file=sys.stderr)
     display.summary(_ui_hint(record))
     return record
 

@@ -113,7 +113,7 @@ class RunRecord:
 
     def save(self) -> None:
         self.updated = time.time()
-        storage.write_json(self.uri, asdict(self))
+        storage.write_json(self.uri, asdict(self), indent=None)
 
     @classmethod
     def load(cls, uri: str) -> RunRecord:

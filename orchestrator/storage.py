@@ -75,9 +75,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # atomic; no fsync: survives a killed process, which is what resume needs
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -88,8 +86,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
-def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+def write_json(uri: str, obj: Any, indent: int | None = 2) -> None:
+    write_bytes(uri, json.dumps(obj, indent=indent, sort_keys=True, default=str).encode())
 
 
 def delete(uri: str) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -50,42 +51,81 @@ class Tracker:
         self.experiment_name = experiment
         self._experiment_id: str | None = None
         self._pending: deque[tuple[str, tuple, dict]] = deque()
+        # Writes go through one background thread so the executor never waits on the store;
+        # the lock keeps the few synchronous calls (creating runs) from interleaving with it.
+        self._lock = threading.RLock()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
+        self._writer.start()
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment_name)
-            self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
+            exp = self._sync("get_experiment_by_name", self.experiment_name)
+            self._experiment_id = exp.experiment_id if exp else self._sync("create_experiment", self.experiment_name)
         return self._experiment_id
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """Queue a write and flush what can be flushed; failures stay queued for the next try."""
-        self._pending.append((method, args, kwargs))
-        self.flush()
+        """Queue a write; the writer thread sends it, and keeps it while the store is down."""
+        with self._cv:
+            self._pending.append((method, args, kwargs))
+            self._cv.notify_all()
 
-    def flush(self) -> bool:
-        while self._pending:
-            method, args, kwargs = self._pending[0]
+    def _write_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._pending:
+                    return
+                method, args, kwargs = self._pending[0]
             try:
-                getattr(self.client, method)(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - the store may be down; keep the write
-                log.warning("MLflow write %s deferred: %s", method, e)
-                return False
-            self._pending.popleft()
+                with self._lock:
+                    getattr(self.client, method)(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the store may be down: keep the write, retry
+                log.warning("MLflow write %s deferred (%s); retrying in %.1fs", method, e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            with self._cv:
+                self._pending.popleft()
+                self._cv.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write reached the store (False if some are still pending)."""
+        deadline = None if timeout is None else time.time() + timeout
+        with self._cv:
+            while self._pending:
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
         return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _sync(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A call whose answer is needed now (creating runs)."""
+        with self._lock:
+            return getattr(self.client, method)(*args, **kwargs)
 
     # -- pipeline run ------------------------------------------------------------------------
     def start_pipeline(self, name: str, source_text: str, resolved: dict, description: str = "") -> str:
-        run = self.client.create_run(
-            self.experiment_id, run_name=name,
+        run = self._sync(
+            "create_run", self.experiment_id, run_name=name,
             tags={TAG_ROLE: "pipeline", "pipeline": name, "mlflow.note.content": description or f"pipeline {name}"},
         )
         rid = run.info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "pipeline.yaml").write_text(source_text)
             Path(tmp, "resolved.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
-            self.client.log_artifacts(rid, tmp, artifact_path="spec")
+            self._sync("log_artifacts", rid, tmp, artifact_path="spec")
         return rid
 
     def set_state_uri(self, run_id: str, uri: str) -> None:
@@ -101,8 +141,8 @@ class Tracker:
 
     # -- stage runs --------------------------------------------------------------------------
     def start_stage(self, parent_id: str, rec: StageRecord, config: dict, resources: dict) -> str:
-        run = self.client.create_run(
-            self.experiment_id, run_name=rec.name,
+        run = self._sync(
+            "create_run", self.experiment_id, run_name=rec.name,
             tags={"mlflow.parentRunId": parent_id, TAG_ROLE: "stage", "stage": rec.name, "kind": rec.kind,
                   "fingerprint": rec.fingerprint, "state": rec.state.value},
         )
@@ -152,7 +192,7 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "dag.png")
             draw_dag(needs, {n: s for n, s in record.stages.items()}, path, title=f"{record.pipeline} · {record.state.value}")
-            self._call("log_artifact", record.run_id, path)
+            self._sync("log_artifact", record.run_id, path)
 
     # -- queries (status, list, resume) ------------------------------------------------------
     def find_pipeline_runs(self, max_results: int = 50) -> list[Any]:
@@ -180,3 +220,27 @@ def state_uri_of(uri: str, run_id: str) -> str:
     if run.data.tags.get(TAG_ROLE) != "pipeline" or not state:
         raise ValueError(f"run {run_id!r} in {uri} is not a pipeline run of this orchestrator")
     return state
+
+
+class NullTracker(Tracker):
+    """Tracks nothing: for measuring what MLflow costs (benchmarks) and for dry runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._pending = deque()
+        self._cv = threading.Condition()
+        self._n = 0
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start_pipeline(self, name: str, source_text: str, resolved: dict, description: str = "") -> str:
+        import uuid
+
+        return uuid.uuid4().hex
+
+    def start_stage(self, parent_id: str, rec: StageRecord, config: dict, resources: dict) -> str:
+        self._n += 1
+        return f"{parent_id}-{self._n}"
+
+    def log_dag(self, record: RunRecord, needs: dict[str, tuple[str, ...]]) -> None:
+        pass

@@ -123,7 +123,7 @@ def metric_steps(events, name):
 
 
 def base_config(**overrides) -> pretrain.Config:
-    cfg = dict(model=MODEL, batch_size=4, grad_accum=2, max_steps=STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+    cfg = dict(model=MODEL, batch_size=4, grad_accum=2, max_steps=STEPS, lr=1e-2, min_lr=1e-3, warmup_steps=5,
                weight_decay=0.0, eval_every=CKPT_EVERY, eval_steps=2, checkpoint_every=CKPT_EVERY, seed=7)
     cfg.update(overrides)
     return pretrain.Config(**cfg)

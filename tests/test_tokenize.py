@@ -215,7 +215,7 @@ def test_bad_json_line_is_reported_by_file_and_line(ray_session, tmp_path):
     good = [json.dumps({"text": f"line {i} " * 20}) for i in range(40)]
     lines = good[:30] + ['{"text": "unterminated'] + good[30:]  # line 31, well past the first 1 KiB unit
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-    ctx = local_context(tmp_path / "j", resources=Resources(workers=2))
+    ctx = local_context(tmp_path / "j", resources=Resources(workers=1))
     with pytest.raises(CorpusError, match=r"c\.jsonl line 31: not valid JSON"):
         T.run(ctx, T.Config(source=str(tmp_path / "c.jsonl"), shard_size_bytes=1024,
                             tokenizer={"path": str(_char_tokenizer(tmp_path))}))

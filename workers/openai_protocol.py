@@ -85,6 +85,8 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    """vLLM's extension: keep generating past the end-of-text token (benchmarks)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -91,11 +91,12 @@ class _Request:
     """One prompt's generation: ``width`` sequences (n samples, or best_of), or one beam search."""
 
     def __init__(self, prompt_ids: list[int], params, *, tag: int, top_logprobs: int | None,
-                 emit, loop: asyncio.AbstractEventLoop | None):
+                 emit, loop: asyncio.AbstractEventLoop | None, ignore_eos: bool = False):
         self.prompt_ids = prompt_ids
         self.params = params  # workers.sampling.SamplingParams
         self.tag = tag  # position of the prompt in the HTTP request
         self.top_logprobs = top_logprobs
+        self.ignore_eos = ignore_eos
         self._emit, self._loop = emit, loop
         self.cancelled = False
         self.seqs: list[_Seq] = []
@@ -488,7 +489,7 @@ class Engine:
         from workers.sampling import _find_stop, _partial_stop
 
         p = s.req.params
-        if tok == self.eos_token_id or tok in p.stop_token_ids:
+        if (tok == self.eos_token_id and not s.req.ignore_eos) or tok in p.stop_token_ids:
             s.finish = "stop"
         body = s.token_ids[:-1] if s.finish else s.token_ids
         text = self.decode(body)
@@ -513,7 +514,7 @@ class Engine:
 
         with autocast_context(self.device):
             req.beam_results = generate(self.model, [req.prompt_ids], req.params,
-                                        eos_token_id=self.eos_token_id, decode=self.decode,
+                                        eos_token_id=None if req.ignore_eos else self.eos_token_id, decode=self.decode,
                                         device=self.device)[0]
         with self._lock:
             self.stats.tokens += sum(len(c.token_ids) for c in req.beam_results)
@@ -651,7 +652,7 @@ def _build_app():
                 except ValueError as e:
                     raise oa.APIError(str(e)) from None
                 out.append(_Request(ids, params, tag=i, top_logprobs=body.top_logprobs_count(),
-                                    emit=emit, loop=loop))
+                                    emit=emit, loop=loop, ignore_eos=body.ignore_eos))
             return out
 
         async def _events(self, reqs: list[_Request], queue: asyncio.Queue):

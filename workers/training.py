@@ -84,7 +84,8 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Test hook: rank ``rank`` exits hard at the start of step ``step``, once (``marker`` file)."""
+    """Test hook: rank ``rank`` exits hard at the start of step ``step``, once (``marker`` file),
+    after Ray Train has registered every checkpoint reported before it."""
 
     rank: int
     step: int
@@ -235,7 +236,6 @@ def _train_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    print("DBG worker start", time.time(), flush=True)
     job: TrainJob = loop_config["job"]
     ctx = loop_config["ctx"]
     cfg = job.config
@@ -273,15 +273,16 @@ def _train_worker(loop_config: dict) -> None:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    print("DBG model ready", time.time(), flush=True)
     batches = job.make_batches(rank, world, device)
-    print("DBG batches ready", time.time(), flush=True)
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
     peak = peak_flops(device, precision) if rank == 0 and flops_per_token else None
     params = [p for p in model.parameters() if p.requires_grad]
 
     for step in range(start, job.max_steps):
         if job.fault and rank == job.fault.rank and step == job.fault.step and not os.path.exists(job.fault.marker):
+            # Let Ray Train register the checkpoints reported so far (its controller polls every
+            # few seconds; a report still in flight when a worker dies is lost), then die.
+            ray.train.get_all_reported_checkpoints()
             Path(job.fault.marker).write_text(f"rank {rank} exited at step {step}\n")
             os._exit(1)
         t0 = time.perf_counter()
