@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, metavar="ADDR",
                    help='Ray cluster to run on ("auto", "ray://host:10001"); overrides ray.address in FILE.')
     p.add_argument("--plain", action="store_true", help="Print one line per stage transition instead of a live table.")
+    p.add_argument("--detach", action="store_true",
+                   help="Return when the pipeline ends, even if a serve stage is serving (it stops with Ray).")
 
     p = sub.add_parser("status", help="Show a run's stages (default: the latest run).",
                        description="Show the state of each stage of RUN_ID (the MLflow parent run id).")
@@ -84,7 +86,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
     p.add_argument("--port", type=int, default=5000, help="Port (default 5000).")
     _add_tracking(p)
+
+    p = sub.add_parser("generate", help="Generate text from a checkpoint.",
+                       description="Print completions of --prompt from CHECKPOINT_OR_RUN: a checkpoint folder "
+                                   "(config.json + model.safetensors + tokenizer.json), a pipeline run id (its "
+                                   "last stage with a checkpoint) or RUN_ID:STAGE.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
+    p.add_argument("--prompt", action="append", required=True, help="Prompt text (repeatable: one batch).")
+    _add_sampling_args(p)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    _add_tracking(p)
+
+    p = sub.add_parser("serve", help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
+                       description="Serve CHECKPOINT_OR_RUN at /v1/completions, /v1/chat/completions, "
+                                   "/v1/models and /health until Ctrl-C.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
+    p.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1).")
+    p.add_argument("--max-batch-size", type=int, default=8, help="Sequences decoded together per replica.")
+    p.add_argument("--max-queue", type=int, default=64, help="Requests waiting per replica before 503.")
+    p.add_argument("--api-key", default=None,
+                   help="Require this bearer key (default: $ORCHESTRATOR_API_KEY; none: open).")
+    p.add_argument("--model-name", default=None, help="Model name in the API (default: the folder name).")
+    p.add_argument("--address", default=None, help="Ray cluster to deploy on (default: a local Ray).")
+    _add_tracking(p)
     return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64, help="Tokens to generate (default 64).")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0).")
+    g.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens (0 = off).")
+    g.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1] (default 1).")
+    g.add_argument("--min-p", type=float, default=0.0, help="Drop tokens below min_p x the top probability.")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off).")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="In [-2, 2] (0 = off).")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="In [-2, 2] (0 = off).")
+    g.add_argument("--num-beams", type=int, default=1, help="Beam search width (1 = no beam search).")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="Beam score = logprob / length**this.")
+    g.add_argument("--n", type=int, default=1, help="Completions per prompt.")
+    g.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
+    g.add_argument("--seed", type=int, default=None, help="Same seed, same text.")
+    g.add_argument("--logprobs", action="store_true", help="Print the log-prob of each chosen token.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +156,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     prep = prepare(args.file, args.overrides)
     record = start_run(prep, no_cache=args.no_cache, address=args.address, live=False if args.plain else None)
+    endpoints = [r.outputs["endpoint"] for r in record.stages.values()
+                 if r.kind == "serve" and r.state.done and r.outputs and r.outputs.get("endpoint")]
+    if endpoints and not args.detach:
+        _serve_until_interrupted(endpoints)
     return exit_code(record)
+
+
+def _serve_until_interrupted(endpoints: list[str]) -> None:
+    """A serve stage's deployment lives in this driver's Ray: keep it up until Ctrl-C."""
+    import time
+
+    for url in endpoints:
+        print(f"serving at {url}/v1 (OpenAI-compatible). Ctrl-C to stop.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from workers import serve as serving
+
+        serving.shutdown()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -184,7 +248,70 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
+def cmd_generate(args: argparse.Namespace) -> int:
+    from workers.sampling import SamplingParams, generate
+    from workers.serve import load_checkpoint
+
+    from .runs import resolve_checkpoint
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, n=args.n, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed, logprobs=args.logprobs)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise SpecError(str(e).replace("SamplingParams.", "--").replace("_", "-", 1)) from None
+    ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri or _default_tracking())
+    try:
+        lm = load_checkpoint(ckpt, device=args.device)
+    except FileNotFoundError as e:
+        raise SpecError(str(e)) from None
+    prompts = [lm.tokenizer.encode(p).ids for p in args.prompt]
+    for i, ids in enumerate(prompts):
+        if len(ids) + args.max_tokens > lm.context:
+            raise SpecError(f"--prompt #{i + 1} has {len(ids)} tokens; with --max-tokens {args.max_tokens} it "
+                            f"exceeds the model's context of {lm.context} tokens")
+    outs = generate(lm.model, prompts, params, eos_token_id=lm.eos_token_id,
+                    decode=lambda t: lm.tokenizer.decode(t, skip_special_tokens=False), device=args.device)
+    for prompt, completions in zip(args.prompt, outs):
+        for j, c in enumerate(completions):
+            head = f"--- prompt {prompt!r}" + (f" [{j}]" if len(completions) > 1 else "")
+            score = f" score={c.score:.3f}" if c.score is not None else ""
+            print(f"{head} ({c.finish_reason}, {len(c.token_ids)} tokens, logprob={c.cumulative_logprob:.3f}{score})")
+            print(prompt + c.text)
+            if args.logprobs and c.logprobs:
+                print("logprobs:", " ".join(f"{lp:.3f}" for lp in c.logprobs))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from workers import serve as serving
+
+    from .runs import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri or _default_tracking())
+    if args.address:
+        import ray
+
+        ray.init(address=args.address)
+    url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,
+                                   max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                                   api_key=args.api_key or os.environ.get("ORCHESTRATOR_API_KEY"),
+                                   model_name=args.model_name, blocking=False)
+    print(f"serving {ckpt} at {url}/v1 (OpenAI-compatible); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serving.shutdown()
+    return EXIT_OK
+
+
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
             "list": cmd_list, "cancel": cmd_cancel, "ui": cmd_ui}
 
 

@@ -88,7 +88,8 @@ def build_plan(p: Pipeline, resolved: dict[str, dict[str, Any]]) -> Plan:
         fps[name] = fp
         planned.append(PlannedStage(
             name=name, kind=s.kind, needs=needs[name], config=r["config"], resources=s.resources,
-            policy=p.policy(name), enabled=s.enabled, distributed=r["distributed"],
+            policy=p.policy(name) if r.get("cacheable", True) else p.policy(name).model_copy(update={"cache": False}),
+            enabled=s.enabled, distributed=r["distributed"],
             code_version=r["code_version"], fingerprint=fp,
         ))
     return Plan(pipeline=p.name, stages=tuple(planned))

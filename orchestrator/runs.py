@@ -221,5 +221,22 @@ def list_runs(tracking_uri: str, max_results: int = 20) -> list[dict[str, Any]]:
     return rows
 
 
+def resolve_checkpoint(ref: str, tracking_uri: str) -> str:
+    """A checkpoint folder from a path/URI, a pipeline run id (its last stage with a
+    checkpoint) or ``RUN_ID:STAGE``."""
+    if not storage.is_local(ref) or Path(ref).exists():
+        return ref
+    run_id, _, stage = ref.partition(":")
+    record = load_record(run_id, tracking_uri)
+    names = [stage] if stage else list(reversed(list(record.stages)))
+    for name in names:
+        rec = record.stages.get(name)
+        if rec is None:
+            raise SpecError(f"run {run_id!r} has no stage {name!r} (stages: {', '.join(record.stages)})")
+        if rec.state.done and rec.outputs and rec.outputs.get("checkpoint"):
+            return rec.outputs["checkpoint"]
+    raise SpecError(f"{ref!r}: no finished stage with a checkpoint in run {run_id!r}")
+
+
 def exit_code(record: RunRecord) -> int:
     return 0 if record.state == RunState.SUCCEEDED else 1

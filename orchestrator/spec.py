@@ -272,6 +272,8 @@ def check_stages(p: Pipeline, source: str = "<pipeline>") -> dict[str, dict[str,
             "config": cfg.model_dump(mode="json"),
             "code_version": version,
             "distributed": bool(getattr(module, "DISTRIBUTED", False)),
+            # a kind whose output is a live thing (an endpoint) is never taken from the cache
+            "cacheable": bool(getattr(module, "CACHEABLE", True)),
         }
     if problems:
         raise SpecError(problems, source)

@@ -9,7 +9,11 @@ A stage kind is one module in ``workers/`` with:
 - optionally ``DISTRIBUTED = True`` when the kind spreads its work over Ray actors it starts
   itself (its runner then holds no CPU; ``ctx.resources`` says what each of its workers gets);
 - optionally ``code_version(config) -> str``; by default the fingerprint covers the kind
-  module's own source.
+  module's own source;
+- optionally ``CACHEABLE = False`` when outputs are live things (an endpoint) that a later run
+  cannot reuse;
+- optionally ``check(config)`` raising ``ValueError("field: message")`` for problems found at
+  validation time (before anything starts).
 
 Kinds know nothing of MLflow or the scheduler: they report through ``ctx``. A ``StageContext``
 pickles, so it can be shipped into Ray Train workers or actors the kind starts; its
