@@ -108,13 +108,24 @@ class _Request:
     def width(self) -> int:
         return 1 if self.params.num_beams > 1 else self.params.n
 
-    def emit(self, item) -> None:
-        """Hand an event to the HTTP handler's event loop (called from the engine thread)."""
-        if self._loop is None:
-            self._emit(item)
-            return
+
+def _deliver(items: list[tuple["_Request", Any]]) -> None:
+    for req, item in items:
+        req._emit(item)
+
+
+def _flush(outbox: list[tuple["_Request", Any]]) -> None:
+    """Hand a step's events to the handlers' event loops: one wake-up per loop, not per request
+    (called from the engine thread)."""
+    by_loop: dict[int, tuple[Any, list]] = {}
+    for req, item in outbox:
+        if req._loop is None:
+            req._emit(item)
+        else:
+            by_loop.setdefault(id(req._loop), (req._loop, []))[1].append((req, item))
+    for loop, items in by_loop.values():
         try:
-            self._loop.call_soon_threadsafe(self._emit, item)
+            loop.call_soon_threadsafe(_deliver, items)
         except RuntimeError:  # loop closed: the replica is going away
             pass
 
@@ -195,6 +206,7 @@ class Engine:
         self._seen = None      # (B, V) bool: prompt + generated tokens (repetition)
         self.stats = EngineStats()
         self._thread: threading.Thread | None = None
+        self._outbox: list[tuple[_Request, Any]] = []  # events of the current step
 
     # -- public, any thread
 
@@ -256,10 +268,14 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
                 busy = False
+            if self._outbox:
+                outbox, self._outbox = self._outbox, []
+                _flush(outbox)
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
         self._fail_all("server shutting down")
+        _flush(self._outbox)
 
     def _finish_request(self, req: _Request, aborted: bool = False) -> None:
         with self._lock:
@@ -268,7 +284,7 @@ class Engine:
                 self.stats.aborted += 1
             else:
                 self.stats.finished += 1
-        req.emit(("done", req.tag, None))
+        self._outbox.append((req, ("done", req.tag, None)))
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
@@ -478,8 +494,8 @@ class Engine:
             by_req[id(s.req)].append((s, delta, tok, tlp, alts))
         for items in by_req.values():
             req = items[0][0].req
-            req.emit(("step", req.tag, [(s.index, delta, tok, tlp, alts, s.finish)
-                                        for s, delta, tok, tlp, alts in items]))
+            self._outbox.append((req, ("step", req.tag, [(s.index, delta, tok, tlp, alts, s.finish)
+                                                         for s, delta, tok, tlp, alts in items])))
             if all(s.finish is not None for s in req.seqs):
                 self._finish_request(req)
 
@@ -656,17 +672,21 @@ def _build_app():
             return out
 
         async def _events(self, reqs: list[_Request], queue: asyncio.Queue):
-            """Yield engine events of submitted ``reqs`` until all are done; abort them if we are
-            cancelled (client disconnected) or the consumer stops early."""
+            """Yield lists of engine events of submitted ``reqs`` (all that arrived since the last
+            yield, so a slow reader gets fewer, bigger chunks) until all are done; abort them if we
+            are cancelled (client disconnected) or the consumer stops early."""
             pending = len(reqs)
             try:
                 while pending:
-                    kind, tag, payload = await queue.get()
-                    if kind == "done":
-                        pending -= 1
-                        if reqs[tag].error:
-                            raise oa.APIError(reqs[tag].error, status=500, type="server_error")
-                    yield kind, tag, payload
+                    batch = [await queue.get()]
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
+                    for kind, tag, _ in batch:
+                        if kind == "done":
+                            pending -= 1
+                            if reqs[tag].error:
+                                raise oa.APIError(reqs[tag].error, status=500, type="server_error")
+                    yield batch
             finally:
                 if pending:
                     self.engine.abort(reqs)
@@ -723,24 +743,35 @@ def _build_app():
                         yield oa.sse(make(rid, name, [{"index": r.tag * n + j, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}
                                                      for r in reqs for j in range(n)], None, chunk=True, created=created))
-                    async for kind, tag, payload in events:
-                        if kind != "step":
-                            continue
+                    async for batch in events:
+                        # per choice: text, token strings, logprobs, alternatives, finish reason
+                        merged: dict[int, list] = {}
+                        for kind, tag, payload in batch:
+                            if kind != "step":
+                                continue
+                            for index, delta, tok, tlp, alts, finish in payload:
+                                completion_tokens += 1
+                                m = merged.setdefault(tag * n + index, ["", [], [], [], None, tag])
+                                m[0] += delta
+                                if reqs[tag].top_logprobs is not None:
+                                    m[1].append(self.engine.decode([tok]))
+                                    m[2].append(tlp)
+                                    m[3].append(alts or {})
+                                m[4] = finish
                         choices = []
-                        for index, delta, tok, tlp, alts, finish in payload:
-                            completion_tokens += 1
-                            if not delta and finish is None:
+                        for index, (text, toks_, lps, alts, finish, tag) in sorted(merged.items()):
+                            if not text and finish is None:
                                 continue
                             lp = None
                             if reqs[tag].top_logprobs is not None:
-                                t = self.engine.decode([tok])
-                                lp = (oa.chat_logprobs([t], [tlp], [alts] if alts else None) if chat
-                                      else oa.completion_logprobs([t], [tlp], [alts] if alts else None))
-                            c = {"index": tag * n + index, "logprobs": lp, "finish_reason": finish}
+                                top = alts if reqs[tag].top_logprobs else None
+                                lp = (oa.chat_logprobs(toks_, lps, top) if chat
+                                      else oa.completion_logprobs(toks_, lps, top))
+                            c = {"index": index, "logprobs": lp, "finish_reason": finish}
                             if chat:
-                                c["delta"] = {"content": delta} if delta else {}
+                                c["delta"] = {"content": text} if text else {}
                             else:
-                                c["text"] = delta
+                                c["text"] = text
                             choices.append(c)
                         if choices:
                             yield oa.sse(make(rid, name, choices, None, chunk=True, created=created))
