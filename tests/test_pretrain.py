@@ -275,3 +275,16 @@ def test_final_checkpoint_is_self_contained(runs):
     with torch.no_grad():
         _, loss = model(batch["idx"], batch["targets"])
     assert float(loss) == pytest.approx(outputs["final_val_loss"], rel=0.2)
+
+
+@pytest.mark.slow
+def test_retried_attempt_resumes_from_scratch_checkpoints(runs):
+    """A second attempt of the same stage (same scratch_uri) finds the finished run's final
+    checkpoint and trains no further step."""
+    ctx, first, events = runs["one"]
+    seen = len(events)
+    again = pretrain.run(ctx, base_config(grad_accum=2))
+    assert again == first
+    new = ctx.sink.events()[seen:]
+    assert metric_steps(new, "train_loss") == []
+    assert [v for _, v in metric_steps(new, "resumed_from_step")] == [STEPS]

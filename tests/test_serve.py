@@ -287,9 +287,10 @@ def test_past_the_queue_limit_requests_get_503_with_retry_after(server):
     codes = sorted(r.status_code for r in results)
     assert 200 in codes and 503 in codes, codes
     assert set(codes) <= {200, 503}
-    rejected = next(r for r in results if r.status_code == 503)
-    assert int(rejected.headers["retry-after"]) >= 1
-    assert rejected.json()["error"]["code"] == "overloaded"
+    rejected = [r for r in results if r.status_code == 503]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in rejected)
+    # the replica's own answer (Serve's bound in front of it is looser and carries no JSON body)
+    assert any(r.json()["error"]["code"] == "overloaded" for r in rejected)
     assert health(url)["in_flight"] == 0
 
 

@@ -898,7 +898,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
         # the replica must see every request it may queue itself (its own 503 carries the
         # OpenAI body); Serve's queue in front of the replicas is bounded too
         max_ongoing_requests=max_batch_size + max_queue + 8,
-        max_queued_requests=max(1, max_queue),
+        max_queued_requests=max(16, 2 * (max_queue + max_batch_size)),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         health_check_period_s=5,
     )

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
@@ -113,8 +113,6 @@ class TrainJob:
     """Tokens in one global batch (for tokens/s and the token count)."""
     threads_per_worker: int = 1
     fault: FaultInjection | None = None
-    extra_files: dict[str, str] = field(default_factory=dict)
-    """Not used by the loop: files (name -> URI) a kind copies next to the final checkpoint."""
 
 
 @dataclass
