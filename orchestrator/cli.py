@@ -74,11 +74,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="Print transitions instead of a live table.")
     _add_tracking(p)
 
-    p = sub.add_parser("cancel", help="Cancel a running pipeline run.",
+    p = sub.add_parser("cancel", help="Cancel a running pipeline run (or a submitted Ray job).",
                        description="Stop RUN_ID: its running stages' Ray tasks and actors are killed; "
-                                   "states become CANCELLED.")
+                                   "states become CANCELLED. With --address, RUN_ID is a Ray job id from "
+                                   "`orchestrator submit`: the job is stopped and its driver cancels the run.")
     p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--address", default=None, metavar="URL",
+                   help="Ray dashboard URL (http://HEAD:8265): RUN_ID is then a Ray job id.")
     _add_tracking(p)
+
+    p = sub.add_parser("submit", help="Run a pipeline on a Ray cluster as a Ray job.",
+                       description="Submit FILE to the Ray cluster at --address (Ray Jobs API). The working "
+                                   "directory travels with the job; the driver runs `orchestrator run FILE "
+                                   "--address auto` on the head node. Prints the Ray job id and the MLflow run id.")
+    _add_pipeline_args(p)
+    p.add_argument("--address", required=True, metavar="URL",
+                   help="Ray dashboard URL of the cluster, e.g. http://HEAD:8265 (`ray up` prints it).")
+    p.add_argument("--no-cache", action="store_true", help="Rerun every stage even if its outputs are cached.")
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="Set an environment variable for the job: NAME passes your value, NAME=VALUE sets one "
+                        "(repeatable), e.g. --env MLFLOW_TRACKING_URI.")
+    p.add_argument("--working-dir", default=".", metavar="DIR",
+                   help="Folder shipped to the cluster (default: the current one); FILE must be inside it.")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="Leave files matching PATTERN (gitignore syntax) out of the shipped folder (repeatable).")
+    p.add_argument("--follow", action="store_true",
+                   help="Then print the job's logs until it ends; the exit code is the pipeline's.")
+    p.add_argument("--wait-run-id", type=float, default=300.0, metavar="SECONDS",
+                   help="How long to wait for the driver to print its MLflow run id (default 300).")
+
+    p = sub.add_parser("logs", help="Print a submitted Ray job's logs.",
+                       description="Print the logs of Ray job JOB_ID (from `orchestrator submit`), following them "
+                                   "until the job ends. Exit code 0 if the job succeeded, 1 if not.")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--address", required=True, metavar="URL", help="Ray dashboard URL (http://HEAD:8265).")
+    p.add_argument("--no-follow", action="store_true", help="Print the logs so far and return.")
 
     p = sub.add_parser("ui", help="Open the MLflow UI on the tracking store.",
                        description="Start the MLflow UI on the pipeline's tracking store (127.0.0.1 unless --host).")
@@ -226,9 +256,35 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .runs import cancel_run
 
+    if args.address:
+        from . import jobs
+
+        print(f"job {args.run_id}: {jobs.stop(args.run_id, args.address)}")
+        return EXIT_OK
     record = cancel_run(args.run_id, args.tracking_uri or _default_tracking())
     print(f"run {record.run_id}: {record.state.value}")
     return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    sub = jobs.submit(args.file, args.address, overrides=args.overrides, no_cache=args.no_cache,
+                      working_dir=args.working_dir, env=args.env, excludes=args.exclude,
+                      wait_run_id_s=args.wait_run_id)
+    if args.follow:
+        status = jobs.follow_logs(sub.job_id, args.address)
+        print(f"job {sub.job_id}: {status}")
+        return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    status = jobs.follow_logs(args.job_id, args.address, follow=not args.no_follow)
+    print(f"job {args.job_id}: {status}")
+    return EXIT_OK if status == "SUCCEEDED" or args.no_follow else EXIT_FAILED
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -312,7 +368,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
-            "list": cmd_list, "cancel": cmd_cancel, "ui": cmd_ui}
+            "list": cmd_list, "cancel": cmd_cancel, "ui": cmd_ui, "submit": cmd_submit, "logs": cmd_logs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

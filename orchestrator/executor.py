@@ -182,6 +182,7 @@ class Executor:
         rec.ended = None
         if rec.child_run_id is None:
             rec.child_run_id = self.tracker.start_stage(self.record.run_id, rec, s.config, s.resources.model_dump())
+            self.tracker.log_lineage(rec, s.config, {d: self.record.stages[d].outputs or {} for d in s.needs})
         from workers.stage import Resources
 
         ctx_fields = {
@@ -227,6 +228,7 @@ class Executor:
         if result["has_artifacts"] and storage.is_local(self._output_uri(s)):
             self.tracker.log_artifacts(rec.child_run_id, storage.resolve(self._output_uri(s))[1], "outputs")
         self.tracker.set_tags(rec.child_run_id, {"output_uri": self._output_uri(s)})
+        self.tracker.register_checkpoint(self.plan.pipeline, rec)
 
     def _attempt_failed(self, s: PlannedStage, rec: StageRecord, message: str, tb: str, retryable: bool) -> None:
         rec.error, rec.traceback = message, tb or None

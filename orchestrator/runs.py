@@ -106,6 +106,8 @@ def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = N
     record.claim_driver()
     record.save()
     tracker.set_state_uri(run_id, record.uri)
+    # Early, so `orchestrator submit` can read it from the job's logs.
+    print(f"MLflow run id: {run_id}", file=stream or sys.stdout, flush=True)
     return _execute(prep, record, tracker, no_cache=no_cache, address=address, stream=stream, live=live)
 
 

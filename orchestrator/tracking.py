@@ -17,7 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from .state import RunRecord, StageRecord, StageState
@@ -25,6 +25,8 @@ from .state import RunRecord, StageRecord, StageState
 log = logging.getLogger(__name__)
 
 TAG_ROLE = "orchestrator.role"
+# Registered-model aliases for the checkpoints that stage kinds produce.
+KIND_ALIASES = {"pretrain": "pretrained", "finetune": "sft", "rlhf": "aligned"}
 TAG_STATE_URI = "orchestrator.state_uri"
 _PARAM_MAX = 6000
 
@@ -84,7 +86,10 @@ class Tracker:
                 method, args, kwargs = self._pending[0]
             try:
                 with self._lock:
-                    getattr(self.client, method)(*args, **kwargs)
+                    if method == "_register":
+                        _register(self.client, *args, **kwargs)
+                    else:
+                        getattr(self.client, method)(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - the store may be down: keep the write, retry
                 log.warning("MLflow write %s deferred (%s); retrying in %.1fs", method, e, backoff)
                 time.sleep(backoff)
@@ -178,6 +183,37 @@ class Tracker:
             status = {"SUCCEEDED": "FINISHED", "CACHED": "FINISHED", "FAILED": "FAILED"}.get(rec.state.value, "KILLED")
             self._call("set_terminated", rec.child_run_id, status=status)
 
+    def log_lineage(self, rec: StageRecord, config: dict, inputs: dict[str, dict]) -> None:
+        """Datasets a stage read, as MLflow inputs: the corpus of a tokenize stage, and every
+        upstream token dataset (name, digest, source), so the UI links runs to their data."""
+        datasets = []
+        if rec.kind == "tokenize" and config.get("source"):
+            src = config["source"] if isinstance(config["source"], list) else [config["source"]]
+            digest = _digest(json.dumps({"source": src, "max_bytes": config.get("max_bytes"),
+                                         "max_documents": config.get("max_documents")}, sort_keys=True))
+            datasets.append(Dataset(name="corpus", digest=digest, source_type=_source_type(src[0]),
+                                    source=json.dumps({"uri": src})))
+        for upstream, out in inputs.items():
+            if isinstance(out, dict) and out.get("dataset"):
+                digest = str(out.get("manifest_sha256") or _digest(json.dumps(out, sort_keys=True, default=str)))[:36]
+                datasets.append(Dataset(name=f"{upstream}-tokens", digest=digest,
+                                        source_type=_source_type(str(out["dataset"])),
+                                        source=json.dumps({"uri": str(out["dataset"])})))
+        if datasets and rec.child_run_id:
+            tags = [InputTag("mlflow.data.context", "training")]
+            self._call("log_inputs", rec.child_run_id, datasets=[DatasetInput(d, tags) for d in datasets])
+
+    def register_checkpoint(self, model_name: str, rec: StageRecord) -> None:
+        """Register a stage's new checkpoint in the Model Registry under the kind's alias
+        (pretrained, sft, aligned), linked to the stage run."""
+        alias = KIND_ALIASES.get(rec.kind)
+        ckpt = (rec.outputs or {}).get("checkpoint")
+        if not alias or not ckpt or not rec.child_run_id:
+            return
+        source = ckpt if "://" in ckpt else f"file://{os.path.abspath(ckpt)}"
+        self._call("_register", model_name, source, rec.child_run_id, alias,
+                   {"stage": rec.name, "kind": rec.kind, "fingerprint": rec.fingerprint})
+
     def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None, max_bytes: int = 50 << 20) -> None:
         """Log a stage's small files (big ones, e.g. checkpoints, stay in storage and are tagged)."""
         small = [p for p in Path(local_dir).rglob("*") if p.is_file() and p.stat().st_size <= max_bytes]
@@ -203,6 +239,28 @@ class Tracker:
             [e.experiment_id for e in exps], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'",
             max_results=max_results, order_by=["attributes.start_time DESC"],
         )
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _source_type(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else ("code" if uri.startswith("builtin:") else "local")
+
+
+def _register(client: MlflowClient, name: str, source: str, run_id: str, alias: str, tags: dict) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Checkpoints of the genai-orchestrator pipeline "
+                                       f"{name!r}; aliases name the stage that made them.")
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags, await_creation_for=0)
+    client.set_registered_model_alias(name, alias, mv.version)
 
 
 def open_client(uri: str) -> MlflowClient:
