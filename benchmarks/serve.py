@@ -8,8 +8,8 @@ ratio of output tokens/s at the highest concurrency to that shows what batching 
 starts its own server, the in-process static batch (``workers.sampling.generate`` on all the
 highest level's prompts at once) is printed as a ceiling.
 
-    python benchmarks/serve.py                      # starts a server on 127.0.0.1 (small random model)
-    python benchmarks/serve.py --base-url http://127.0.0.1:8000 --model NAME
+    python -m benchmarks.serve                      # starts a server on 127.0.0.1 (small random model)
+    python -m benchmarks.serve --base-url http://127.0.0.1:8000 --model NAME
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# run as a script, this folder is sys.path[0]; its siblings (tokenize.py...) would shadow stdlib modules
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+_ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__" and not __package__:
+    # Run as a file, this folder would be on the path of every Ray worker too, and its siblings
+    # (tokenize.py...) shadow stdlib modules there: re-run as `python -m benchmarks.serve`.
+    os.chdir(_ROOT)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.serve", *sys.argv[1:]])
 
 import httpx  # noqa: E402
 

@@ -27,6 +27,20 @@ _POLL_S = 0.05
 _CANCEL_POLL_S = 0.5
 
 
+def _scalable_nodes() -> list[dict]:
+    """Node shapes an autoscaling cluster can still start (its launcher config's worker types):
+    a GPU stage on a cluster whose GPU workers scale from zero is feasible, not failed."""
+    try:
+        from ray._private.state import state  # no public API for the autoscaler's node types
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler, or an older Ray: live nodes only
+        return []
+    if config is None:
+        return []
+    return [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+
+
 class Executor:
     def __init__(self, plan: Plan, record: RunRecord, tracker: Tracker, display: StageDisplay,
                  sys_path: list[str] | None = None, no_cache: bool = False, connect: Any = None):
@@ -158,7 +172,7 @@ class Executor:
     def _infeasible(self, s: PlannedStage) -> str | None:
         """A reason the cluster can never run this stage (asking more than any node has)."""
         if self._nodes is None or time.monotonic() - self._nodes[0] > 5.0:
-            self._nodes = (time.monotonic(), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+            self._nodes = (time.monotonic(), [n["Resources"] for n in ray.nodes() if n.get("Alive")] + _scalable_nodes())
         nodes = self._nodes[1]
         r = s.resources
         if not any(n.get("CPU", 0) >= r.cpus and n.get("GPU", 0) >= r.gpus for n in nodes):
@@ -198,6 +212,8 @@ class Executor:
             opts.update(num_cpus=0, num_gpus=0)  # the kind's own workers ask for the resources
         else:
             opts.update(num_cpus=s.resources.cpus, num_gpus=s.resources.gpus)
+        if env := storage.client_env():  # the store's endpoint/credentials reach workers started earlier
+            opts["runtime_env"] = {"env_vars": env}
         ref = self._remote.options(**opts).remote(s.kind, s.config, ctx_fields, self.sys_path)
         self._running[ref] = (s.name, time.time())
         rec.history.append({"attempt": rec.attempts, "submitted": time.time()})
@@ -289,7 +305,7 @@ class Executor:
     # -- events and transitions --------------------------------------------------------------
     def _transition(self, s: PlannedStage, rec: StageRecord, new: StageState) -> None:
         rec.move(new)
-        if rec.child_run_id is None and new in (StageState.CACHED, StageState.SKIPPED, StageState.CANCELLED):
+        if rec.child_run_id is None and new in (StageState.CACHED, StageState.SKIPPED, StageState.CANCELLED, StageState.FAILED):
             rec.child_run_id = self.tracker.start_stage(self.record.run_id, rec, s.config, s.resources.model_dump())
         if new.terminal and rec.ended is None:
             rec.ended = time.time()

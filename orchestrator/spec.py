@@ -267,7 +267,7 @@ def check_stages(p: Pipeline, source: str = "<pipeline>") -> dict[str, dict[str,
                 problems.append(f"{path}.config.{e}")
                 continue
         version_fn = getattr(module, "code_version", None)
-        version = version_fn(cfg) if version_fn else _source_digest(module.__file__)
+        version = version_fn(cfg) if version_fn else code_digest(module)
         resolved[name] = {
             "config": cfg.model_dump(mode="json"),
             "code_version": version,
@@ -280,9 +280,27 @@ def check_stages(p: Pipeline, source: str = "<pipeline>") -> dict[str, dict[str,
     return resolved
 
 
-def _source_digest(path: str | None) -> str:
+def code_digest(module: Any) -> str:
+    """A digest of a kind's source and of every ``workers`` module it uses, transitively: editing
+    the model or the sampling code invalidates the stages built on them."""
     import hashlib
+    import sys
+    import types
 
-    if not path or not os.path.exists(path):
-        return "unknown"
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    package = module.__name__.split(".")[0]
+    seen: dict[str, str] = {}
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if m.__name__ in seen or not getattr(m, "__file__", None):
+            continue
+        seen[m.__name__] = m.__file__
+        for value in vars(m).values():
+            name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.split(".")[0] == package and name in sys.modules:
+                todo.append(sys.modules[name])
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(name.encode())
+        h.update(Path(seen[name]).read_bytes())
+    return h.hexdigest()[:16]

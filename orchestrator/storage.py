@@ -41,6 +41,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def client_env() -> dict[str, str]:
+    """The environment object-store clients read (endpoint, region, credentials), to hand to
+    stage processes so they reach the same store as the driver."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_CLIENT_ENV_PREFIXES)}
+
+
+_CLIENT_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
+
+
 def join(uri: str, *parts: str) -> str:
     if is_local(uri) and not uri.startswith("file://"):
         return str(Path(uri).joinpath(*parts))

@@ -47,8 +47,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Writes a pipeline run's tree to MLflow, buffering writes while the store is unreachable."""
 
+    # How long a call whose answer is needed now (creating a run) waits for the store to return.
+    sync_retry_s = 600.0
+
     def __init__(self, uri: str, experiment: str):
         self.uri = uri
+        if uri.startswith(("http://", "https://")):
+            # MLflow's own client retries a refused connection for minutes (7 retries, backoff
+            # factor 2) and waits 120 s on a silent server; our writer retries without end, so
+            # each attempt should fail fast. A value the user set wins.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_name = experiment
         self._experiment_id: str | None = None
@@ -91,6 +101,12 @@ class Tracker:
                     else:
                         getattr(self.client, method)(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - the store may be down: keep the write, retry
+                if not _transient(e):  # the store refused this write: retrying cannot help
+                    log.warning("MLflow write %s dropped: %s", method, e)
+                    with self._cv:
+                        self._pending.popleft()
+                        self._cv.notify_all()
+                    continue
                 log.warning("MLflow write %s deferred (%s); retrying in %.1fs", method, e, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -116,9 +132,19 @@ class Tracker:
         return len(self._pending)
 
     def _sync(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A call whose answer is needed now (creating runs)."""
-        with self._lock:
-            return getattr(self.client, method)(*args, **kwargs)
+        """A call whose answer is needed now (creating runs): retried with backoff while the
+        store is unreachable, up to ``sync_retry_s``."""
+        deadline, backoff = time.time() + self.sync_retry_s, 0.5
+        while True:
+            try:
+                with self._lock:
+                    return getattr(self.client, method)(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - MLflow wraps connection errors in its own types
+                if not _transient(e) or time.time() + backoff > deadline:
+                    raise
+                log.warning("MLflow %s failed (%s); retrying in %.1fs", method, e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     # -- pipeline run ------------------------------------------------------------------------
     def start_pipeline(self, name: str, source_text: str, resolved: dict, description: str = "") -> str:
@@ -261,6 +287,15 @@ def _register(client: MlflowClient, name: str, source: str, run_id: str, alias: 
                                        f"{name!r}; aliases name the stage that made them.")
     mv = client.create_model_version(name, source, run_id=run_id, tags=tags, await_creation_for=0)
     client.set_registered_model_alias(name, alias, mv.version)
+
+
+def _transient(e: Exception) -> bool:
+    """Whether a failed MLflow call may succeed later (store down, overloaded, locked)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return e.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
 
 
 def open_client(uri: str) -> MlflowClient:

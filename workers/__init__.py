@@ -13,6 +13,9 @@ KINDS: dict[str, str] = {
     "python": "workers.python",
     "tokenize": "workers.tokenize",
     "pretrain": "workers.pretrain",
+    "serve": "workers.serve",
+    "rlhf": "workers.rlhf",
+    "evaluate": "workers.evaluate",
 }
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 MAX_LOGPROBS = 20
 """Most alternatives per position a request may ask for (OpenAI allows 5 on completions, 20 on chat)."""
@@ -313,8 +313,6 @@ def sse(obj: dict[str, Any] | str) -> str:
 
 
 SSE_DONE = sse("[DONE]")
-
-FinishReason = Literal["stop", "length"]
 
 __all__ = [
     "APIError", "ChatCompletionRequest", "CompletionRequest", "SSE_DONE", "chat_body", "chat_logprobs",

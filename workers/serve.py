@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from workers.openai_protocol import APIError
 
 DISTRIBUTED = True
+CACHEABLE = False  # an endpoint lives only as long as the Ray that serves it
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class _Request:
         self.seqs: list[_Seq] = []
         self.beam_results: list | None = None  # workers.sampling.Completion, for beam search
         self.error: str | None = None
+        self.done = False  # the handler got its "done" event (finished, aborted or failed)
         self.submitted = time.monotonic()
 
     @property
@@ -278,6 +280,9 @@ class Engine:
         _flush(self._outbox)
 
     def _finish_request(self, req: _Request, aborted: bool = False) -> None:
+        if req.done:
+            return
+        req.done = True
         with self._lock:
             self.stats.in_flight -= 1
             if aborted:
@@ -298,15 +303,13 @@ class Engine:
 
     def _step(self) -> bool:
         """One decode step for the whole batch; False when there was nothing to do."""
-        import torch
-
         # 1. drop finished and abandoned rows
         done = {id(s.req): s.req for s in self._rows if s.finish is not None or s.req.cancelled}
         if done:
             keep = [i for i, s in enumerate(self._rows) if id(s.req) not in done]
             self._select(keep)
             for req in done.values():
-                if req.cancelled and not all(s.finish for s in req.seqs):
+                if req.cancelled:  # no-op when it finished before the client left
                     self._finish_request(req, aborted=True)
         # 2. admit waiting requests that fit (FIFO; beam searches run whole, right here)
         admitted: list[_Seq] = []
@@ -842,7 +845,8 @@ def _server_deployment():
     return _SERVER
 
 
-def _wait_healthy(url: str, api_key: str | None, timeout: float = 120.0) -> None:
+def _wait_healthy(url: str, timeout: float = 120.0) -> None:
+    """Poll ``url``/health (no key needed) until the replica answers 200."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -916,7 +920,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
-    _wait_healthy(url, api_key)
+    _wait_healthy(url)
     if blocking:
         try:
             while True:

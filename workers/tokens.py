@@ -79,9 +79,13 @@ class TokenDataset:
         fs, path = storage.resolve(storage.join(self.uri, shard.path))
         ids = pq.read_table(path, columns=["ids"], filesystem=fs).column("ids").combine_chunks()
         values = ids.flatten().to_numpy(zero_copy_only=False)
-        ends = np.cumsum(ids.value_lengths().fill_null(0).to_numpy(zero_copy_only=False))
-        # np.insert puts EOS before index `end`, i.e. right after each document's last token.
-        return np.insert(values.astype(_DTYPES[self.dtype], copy=False), ends, self.eos_id)
+        lengths = ids.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+        ends = np.cumsum(lengths)
+        values = values.astype(_DTYPES[self.dtype], copy=False)
+        # The tokenize stage ends every row with EOS already; add one only where it is missing.
+        # (np.insert puts EOS before index `end`, i.e. right after the document's last token.)
+        missing = (lengths == 0) | (values[np.maximum(ends - 1, 0)] != self.eos_id)
+        return np.insert(values, ends[missing], self.eos_id)
 
 
 def shards_for_rank(n_shards: int, rank: int, world: int) -> list[int]:

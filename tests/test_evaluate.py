@@ -1,0 +1,133 @@
+"""The `evaluate` kind on a real local Ray: perplexity equals a direct computation (token
+dataset and text records), a checkpoint against itself wins exactly half (ties count half,
+same seeded samples), and a policy trained towards the reward beats the one it started from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.nn import functional as F
+
+from test_rlhf import REWARD, fraction_a, make_policy, make_prompts
+from workers import evaluate
+from workers.stage import local_context
+
+EOS = 0
+
+
+def write_token_dataset(folder: Path, docs: list[list[int]], vocab_size: int) -> Path:
+    """A token dataset as the tokenize stage writes it, one `val` shard."""
+    (folder / "val").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"ids": pa.array(docs, type=pa.list_(pa.uint16())),
+                             "doc_id": pa.array(range(len(docs)), type=pa.int64())}),
+                   folder / "val/shard-00000.parquet")
+    shard = {"path": "val/shard-00000.parquet", "documents": len(docs), "tokens": sum(map(len, docs))}
+    (folder / "manifest.json").write_text(json.dumps({
+        "vocab_size": vocab_size, "dtype": "uint16", "eos_id": EOS,
+        "splits": {"val": {"documents": len(docs), "tokens": shard["tokens"], "shards": [shard]}}}))
+    return folder
+
+
+def direct_perplexity(model, docs: list[list[int]]) -> float:
+    """Each token of EOS + doc + EOS after the first, predicted one at a time from its window's
+    context (windows of block_size predictions), independently of the kind's batching."""
+    B, nll, n = model.config.block_size, 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            seq = [EOS] + doc + [EOS]
+            for t in range(1, len(seq)):
+                ctx = torch.tensor([seq[(t - 1) // B * B:t]])
+                logits, _ = model(ctx)
+                nll -= float(F.log_softmax(logits[0, -1], -1)[seq[t]])
+                n += 1
+    return math.exp(nll / n)
+
+
+def train_towards_a(src: Path, dst: Path, steps: int = 60) -> Path:
+    """A policy fine-tuned (plain torch, in-process) to answer any prompt with 'a's."""
+    from tokenizers import Tokenizer
+
+    from workers.model import load_pretrained, save_pretrained
+
+    model = load_pretrained(src)
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    prompts = make_prompts(64, 5)
+    torch.manual_seed(0)
+    for step in range(steps):
+        rows = [tok.encode(p).ids + tok.encode("aaaaaaaa").ids for p in prompts[step % 4 * 16:][:16]]
+        T = max(map(len, rows))
+        idx = torch.tensor([r + [EOS] * (T - len(r)) for r in rows])
+        targets = idx[:, 1:].clone()
+        for i, r in enumerate(rows):
+            targets[i, len(r) - 1:] = -100
+            targets[i, :len(r) - 9] = -100  # only the answer
+        _, loss = model(idx[:, :-1], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dst.mkdir(parents=True)
+    save_pretrained(model, dst, extra={"eos_token_id": EOS, "prompt_template": "{prompt}"})
+    (dst / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    return dst
+
+
+def test_perplexity_matches_direct_computation_and_self_win_rate_is_half(ray_session, tmp_path):
+    from workers.model import load_pretrained
+
+    ck = make_policy(tmp_path / "policy", block_size=16)
+    docs = [[2 + (i * j + j) % 4 for j in range(n)] for i, n in enumerate([3, 9, 14, 40, 1])]  # 40 > block_size
+    ds = write_token_dataset(tmp_path / "tokens", docs, vocab_size=6)
+    ctx = local_context(tmp_path, "eval", inputs={"sft": {"checkpoint": str(ck)}, "tok": {"dataset": str(ds)}})
+    cfg = evaluate.Config(checkpoint="sft", baseline=str(ck), data="tok", reward={"function": REWARD},
+                          prompts={"source": make_prompts(12, 3)}, samples_per_prompt=2, max_tokens=6, workers=2)
+    out = evaluate.run(ctx, cfg)
+    want = direct_perplexity(load_pretrained(ck).eval(), docs)
+    assert out["perplexity"] == pytest.approx(want, rel=1e-4)
+    assert out["baseline_perplexity"] == pytest.approx(want, rel=1e-4)
+    assert out["perplexity_tokens"] == sum(len(d) + 1 for d in docs)
+    # same weights, same seeded samples, deterministic judge: every pair ties
+    assert out["win_rate"] == 0.5 and out["ties"] == 24
+    assert out["mean_reward"] == out["baseline_mean_reward"]
+    assert ctx.sink.metrics("win_rate") == [0.5]
+
+    # text records: the same documents as text give the same perplexity
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(ck / "tokenizer.json"))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"body": tok.decode(d)}) + "\n" for d in docs))
+    ctx2 = local_context(tmp_path, "eval-text")
+    out2 = evaluate.run(ctx2, evaluate.Config(checkpoint=str(ck), data=str(texts), text_field="body"))
+    assert out2["perplexity"] == pytest.approx(want, rel=1e-4)
+
+
+def test_better_policy_wins(ray_session, tmp_path):
+    start = make_policy(tmp_path / "start")
+    better = train_towards_a(start, tmp_path / "better")
+    ctx = local_context(tmp_path, "eval", inputs={"rlhf": {"checkpoint": str(better)},
+                                                  "sft": {"checkpoint": str(start)}})
+    cfg = evaluate.Config(checkpoint="rlhf", baseline="sft", reward={"function": REWARD},
+                          prompts={"source": make_prompts(16, 9)}, samples_per_prompt=2, max_tokens=8)
+    out = evaluate.run(ctx, cfg)
+    print({k: out[k] for k in ("win_rate", "mean_reward", "baseline_mean_reward")})
+    assert out["win_rate"] > 0.75
+    assert out["mean_reward"] > out["baseline_mean_reward"] + 0.3
+    assert out["wins"] + out["ties"] + out["losses"] == 32
+    assert fraction_a("", "aab") == pytest.approx(2 / 3)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="data / reward: got neither"):
+        evaluate.check(evaluate.Config())
+    with pytest.raises(ValueError, match="win rate needs a judge"):
+        evaluate.check(evaluate.Config(data="tok", baseline="sft"))
+    ctx = local_context(tmp_path, inputs={"a": {"checkpoint": "x"}, "b": {"checkpoint": "y"}})
+    with pytest.raises(ValueError, match=r"checkpoint: not set and stage 'stage' has 2 upstreams"):
+        evaluate.run(ctx, evaluate.Config(data="tok"))

@@ -1,0 +1,301 @@
+"""Reward sources and a pool of reward-ranking Ray actors, shared by the `rlhf` and `evaluate` kinds.
+
+A reward source is either a reward model (the `reward` stage's ``reward_model`` folder, scored
+with ``workers.reward_model``) or a user function ``module:function(prompt, completion) -> float``
+(a verifiable reward). A ``RankingPool`` starts ``num_actors`` actors that each hold the source,
+spreads the (prompt, completion) pairs of many prompts over them, and returns for each prompt a
+``Ranking``: the scores and the completions' order, best first (ties keep sampling order).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator import storage
+
+__all__ = [
+    "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
+    "resolve_reward", "resolve_artifact", "order_of", "make_scorer", "format_prompt",
+]
+
+ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class RewardConfig(BaseModel):
+    """Where rewards come from, and how many actors score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="An upstream stage with a `reward_model` output, or the "
+                              "path/URI of a reward model folder. Default (with no `function`): the only "
+                              "upstream with a `reward_model` output.")
+    function: str | None = Field(None, pattern=ENTRYPOINT, description="A verifiable reward instead: "
+                                 "module:function(prompt, completion) -> float.")
+    num_actors: int = Field(1, ge=1, description="Reward-ranking actors the scoring is spread over.")
+    batch_size: int = Field(32, ge=1, description="Sequences per reward-model forward pass.")
+    cpus: float = Field(1.0, gt=0, description="CPUs per ranking actor.")
+    gpus: float = Field(0.0, ge=0, description="GPUs per ranking actor (a reward model on GPU).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardConfig":
+        if self.model is not None and self.function is not None:
+            raise ValueError(f"model / function: got both (model={self.model!r}, function={self.function!r}); "
+                             "give one reward source")
+        return self
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    """A resolved reward source: ``kind`` 'model' (``ref`` = reward model folder URI) or
+    'function' (``ref`` = module:function, importable after adding ``sys_path``)."""
+
+    kind: str
+    ref: str
+    sys_path: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+
+@dataclass
+class Ranking:
+    """One prompt's completions, scored and ordered best first."""
+
+    scores: list[float]
+    order: list[int]
+
+    @property
+    def best(self) -> int:
+        return self.order[0]
+
+    @property
+    def worst(self) -> int:
+        return self.order[-1]
+
+
+@dataclass
+class RankingStats:
+    completions: int
+    seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.completions / self.seconds if self.seconds > 0 else 0.0
+
+
+def order_of(scores: list[float]) -> list[int]:
+    """Indices best first; equal scores keep their original order (stable)."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+# ----------------------------------------------------------------------------- resolving sources
+
+
+def resolve_artifact(ctx, ref: str | None, key: str, field: str) -> str:
+    """The URI named by ``ref``: an upstream stage's ``key`` output, or a path/URI. With ``ref``
+    None, the only upstream that has a ``key`` output. Errors name ``field`` and what is allowed."""
+    if ref is None:
+        found = [name for name, out in ctx.inputs.items() if key in out]
+        if len(found) != 1:
+            raise ValueError(f"{field}: not set and stage {ctx.stage!r} has {len(found)} upstreams with a "
+                             f"`{key}` output ({found}); name one, or give a path")
+        return ctx.inputs[found[0]][key]
+    if ref in ctx.inputs:
+        if key not in ctx.inputs[ref]:
+            raise ValueError(f"{field}: upstream {ref!r} has no `{key}` output (its outputs: {sorted(ctx.inputs[ref])})")
+        return ctx.inputs[ref][key]
+    if storage.exists(ref):
+        return ref
+    raise ValueError(f"{field}: got {ref!r}; neither an upstream of stage {ctx.stage!r} "
+                     f"(upstreams: {sorted(ctx.inputs) or 'none'}) nor an existing path")
+
+
+def _import_root(module_name: str) -> str | None:
+    """The sys.path entry the module was found under (so actors can import it too)."""
+    spec = importlib.util.find_spec(module_name)
+    origin = getattr(spec, "origin", None)
+    if not origin or not os.path.isfile(origin):
+        return None
+    path = Path(origin)
+    depth = module_name.count(".") + (1 if path.name == "__init__.py" else 0)
+    return str(path.parents[depth])
+
+
+def resolve_function(entrypoint: str) -> Callable[[str, str], float]:
+    module_name, _, fn_name = entrypoint.partition(":")
+    fn = getattr(importlib.import_module(module_name), fn_name, None)
+    if not callable(fn):
+        raise AttributeError(f"module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSource:
+    """The reward source ``config`` names, checked now (import the function, find the folder)."""
+    if config.function is not None:
+        try:
+            resolve_function(config.function)
+        except Exception as e:  # noqa: BLE001 - the user's module: report why it failed
+            raise ValueError(f"{field}.function: cannot import {config.function!r}: {type(e).__name__}: {e}") from None
+        root = _import_root(config.function.partition(":")[0])
+        return RewardSource("function", config.function, (root,) if root else ())
+    uri = resolve_artifact(ctx, config.model, "reward_model", f"{field}.model")
+    return RewardSource("model", uri)
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def format_prompt(model_config: dict, prompt: str) -> str:
+    """The text a fine-tuned model expects before its answer: the checkpoint's ``prompt_template``
+    (a format string with ``{prompt}``) or ``chat_template`` (one user turn), else the prompt."""
+    template = model_config.get("prompt_template")
+    if isinstance(template, str) and "{prompt}" in template:
+        return template.replace("{prompt}", prompt)
+    if model_config.get("chat_template"):
+        from workers.chat import render_chat
+        return render_chat([{"role": "user", "content": prompt}], model_config["chat_template"])
+    return prompt
+
+
+class FunctionScorer:
+    def __init__(self, entrypoint: str):
+        self.entrypoint = entrypoint
+        self.fn = resolve_function(entrypoint)
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        out = []
+        for p, c in zip(prompts, completions):
+            v = self.fn(p, c)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise TypeError(f"reward.function {self.entrypoint!r} returned {v!r} ({type(v).__name__}); "
+                                "it must return a float")
+            out.append(float(v))
+        return out
+
+
+class RewardModelScorer:
+    """Scores ``format_prompt(prompt) + completion`` with a reward model. Sequences are batched
+    by equal length, so no padding convention of the model's pooling is assumed."""
+
+    def __init__(self, uri: str, batch_size: int = 32, device: str | None = None):
+        import json
+        import tempfile
+
+        import torch
+
+        from workers import tokenizer as toks
+        from workers.model import default_device
+        from workers.reward_model import load_reward_model
+
+        local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="reward-model-")))
+        self.device = torch.device(device or default_device())
+        self.model = load_reward_model(local, map_location=self.device).eval()
+        self.tokenizer = toks.load(local / "tokenizer.json")
+        self.config = json.loads((local / "config.json").read_text())
+        self.block_size = int(self.config.get("n_positions") or self.model.trunk.config.block_size)
+        self.batch_size = batch_size
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        import torch
+
+        ids = [self.tokenizer.encode(format_prompt(self.config, p) + c).ids[-self.block_size:] or [0]
+               for p, c in zip(prompts, completions)]
+        scores = [0.0] * len(ids)
+        by_len: dict[int, list[int]] = {}
+        for i, seq in enumerate(ids):
+            by_len.setdefault(len(seq), []).append(i)
+        with torch.inference_mode():
+            for rows in by_len.values():
+                for k in range(0, len(rows), self.batch_size):
+                    chunk = rows[k:k + self.batch_size]
+                    idx = torch.tensor([ids[i] for i in chunk], dtype=torch.long, device=self.device)
+                    out = self.model.score(idx, torch.ones_like(idx))  # (B,)
+                    for i, s in zip(chunk, out.float().tolist()):
+                        scores[i] = s
+        return scores
+
+
+def make_scorer(source: RewardSource, batch_size: int = 32) -> Callable[[list[str], list[str]], list[float]]:
+    for p in reversed(source.sys_path):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    if source.kind == "function":
+        return FunctionScorer(source.ref)
+    return RewardModelScorer(source.ref, batch_size)
+
+
+# ----------------------------------------------------------------------------- the actor pool
+
+
+class RankingActor:
+    """Holds one reward source; scores (prompt, completion) pairs."""
+
+    def __init__(self, source: RewardSource, batch_size: int, threads: int):
+        import torch
+        torch.set_num_threads(max(1, threads))
+        self.scorer = make_scorer(source, batch_size)
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return self.scorer(prompts, completions)
+
+
+class RankingPool:
+    """``num_actors`` ranking actors; ``rank_many`` spreads many prompts' completions over them."""
+
+    def __init__(self, source: RewardSource, num_actors: int = 1, *, batch_size: int = 32,
+                 cpus: float = 1.0, gpus: float = 0.0):
+        import ray
+
+        remote = ray.remote(RankingActor).options(num_cpus=cpus, num_gpus=gpus)
+        self.source = source
+        self.actors = [remote.remote(source, batch_size, max(1, int(cpus))) for _ in range(num_actors)]
+        self.last = RankingStats(0, 0.0)
+
+    @classmethod
+    def from_config(cls, source: RewardSource, config: RewardConfig) -> "RankingPool":
+        return cls(source, config.num_actors, batch_size=config.batch_size, cpus=config.cpus, gpus=config.gpus)
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """Scores of (prompt, completion) pairs, split into contiguous chunks, one per actor."""
+        import ray
+
+        n, A = len(prompts), len(self.actors)
+        t0 = time.perf_counter()
+        bounds = [round(a * n / A) for a in range(A + 1)]
+        refs = [actor.score.remote(prompts[lo:hi], completions[lo:hi])
+                for actor, lo, hi in zip(self.actors, bounds, bounds[1:]) if hi > lo]
+        scores = [s for chunk in ray.get(refs) for s in chunk]
+        self.last = RankingStats(n, time.perf_counter() - t0)
+        return scores
+
+    def rank_many(self, prompts: list[str], completions: list[list[str]]) -> list[Ranking]:
+        """One Ranking per prompt of its completions; ``self.last`` holds the throughput."""
+        flat_p = [p for p, cs in zip(prompts, completions) for _ in cs]
+        flat_c = [c for cs in completions for c in cs]
+        scores = self.score(flat_p, flat_c)
+        out, k = [], 0
+        for cs in completions:
+            s = scores[k:k + len(cs)]
+            k += len(cs)
+            out.append(Ranking(s, order_of(s)))
+        return out
+
+    def rank(self, prompt: str, completions: list[str]) -> tuple[list[float], list[int]]:
+        r = self.rank_many([prompt], [completions])[0]
+        return r.scores, r.order
+
+    def shutdown(self) -> None:
+        import ray
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+

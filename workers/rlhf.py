@@ -1,0 +1,526 @@
+"""Stage kind `rlhf`: improve a policy with ranked samples of its own (best-of-n, DPO, GRPO).
+
+Each iteration has four steps, each its own function with a typed hand-off:
+
+1. ``rollout``  rollout actors (copies of the policy) sample k completions per prompt -> ``Group``s;
+2. ``score``    the reward-ranking pool scores and ranks them -> ``ScoredGroup``s;
+3. ``update``   the learner actor turns them into the algorithm's examples and takes optimizer steps:
+   - ``best_of_n``: rejection-sampling fine-tuning (NLL) on each prompt's top-ranked completions;
+   - ``dpo``: best vs worst completion of each prompt as a preference pair, reference = the
+     frozen initial policy, ``beta`` = the implicit reward's temperature;
+   - ``grpo``: advantages (r - mean) / std within each prompt's k samples, PPO-clipped ratio
+     (``clip_eps``) to the sampling policy, plus ``beta`` x KL to the frozen initial policy
+     (k3 estimator: exp(ref - pi) - (ref - pi) - 1, per token);
+4. ``sync``     the learner puts its weights in the object store once; every rollout actor loads them.
+
+The learner checkpoints after every iteration under ``ctx.scratch_uri`` (HF layout + optimizer
+state + ``state.json``), so a retried attempt resumes after the last finished iteration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator import storage
+from workers.ranking import Ranking, RankingPool, RewardConfig, resolve_artifact, resolve_reward
+from workers.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
+
+DISTRIBUTED = True
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+LATEST_FILE = "latest.json"
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = Field(None, description="The starting policy: an upstream stage with a `checkpoint` "
+                               "output, or a checkpoint path/URI. Default: the only upstream with a checkpoint.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward source and ranking actors.")
+    prompts: PromptSource = Field(default_factory=PromptSource, description="Training prompts.")
+    eval_prompts: int = Field(8, ge=0, description="Prompts held out (the last ones) to measure the mean "
+                              "reward before and after training; 0: use the first/last iteration's rollouts.")
+    algorithm: Literal["best_of_n", "dpo", "grpo"] = Field("grpo", description="How ranked samples update the policy.")
+    iterations: int = Field(10, ge=1, description="Rollout -> score -> update -> sync rounds.")
+    prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per iteration.")
+    samples_per_prompt: int = Field(4, ge=2, description="k completions per prompt (ranked against each other).")
+    max_tokens: int = Field(32, ge=1, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    lr: float = Field(5e-5, gt=0, description="Learning rate (AdamW, constant).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(1, ge=1, description="Passes over each iteration's examples.")
+    batch_size: int = Field(16, ge=1, description="Examples (sequences, or pairs for dpo) per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables.")
+    beta: float = Field(0.1, ge=0, description="dpo: temperature of the implicit reward; grpo: weight of the "
+                        "KL penalty to the reference policy.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo: the ratio is clipped to [1 - eps, 1 + eps].")
+    top_n: int = Field(1, ge=1, description="best_of_n: completions kept per prompt (the top-ranked).")
+    rollout_workers: int | None = Field(None, ge=1, description="Rollout actors; default: resources.workers or 1.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Learner precision: auto = bf16 "
+                                                       "autocast on GPU, fp32 on CPU.")
+    seed: int = Field(0, ge=0, description="Seeds prompt order and sampling.")
+    keep_checkpoints: int = Field(2, ge=1, description="Iteration checkpoints kept in scratch storage.")
+
+
+def code_version(config: Config) -> str:
+    """This kind and the modules its behaviour lives in (and a reward function's source)."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("rlhf.py", "rollout.py", "ranking.py", "model.py", "sampling.py"):
+        h.update((here / name).read_bytes())
+    if config.reward.function:
+        import importlib.util
+        spec = importlib.util.find_spec(config.reward.function.partition(":")[0])
+        if spec and spec.origin and os.path.isfile(spec.origin):
+            h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- typed hand-offs
+
+
+@dataclass
+class ScoredGroup:
+    """A prompt's samples with their ranking (step 2's output, step 3's input)."""
+
+    group: Group
+    ranking: Ranking
+
+
+@dataclass
+class Example:
+    """One sequence to train on: completion tokens after the prompt, with a weight/advantage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float = 1.0
+
+
+@dataclass
+class Pair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class UpdateStats:
+    loss: float
+    kl: float              # per-token KL(policy || reference) on this iteration's samples, before the update
+    examples: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Test hook: raise once at the start of ``iteration`` (1-based) unless ``marker`` exists."""
+
+    iteration: int
+    marker: str
+
+
+# ----------------------------------------------------------------------------- 1-2. rollout, score
+
+
+def rollout(pool: RolloutPool, prompts: list[str], config: Config, seed: int) -> list[Group]:
+    params = dict(n=config.samples_per_prompt, max_tokens=config.max_tokens, temperature=config.temperature,
+                  top_k=config.top_k, top_p=config.top_p)
+    return pool.rollout(prompts, params, seed=seed)
+
+
+def score(pool: RankingPool, groups: list[Group]) -> list[ScoredGroup]:
+    rankings = pool.rank_many([g.prompt for g in groups], [g.texts for g in groups])
+    return [ScoredGroup(g, r) for g, r in zip(groups, rankings)]
+
+
+# ----------------------------------------------------------------------------- 3. examples per algorithm
+
+
+def best_of_n_examples(scored: list[ScoredGroup], top_n: int = 1) -> list[Example]:
+    return [Example(s.group.prompt_ids, s.group.samples[i].token_ids)
+            for s in scored for i in s.ranking.order[:top_n]]
+
+
+def dpo_pairs(scored: list[ScoredGroup]) -> list[Pair]:
+    """Best vs worst of each prompt; prompts whose samples all score the same teach nothing."""
+    out = []
+    for s in scored:
+        b, w = s.ranking.best, s.ranking.worst
+        if s.ranking.scores[b] > s.ranking.scores[w]:
+            out.append(Pair(s.group.prompt_ids, s.group.samples[b].token_ids, s.group.samples[w].token_ids))
+    return out
+
+
+def grpo_examples(scored: list[ScoredGroup], eps: float = 1e-6) -> list[Example]:
+    """Group-relative advantages (r - mean) / std; groups with no spread are dropped (A = 0)."""
+    out = []
+    for s in scored:
+        r = s.ranking.scores
+        mean = sum(r) / len(r)
+        std = (sum((x - mean) ** 2 for x in r) / max(1, len(r) - 1)) ** 0.5
+        if std < eps:
+            continue
+        out += [Example(s.group.prompt_ids, smp.token_ids, (x - mean) / std) for smp, x in zip(s.group.samples, r)]
+    return out
+
+
+# ----------------------------------------------------------------------------- losses (plain torch)
+
+
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], device):
+    """Log-probs of each completion's tokens given its prompt: (B, L) completion-aligned, mask (B, L)."""
+    import torch
+    from torch.nn import functional as F
+
+    rows = [p + c for p, c in zip(prompts, completions)]
+    T = max(len(r) for r in rows) - 1
+    idx = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, :len(r) - 1] = torch.tensor(r[:-1])
+    targets = torch.zeros_like(idx)
+    for i, r in enumerate(rows):
+        targets[i, :len(r) - 1] = torch.tensor(r[1:])
+    idx, targets = idx.to(device), targets.to(device)
+    logits, _ = model(idx)                                                       # (B, T, V)
+    lp = F.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
+    L = max(len(c) for c in completions)
+    out = torch.zeros((len(rows), L), device=device)
+    mask = torch.zeros((len(rows), L), device=device)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        out[i, :len(c)] = lp[i, len(p) - 1:len(p) - 1 + len(c)]
+        mask[i, :len(c)] = 1.0
+    return out, mask
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimate of KL(pi || ref) from samples of pi: exp(d) - d - 1, d = ref - pi."""
+    import torch
+    d = (ref_logp - logp).clamp(-20, 20)
+    return torch.exp(d) - d - 1
+
+
+def nll_loss(logp, mask):
+    return -(logp * mask).sum() / mask.sum().clamp_min(1)
+
+
+def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float):
+    """Sequence log-prob sums (B,) -> mean of -log sigmoid(beta * (margin_pi - margin_ref))."""
+    from torch.nn import functional as F
+    return -F.logsigmoid(beta * ((pol_chosen - ref_chosen) - (pol_rejected - ref_rejected))).mean()
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float):
+    """Clipped surrogate + beta * k3 KL, averaged per sequence then over sequences (GRPO)."""
+    import torch
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -(surrogate - beta * kl_k3(logp, ref_logp))
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
+# ----------------------------------------------------------------------------- the learner
+
+
+class Learner:
+    """Holds the policy, the frozen reference (the initial policy) and the optimizer; runs as a
+    Ray actor so it gets the stage's GPU when there is one."""
+
+    def __init__(self, checkpoint: str, config: dict, threads: int = 1):
+        import torch
+
+        from workers.model import autocast_context, default_device
+        from workers.rollout import load_policy
+        from workers.training import resolve_precision
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = Config.model_validate(config)
+        self.device = torch.device(default_device())
+        pol = load_policy(checkpoint, device=self.device)
+        self.policy, self.extra = pol.model, carried_config(pol.config)
+        self.reference = load_policy(checkpoint, device=self.device).model.eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, betas=(0.9, 0.95),
+                                           weight_decay=self.cfg.weight_decay)
+        self.autocast = lambda: autocast_context(self.device, resolve_precision(self.device, self.cfg.precision))
+
+    # -- weights and checkpoints
+
+    def weights(self) -> list:
+        """[ref] of the policy's CPU state dict in the object store (a list, so Ray does not resolve it)."""
+        import ray
+        return [ray.put({k: v.detach().to("cpu") for k, v in self.policy.state_dict().items()})]
+
+    def save(self, uri: str, state: dict) -> None:
+        import torch
+
+        from workers.model import save_pretrained
+
+        tmp = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
+        try:
+            save_pretrained(self.policy, tmp, extra=self.extra)
+            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+            storage.publish_dir(tmp, uri)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def restore(self, uri: str) -> dict:
+        import torch
+
+        from workers.model import load_pretrained
+
+        local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="rlhf-resume-")))
+        self.policy.load_state_dict(load_pretrained(local, map_location=self.device).state_dict())
+        self.optimizer.load_state_dict(torch.load(local / OPTIMIZER_FILE, map_location=self.device, weights_only=True))
+        return json.loads((local / STATE_FILE).read_text())
+
+    # -- measuring
+
+    def _logprobs(self, model, prompts, completions, grad: bool = False):
+        import torch
+        with (torch.enable_grad() if grad else torch.no_grad()), self.autocast():
+            return completion_logprobs(model, prompts, completions, self.device)
+
+    def _chunks(self, n: int, iteration: int, epoch: int) -> list[list[int]]:
+        import numpy as np
+        order = np.random.default_rng([self.cfg.seed, iteration, epoch]).permutation(n).tolist()
+        B = self.cfg.batch_size
+        return [order[k:k + B] for k in range(0, n, B)]
+
+    def kl(self, groups: list[Group]) -> float:
+        """Mean per-token KL(policy || reference) (k3) over the groups' samples."""
+        prompts = [g.prompt_ids for g in groups for _ in g.samples]
+        comps = [s.token_ids for g in groups for s in g.samples]
+        total, count = 0.0, 0.0
+        for k in range(0, len(comps), 64):
+            lp, mask = self._logprobs(self.policy, prompts[k:k + 64], comps[k:k + 64])
+            ref, _ = self._logprobs(self.reference, prompts[k:k + 64], comps[k:k + 64])
+            total += float((kl_k3(lp, ref) * mask).sum())
+            count += float(mask.sum())
+        return total / max(count, 1.0)
+
+    # -- updating
+
+    def _step(self, loss) -> None:
+        import torch
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+
+    def update(self, scored: list[ScoredGroup], iteration: int) -> UpdateStats:
+        self.policy.train()
+        kl = self.kl([s.group for s in scored])
+        fn = {"best_of_n": self._update_best_of_n, "dpo": self._update_dpo, "grpo": self._update_grpo}
+        losses, n = fn[self.cfg.algorithm](scored, iteration)
+        self.policy.eval()
+        return UpdateStats(loss=sum(losses) / len(losses) if losses else 0.0, kl=kl, examples=n, steps=len(losses))
+
+    def _update_best_of_n(self, scored, iteration):
+        ex = best_of_n_examples(scored, self.cfg.top_n)
+        losses = []
+        for epoch in range(self.cfg.epochs):
+            for chunk in self._chunks(len(ex), iteration, epoch):
+                lp, mask = self._logprobs(self.policy, [ex[i].prompt_ids for i in chunk],
+                                          [ex[i].completion_ids for i in chunk], grad=True)
+                loss = nll_loss(lp, mask)
+                self._step(loss)
+                losses.append(loss.item())
+        return losses, len(ex)
+
+    def _update_dpo(self, scored, iteration):
+        pairs = dpo_pairs(scored)
+        losses = []
+        for epoch in range(self.cfg.epochs):
+            for chunk in self._chunks(len(pairs), iteration, epoch):
+                prompts = [pairs[i].prompt_ids for i in chunk] * 2
+                comps = [pairs[i].chosen_ids for i in chunk] + [pairs[i].rejected_ids for i in chunk]
+                lp, mask = self._logprobs(self.policy, prompts, comps, grad=True)
+                ref, _ = self._logprobs(self.reference, prompts, comps)
+                seq, ref_seq, B = (lp * mask).sum(1), (ref * mask).sum(1), len(chunk)
+                loss = dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], self.cfg.beta)
+                self._step(loss)
+                losses.append(loss.item())
+        return losses, len(pairs)
+
+    def _update_grpo(self, scored, iteration):
+        import torch
+
+        ex = grpo_examples(scored)
+        if not ex:
+            return [], 0
+        prompts, comps = [e.prompt_ids for e in ex], [e.completion_ids for e in ex]
+        # the sampling policy's and the reference's log-probs, fixed for all of this iteration's steps
+        old = [self._logprobs(self.policy, [prompts[i]], [comps[i]])[0][0] for i in range(len(ex))]
+        ref = [self._logprobs(self.reference, [prompts[i]], [comps[i]])[0][0] for i in range(len(ex))]
+        losses = []
+        for epoch in range(self.cfg.epochs):
+            for chunk in self._chunks(len(ex), iteration, epoch):
+                lp, mask = self._logprobs(self.policy, [prompts[i] for i in chunk], [comps[i] for i in chunk], grad=True)
+                old_t, ref_t = torch.zeros_like(lp), torch.zeros_like(lp)
+                for row, i in enumerate(chunk):
+                    old_t[row, :len(old[i])] = old[i]
+                    ref_t[row, :len(ref[i])] = ref[i]
+                adv = torch.tensor([ex[i].advantage for i in chunk], device=lp.device)
+                loss = grpo_loss(lp, old_t, ref_t, adv, mask, self.cfg.clip_eps, self.cfg.beta)
+                self._step(loss)
+                losses.append(loss.item())
+        return losses, len(ex)
+
+
+# ----------------------------------------------------------------------------- checkpoints in scratch
+
+
+def _iter_dir(root: str, iteration: int) -> str:
+    return storage.join(root, f"iter-{iteration:05d}")
+
+
+def latest_iteration(root: str) -> int:
+    """The last iteration whose checkpoint finished (0: none)."""
+    pointer = storage.join(root, LATEST_FILE)
+    return int(storage.read_json(pointer)["iteration"]) if storage.exists(pointer) else 0
+
+
+def checkpoint(learner, root: str, iteration: int, state: dict, keep: int) -> None:
+    """Learner writes iteration's folder, then the pointer moves (atomically), then old ones go."""
+    import ray
+
+    ray.get(learner.save.remote(_iter_dir(root, iteration), {**state, "iteration": iteration}))
+    storage.write_json(storage.join(root, LATEST_FILE), {"iteration": iteration})
+    old = iteration - keep
+    if old >= 1 and storage.exists(_iter_dir(root, old)):
+        storage.delete(_iter_dir(root, old))
+
+
+# ----------------------------------------------------------------------------- the kind
+
+
+def mean_reward(rollout_pool: RolloutPool, ranking_pool: RankingPool, prompts: list[str], config: Config,
+                seed: int) -> tuple[float, list[Group]]:
+    groups = rollout(rollout_pool, prompts, config, seed)
+    scored = score(ranking_pool, groups)
+    values = [x for s in scored for x in s.ranking.scores]
+    return sum(values) / len(values), groups
+
+
+def _iteration_prompts(prompts: list[str], config: Config, iteration: int) -> list[str]:
+    import numpy as np
+    rng = np.random.default_rng([config.seed, iteration])
+    n = config.prompts_per_iteration
+    idx = rng.permutation(len(prompts))[:n] if n <= len(prompts) else rng.choice(len(prompts), n)
+    return [prompts[i] for i in idx]
+
+
+def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
+    """Train; ``fault`` is a test hook (never set by the executor)."""
+    import ray
+
+    policy_uri = resolve_artifact(ctx, config.policy, "checkpoint", "policy")
+    source = resolve_reward(ctx, config.reward)
+    prompts = load_prompts(ctx, config.prompts)
+    held_out = prompts[len(prompts) - config.eval_prompts:] if config.eval_prompts else []
+    train = prompts[:len(prompts) - config.eval_prompts] if config.eval_prompts else prompts
+    if not train:
+        raise ValueError(f"eval_prompts: got {config.eval_prompts} with {len(prompts)} prompts; "
+                         "no prompts are left for training")
+    res = ctx.resources
+    workers = config.rollout_workers or res.workers or 1
+    root = storage.join(ctx.scratch_uri or str(Path(ctx.artifact_dir) / ".scratch"), "rlhf")
+
+    rollout_pool = RolloutPool(policy_uri, workers, cpus=res.cpus, gpus=res.gpus)
+    ranking_pool = RankingPool.from_config(source, config.reward)
+    learner = ray.remote(Learner).options(num_cpus=res.cpus, num_gpus=res.gpus).remote(
+        policy_uri, config.model_dump(), max(1, int(res.cpus)))
+    try:
+        start = latest_iteration(root)
+        state: dict[str, Any] = {}
+        if start:
+            state = ray.get(learner.restore.remote(_iter_dir(root, start)))
+            rollout_pool.sync(ray.get(learner.weights.remote())[0])
+            ctx.set_tags({"resumed_from_iteration": str(start)})
+            ctx.log_metrics({"resumed_from_iteration": start}, step=start)
+        elif held_out:
+            state["mean_reward_start"], _ = mean_reward(rollout_pool, ranking_pool, held_out, config, config.seed + 10**6)
+            ctx.log_metrics({"mean_reward_start": state["mean_reward_start"]}, step=0)
+        ctx.progress(start, config.iterations, "iterations")
+
+        for it in range(start, config.iterations):
+            n = it + 1
+            if fault and fault.iteration == n and not os.path.exists(fault.marker):
+                Path(fault.marker).write_text(f"failed at iteration {n}\n")
+                raise RuntimeError(f"injected fault at iteration {n}")
+            t0 = time.perf_counter()
+            groups = rollout(rollout_pool, _iteration_prompts(train, config, it), config, config.seed + 1000 * n)
+            t1 = time.perf_counter()
+            scored = score(ranking_pool, groups)
+            t2 = time.perf_counter()
+            stats: UpdateStats = ray.get(learner.update.remote(scored, n))
+            t3 = time.perf_counter()
+            sync_s = rollout_pool.sync(ray.get(learner.weights.remote())[0])
+            t4 = time.perf_counter()
+            rewards = [x for s in scored for x in s.ranking.scores]
+            state.setdefault("mean_reward_first_iteration", sum(rewards) / len(rewards))
+            state["mean_reward_last_iteration"] = sum(rewards) / len(rewards)
+            checkpoint(learner, root, n, state, config.keep_checkpoints)
+            t5 = time.perf_counter()
+            ctx.log_metrics({
+                "reward_mean": sum(rewards) / len(rewards), "reward_max": max(rewards),
+                "kl": stats.kl, "loss": stats.loss, "examples": stats.examples, "update_steps": stats.steps,
+                "rollout_tokens_per_s": rollout_pool.last.tokens_per_s,
+                "ranking_completions_per_s": ranking_pool.last.per_s,
+                "time_generation_s": t1 - t0, "time_ranking_s": t2 - t1, "time_update_s": t3 - t2,
+                "time_sync_s": sync_s, "time_checkpoint_s": t5 - t4, "iteration_s": t5 - t0,
+            }, step=n)
+            ctx.progress(n, config.iterations, "iterations")
+
+        if held_out:
+            end, groups = mean_reward(rollout_pool, ranking_pool, held_out, config, config.seed + 10**6)
+            start_reward = state["mean_reward_start"]
+        else:
+            start_reward, end = state["mean_reward_first_iteration"], state["mean_reward_last_iteration"]
+            groups = rollout(rollout_pool, _iteration_prompts(train, config, 0), config, config.seed)
+        kl = ray.get(learner.kl.remote(groups))
+        ctx.log_metrics({"mean_reward_end": end, "final_kl": kl}, step=config.iterations)
+        out = Path(ctx.artifact_dir) / "checkpoint"
+        _export(_iter_dir(root, latest_iteration(root)), policy_uri, out)
+    finally:
+        for a in [learner]:
+            ray.kill(a)
+        rollout_pool.shutdown()
+        ranking_pool.shutdown()
+    checkpoint_uri = storage.join(ctx.output_uri, "checkpoint")
+    return {
+        "checkpoint": checkpoint_uri,
+        "tokenizer": storage.join(checkpoint_uri, "tokenizer.json"),
+        "mean_reward_start": start_reward,
+        "mean_reward_end": end,
+        "kl": kl,
+        "algorithm": config.algorithm,
+        "iterations": config.iterations,
+    }
+
+
+def _export(iter_uri: str, policy_uri: str, out: Path) -> None:
+    """The last iteration's weights + the starting checkpoint's tokenizer files: self-contained."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (out / name).write_bytes(storage.read_bytes(storage.join(iter_uri, name)))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        src = storage.join(policy_uri, name)
+        if storage.exists(src):
+            (out / name).write_bytes(storage.read_bytes(src))

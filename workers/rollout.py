@@ -1,0 +1,314 @@
+"""Rollout actors: copies of a policy that sample completions for prompts, for `rlhf` and `evaluate`.
+
+A ``RolloutPool`` starts ``num_actors`` actors, each loading the policy checkpoint once. New
+weights reach them through the object store: ``sync(state_dict)`` puts the weights once and every
+actor loads the same object (no checkpoint is re-read from disk). ``rollout`` spreads prompts over
+the actors and returns one ``Group`` (the prompt and its k ``Sample``s) per prompt.
+
+Prompts come from a ``PromptSource``: a JSONL/Parquet file (``prompt_field``), ``builtin:NAME``,
+``input:STAGE`` (an upstream's ``prompts`` list or ``prompts``/``data`` file), or an inline list.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator import storage
+from workers.ranking import format_prompt
+
+__all__ = [
+    "PromptSource", "load_prompts", "BUILTIN_PROMPTS", "Sample", "Group", "RolloutStats",
+    "Policy", "load_policy", "RolloutActor", "RolloutPool", "carried_config",
+]
+
+# Small demo prompts (no download): Python questions in the style of the stdlib docstring data.
+BUILTIN_PROMPTS: dict[str, list[str]] = {
+    "demo": [
+        "What does os.path.join do?", "Explain str.split.", "What is a list comprehension?",
+        "How do I read a file in Python?", "What does len() return?", "Explain dict.get.",
+        "What is a generator?", "How do I sort a list?", "What does range() do?",
+        "Explain json.dumps.", "What is a tuple?", "How do I open a file for writing?",
+        "What does enumerate() do?", "Explain zip().", "What is a set?", "What does sum() do?",
+        "How do I join strings?", "Explain math.sqrt.", "What is None?", "What does print() do?",
+        "How do I copy a list?", "Explain itertools.chain.", "What is a lambda?",
+        "What does sorted() return?", "Explain collections.Counter.", "What is pathlib.Path?",
+        "How do I check a key is in a dict?", "Explain str.strip.", "What does max() do?",
+        "What is a class?", "Explain re.match.", "What does time.sleep do?",
+    ],
+}
+
+
+class PromptSource(BaseModel):
+    """Where prompts come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | list[str] = Field("builtin:demo", description="A JSONL/Parquet file (path or URI), "
+                                    "`builtin:NAME` (demo, or a workers.sft_data set such as "
+                                    "stdlib-docstrings), `input:STAGE` (an upstream's `prompts` output), "
+                                    "or an inline list of prompts.")
+    prompt_field: str = Field("prompt", description="The field holding the prompt in file records.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many prompts.")
+
+
+def _builtin(name: str) -> list[str]:
+    if name in BUILTIN_PROMPTS:
+        return list(BUILTIN_PROMPTS[name])
+    try:
+        from workers import sft_data
+    except ImportError:
+        sft_data = None
+    records = None
+    for fn_name in ("builtin_records", "load_builtin", "builtin"):
+        fn = getattr(sft_data, fn_name, None)
+        if callable(fn):
+            records = fn(name)
+            break
+    if records is None:
+        raise ValueError(f"prompts.source: got 'builtin:{name}'; known built-in prompt sets: "
+                         f"{', '.join(sorted(BUILTIN_PROMPTS))} (plus workers.sft_data sets when present)")
+    return [r["prompt"] if isinstance(r, dict) else str(r) for r in records]
+
+
+def _read_records(uri: str, field_name: str) -> list[str]:
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs)
+        if field_name not in table.column_names:
+            raise ValueError(f"prompts.prompt_field: got {field_name!r}; {uri!r} has columns {table.column_names}")
+        return [str(v) for v in table.column(field_name).to_pylist()]
+    out = []
+    for n, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if field_name not in rec:
+            raise ValueError(f"prompts.prompt_field: got {field_name!r}; line {n} of {uri!r} has fields {sorted(rec)}")
+        out.append(str(rec[field_name]))
+    return out
+
+
+def load_prompts(ctx, src: PromptSource, field_name: str = "prompts") -> list[str]:
+    """The prompts ``src`` names (errors quote ``field_name``.source)."""
+    s = src.source
+    if isinstance(s, list):
+        prompts = [str(p) for p in s]
+    elif s.startswith("builtin:"):
+        prompts = _builtin(s.removeprefix("builtin:"))
+    elif s.startswith("input:"):
+        up = s.removeprefix("input:")
+        if up not in ctx.inputs:
+            raise ValueError(f"{field_name}.source: got {s!r}; {up!r} is not an upstream of stage {ctx.stage!r} "
+                             f"(upstreams: {sorted(ctx.inputs) or 'none'})")
+        out = ctx.inputs[up]
+        if isinstance(out.get("prompts"), list):
+            prompts = [str(p) for p in out["prompts"]]
+        elif isinstance(out.get("prompts"), str) or isinstance(out.get("data"), str):
+            prompts = _read_records(out.get("prompts") or out["data"], src.prompt_field)
+        else:
+            raise ValueError(f"{field_name}.source: upstream {up!r} has no `prompts` (list or file) or `data` output "
+                             f"(its outputs: {sorted(out)})")
+    else:
+        if not storage.exists(s):
+            raise ValueError(f"{field_name}.source: got {s!r}; no such file (allowed: a JSONL/Parquet file, "
+                             "builtin:NAME, input:STAGE, or a list of prompts)")
+        prompts = _read_records(s, src.prompt_field)
+    if not prompts:
+        raise ValueError(f"{field_name}.source: {s!r} holds no prompts")
+    return prompts[:src.limit] if src.limit else prompts
+
+
+# ----------------------------------------------------------------------------- typed hand-offs
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]           # the completion (a final EOS included)
+    text: str
+    logprobs: list[float]          # under the policy that sampled it (raw model distribution)
+
+
+@dataclass
+class Group:
+    """One prompt and the k completions sampled for it."""
+
+    prompt: str
+    prompt_ids: list[int]
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.samples]
+
+
+@dataclass
+class RolloutStats:
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- loading a policy
+
+# config.json keys describing the architecture (rewritten by save_pretrained); others are carried.
+_ARCH_KEYS = {"model_type", "architectures", "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer",
+              "n_head", "n_inner", "activation_function", "layer_norm_epsilon", "resid_pdrop", "embd_pdrop",
+              "attn_pdrop", "initializer_range", "scale_attn_weights", "tie_word_embeddings", "torch_dtype"}
+
+
+def carried_config(config: dict) -> dict:
+    """The non-architecture keys of a checkpoint's config.json (eos/bos ids, templates, ...)."""
+    return {k: v for k, v in config.items() if k not in _ARCH_KEYS}
+
+
+@dataclass
+class Policy:
+    model: Any
+    tokenizer: Any
+    eos_token_id: int | None
+    config: dict
+    local_dir: Path
+
+    def encode_prompt(self, prompt: str, room: int) -> list[int]:
+        """Token ids of the formatted prompt, cut from the left so ``room`` new tokens fit."""
+        ids = self.tokenizer.encode(format_prompt(self.config, prompt)).ids
+        keep = max(1, self.model.config.block_size - room + 1)
+        ids = ids[-keep:]
+        return ids or [self.eos_token_id or 0]
+
+
+def load_policy(uri: str, device=None) -> Policy:
+    """A checkpoint folder (config.json + model.safetensors + tokenizer.json), local or stored."""
+    import tempfile
+
+    from workers import tokenizer as toks
+    from workers.model import default_device, load_pretrained
+
+    local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="policy-")))
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (local / name).is_file():
+            raise FileNotFoundError(f"checkpoint {uri!r} has no {name}; a checkpoint holds config.json, "
+                                    "model.safetensors and tokenizer.json")
+    model = load_pretrained(local, map_location=device or default_device())
+    tok = toks.load(local / "tokenizer.json")
+    cfg = model.hf_config
+    eos = cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is None:
+        eos = tok.token_to_id(toks.EOS_TOKEN)
+    return Policy(model, tok, eos, cfg, local)
+
+
+# ----------------------------------------------------------------------------- the actor
+
+
+class RolloutActor:
+    """One copy of the policy: samples completions, and scores token sequences (evaluate)."""
+
+    def __init__(self, checkpoint: str, threads: int = 1):
+        import torch
+        torch.set_num_threads(max(1, threads))
+        self.policy = load_policy(checkpoint)
+        self.policy.model.eval()
+        self.version = 0
+
+    def set_weights(self, state_dict: dict, version: int) -> int:
+        self.policy.model.load_state_dict(state_dict)
+        self.version = version
+        return version
+
+    def generate(self, prompts: list[str], params: dict, seed: int | None = None) -> list[Group]:
+        import torch
+
+        from workers.sampling import SamplingParams, generate
+
+        sp = SamplingParams(**{**params, "logprobs": True})
+        if seed is not None and sp.seed is None:
+            torch.manual_seed(seed)
+        pol = self.policy
+        ids = [pol.encode_prompt(p, sp.max_tokens) for p in prompts]
+        out = generate(pol.model, ids, sp, eos_token_id=pol.eos_token_id,
+                       decode=lambda t: pol.tokenizer.decode(t))
+        return [Group(p, i, [Sample(c.token_ids, c.text, c.logprobs or []) for c in comps])
+                for p, i, comps in zip(prompts, ids, out)]
+
+    def nll(self, sequences: list[list[int]]) -> tuple[float, int]:
+        """Summed negative log-likelihood and token count of each sequence's tokens after the
+        first, in consecutive windows of at most block_size predictions."""
+        import torch
+        from torch.nn import functional as F
+
+        model, block = self.policy.model, self.policy.model.config.block_size
+        total, count = 0.0, 0
+        device = model.lm_head.weight.device
+        with torch.inference_mode():
+            for seq in sequences:
+                for lo in range(0, len(seq) - 1, block):
+                    window = torch.tensor(seq[lo:lo + block + 1], dtype=torch.long, device=device)
+                    logits, _ = model(window[None, :-1])                      # (1, T, V)
+                    total += float(F.cross_entropy(logits[0].float(), window[1:], reduction="sum"))
+                    count += len(window) - 1
+        return total, count
+
+
+class RolloutPool:
+    """``num_actors`` rollout actors with the same policy weights."""
+
+    def __init__(self, checkpoint: str, num_actors: int = 1, *, cpus: float = 1.0, gpus: float = 0.0):
+        import ray
+
+        remote = ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=gpus)
+        self.actors = [remote.remote(checkpoint, max(1, int(cpus))) for _ in range(num_actors)]
+        self.version = 0
+        self.last = RolloutStats(0, 0.0)
+
+    def sync(self, state_dict_ref) -> float:
+        """Every actor loads the weights behind one object ref (``ray.put(state_dict)``); seconds."""
+        import ray
+
+        t0 = time.perf_counter()
+        self.version += 1
+        ray.get([a.set_weights.remote(state_dict_ref, self.version) for a in self.actors])
+        return time.perf_counter() - t0
+
+    def _split(self, items: list) -> list[tuple[int, int]]:
+        n, A = len(items), len(self.actors)
+        bounds = [round(a * n / A) for a in range(A + 1)]
+        return list(zip(bounds, bounds[1:]))
+
+    def rollout(self, prompts: list[str], params: dict, seed: int | None = None) -> list[Group]:
+        """One Group per prompt; prompts are split into contiguous chunks, one per actor.
+        ``seed`` (unseeded params) seeds each actor's RNG as seed + actor index."""
+        import ray
+
+        t0 = time.perf_counter()
+        refs = [a.generate.remote(prompts[lo:hi], params, None if seed is None else seed + k)
+                for k, (a, (lo, hi)) in enumerate(zip(self.actors, self._split(prompts))) if hi > lo]
+        groups = [g for chunk in ray.get(refs) for g in chunk]
+        tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
+        self.last = RolloutStats(tokens, time.perf_counter() - t0)
+        return groups
+
+    def nll(self, sequences: list[list[int]]) -> tuple[float, int]:
+        import ray
+
+        parts = ray.get([a.nll.remote(sequences[lo:hi])
+                         for a, (lo, hi) in zip(self.actors, self._split(sequences)) if hi > lo])
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def shutdown(self) -> None:
+        import ray
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
