@@ -31,10 +31,14 @@ BLOCK = 64
 
 
 def make_base(folder: Path, seed: int = 0) -> Path:
-    """A randomly initialised `tiny` GPT (block 64) + a char tokenizer over printable ASCII."""
+    """A randomly initialised (final gain 8) `tiny` GPT (block 64) + a char tokenizer over printable ASCII."""
     tok = toks.train_char([string.printable])
     torch.manual_seed(seed)
     model = GPT(config_for({"size": "tiny", "block_size": BLOCK}, tok.get_vocab_size()))
+    # At init, tied embeddings (std 0.02) and a unit LayerNorm gain cap every logit near +-1, so
+    # a frozen random base (LoRA) could not fit anything; a trained model's final gain is larger.
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(8.0)
     eos = toks.eos_id(tok)
     save_pretrained(model, folder, extra={"eos_token_id": eos, "bos_token_id": eos})
     toks.save(tok, folder)
