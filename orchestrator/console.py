@@ -27,15 +27,35 @@ def _progress(rec: StageRecord) -> str:
     return f"{done:,.0f} {unit}"
 
 
+# Outputs worth a glance in the summary, in the order shown.
+HEADLINE = (("final_val_loss", "val loss"), ("final_train_loss", "loss"), ("accuracy", "accuracy"),
+            ("mean_reward_end", "reward"), ("kl", "KL"), ("perplexity", "ppl"), ("win_rate", "win rate"),
+            ("mean_reward", "reward"), ("train_tokens", "tokens"), ("endpoint", "endpoint"))
+
+
+def headline(rec: StageRecord) -> str:
+    out = rec.outputs or {}
+    parts = []
+    for key, label in HEADLINE:
+        v = out.get(key)
+        if isinstance(v, float):
+            parts.append(f"{label} {v:.4g}")
+        elif isinstance(v, (int, str)) and not isinstance(v, bool):
+            parts.append(f"{label} {v:,}" if isinstance(v, int) else f"{label} {v}")
+    return ", ".join(parts[:3])
+
+
 def stage_table(record: RunRecord, order: list[str]) -> Table:
     t = Table(title=f"{record.pipeline}  run {record.run_id}  {record.state.value}", title_justify="left")
-    for col in ("stage", "kind", "state", "attempt", "elapsed", "progress"):
+    for col in ("stage", "kind", "state", "attempt", "elapsed", "progress", "result"):
         t.add_column(col)
     for name in order:
         r = record.stages[name]
         elapsed = f"{r.elapsed:.1f}s" if r.elapsed is not None else ""
         state = r.state.value
-        t.add_row(name, r.kind, f"[{STYLE.get(r.state.value, '')}]{state}[/]", str(r.attempts or ""), elapsed, _progress(r))
+        result = headline(r) if r.state.done else (r.error or "")[:60]
+        t.add_row(name, r.kind, f"[{STYLE.get(r.state.value, '')}]{state}[/]", str(r.attempts or ""), elapsed,
+                  _progress(r), result)
     return t
 
 
