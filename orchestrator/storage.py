@@ -34,8 +34,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         # pyarrow's S3 client does not read AWS_ENDPOINT_URL itself (MinIO, moto, Ceph...).
         endpoint = os.environ["AWS_ENDPOINT_URL"]
         scheme, _, host = endpoint.partition("://")
+        # allow_delayed_open: a small object is one PUT (not a multipart upload), which every
+        # S3-compatible server supports.
         fs = pafs.S3FileSystem(endpoint_override=host or endpoint, scheme=scheme if host else "https",
-                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), allow_delayed_open=True)
         return fs, uri[len("s3://"):].rstrip("/")
     fs, path = pafs.FileSystem.from_uri(uri)
     return fs, path.rstrip("/")
@@ -63,7 +65,12 @@ def exists(uri: str) -> bool:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
+    if isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    # One ranged GET of the whole object: a stream reads in chunks, and chunks of an object
+    # overwritten meanwhile would mix two versions.
+    with fs.open_input_file(path) as f:
         return f.read()
 
 

@@ -1,7 +1,7 @@
 """The `finetune` kind: response-only loss, LoRA (only adapters train, merged == unmerged), the
 chat template saved with the checkpoint, messages records, errors naming files and fields, the
-builtin demo data, and two real Ray Train fits (full fine-tuning; LoRA on 2 workers) sharing a
-module-scoped fixture (each fit costs seconds of Ray Train startup on 2 cores).
+builtin demo data, full fine-tuning stepped in-process, and one real Ray Train fit (LoRA on 2
+DDP workers, messages records) shared through a module-scoped fixture.
 """
 
 from __future__ import annotations
@@ -223,43 +223,68 @@ def test_example_batches_split_the_global_batch_across_ranks():
     assert sorted(seen.tolist()) == list(range(10))
 
 
+def test_full_finetuning_job_lowers_the_sft_loss(base, tmp_path):
+    """The job's own pieces (model from the checkpoint, step-indexed batches, masked loss),
+    stepped in-process: the Ray Train loop around them is the one `pretrain` tests."""
+    data = sft_data.write_jsonl(tmp_path / "plain.jsonl", sft_data.synthetic_sft(240, seed=1))
+    ctx = local_context(tmp_path, "finetune", inputs={"pre": {"checkpoint": str(base)}})
+    cfg = sft_config(data=data)
+    job, _, stats = finetune.build_job(ctx, cfg)
+    assert stats["train_examples"] + stats["val_examples"] == 240 and 0 <= stats["truncated_examples"] < 24
+    torch.manual_seed(cfg.seed)
+    model = job.make_model()
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    before = mean_loss(model, rows_of(job))
+    model.train()
+    opt = model.configure_optimizers(0.0, cfg.lr)
+    batches = job.make_batches(0, 1, torch.device("cpu"))
+    for step in range(15):
+        for b in batches.train(step):
+            job.loss_fn(model, b).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert mean_loss(model, rows_of(job)) < 0.6 * before
+    job.save_model(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    again = load_pretrained(base)
+    job.load_model(again, tmp_path / "ckpt")  # resume path
+    assert mean_loss(again, rows_of(job)) == pytest.approx(mean_loss(model, rows_of(job)), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- on Ray Train
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, base, tmp_path_factory):
-    """Full fine-tuning on a copy task (prompt/response JSONL, 1 worker) and LoRA on the same
-    task as messages records (2 workers)."""
+def lora_run(ray_session, base, tmp_path_factory):
+    """LoRA on a copy task given as messages records, on 2 DDP workers (one fit: each costs
+    seconds of Ray Train startup)."""
     tmp = tmp_path_factory.mktemp("finetune")
     records = sft_data.synthetic_sft(240, seed=1)
-    plain = sft_data.write_jsonl(tmp / "plain.jsonl", records)
     chats = sft_data.write_jsonl(tmp / "chat.jsonl", [
         {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
         for r in records])
-    out = {}
-    for name, data, workers, extra in (("full", plain, 1, {}),
-                                       ("lora", chats, 2, {"lora": {"rank": 8, "alpha": 16}, "lr": 1e-2,
-                                                           "batch_size": 4})):
-        ctx = local_context(tmp / name, "finetune", inputs={"pre": {"checkpoint": str(base)}},
-                            resources=Resources(cpus=1, workers=workers))
-        cfg = sft_config(data=data, **extra)
-        job, _, _ = finetune.build_job(ctx, cfg)
-        before = mean_loss(load_pretrained(base), rows_of(job))
-        out[name] = (ctx, finetune.run(ctx, cfg), before, rows_of(job))
-    return out
+    ctx = local_context(tmp, "finetune", inputs={"pre": {"checkpoint": str(base)}},
+                        resources=Resources(cpus=1, workers=2))
+    cfg = sft_config(data=chats, lora={"rank": 8, "alpha": 16}, lr=1e-2, min_lr=1e-3, batch_size=4)
+    job, _, _ = finetune.build_job(ctx, cfg)
+    before = mean_loss(load_pretrained(base), rows_of(job))
+    return ctx, finetune.run(ctx, cfg), before, rows_of(job)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["full", "lora"])
-def test_sft_loss_falls_and_checkpoint_is_self_contained(runs, name):
-    ctx, outputs, before, val_rows = runs[name]
+def test_lora_sft_loss_falls_and_checkpoint_is_self_contained(lora_run):
+    ctx, outputs, before, val_rows = lora_run
     folder = Path(outputs["checkpoint"])
     assert folder == ctx.artifact_dir / "checkpoint"
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert outputs["steps"] == 40 and outputs["train_examples"] + outputs["val_examples"] == 240
     assert outputs["final_val_loss"] < 0.6 * before, (outputs, before)
+    # the merged weights alone reproduce the loop's val loss: the mean over the loop's micro-batches
+    # (eval_steps=2 global batches of 8 rows; rank r takes rows r, r+2, ...; micro-batches of 4)
     model = load_pretrained(folder)
-    assert mean_loss(model, val_rows) == pytest.approx(outputs["final_val_loss"], rel=0.05)
+    batches = [np.arange(r, 16, 2)[k:k + 4] for r in (0, 1) for k in (0, 4)]
+    merged = np.mean([mean_loss(model, {n: a[i] for n, a in val_rows.items()}) for i in batches])
+    assert merged == pytest.approx(outputs["final_val_loss"], rel=1e-4)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["chat_template"] == DEFAULT_CHAT_TEMPLATE
     assert cfg["prompt_template"].format(prompt="hi") == render_chat([{"role": "user", "content": "hi"}], cfg["chat_template"])
@@ -267,10 +292,10 @@ def test_sft_loss_falls_and_checkpoint_is_self_contained(runs, name):
 
 
 @pytest.mark.slow
-def test_lora_checkpoint_is_merged_and_loads_in_transformers(runs, base):
+def test_lora_checkpoint_is_merged_and_loads_in_transformers(lora_run, base):
     from transformers import GPT2LMHeadModel
 
-    _, outputs, _, _ = runs["lora"]
+    _, outputs, _, _ = lora_run
     folder = Path(outputs["checkpoint"])
     ours, start = load_pretrained(folder).eval(), load_pretrained(base)
     tuned, orig = ours.state_dict(), start.state_dict()

@@ -13,6 +13,8 @@ KINDS: dict[str, str] = {
     "python": "workers.python",
     "tokenize": "workers.tokenize",
     "pretrain": "workers.pretrain",
+    "finetune": "workers.finetune",
+    "reward": "workers.reward",
     "serve": "workers.serve",
     "rlhf": "workers.rlhf",
     "evaluate": "workers.evaluate",
