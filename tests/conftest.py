@@ -14,15 +14,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A real local Ray shared by the whole test session (started once: it takes seconds)."""
+def start_local_ray():
+    """The test session's local Ray (also used to restore it after a module that needed its own
+    multi-node ``ray.cluster_utils.Cluster``)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray shared by the whole test session (started once: it takes seconds)."""
+    yield start_local_ray()
     # Left running for later tests; pytest's exit shuts it down.
 
 

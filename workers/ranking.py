@@ -154,16 +154,15 @@ def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSo
 # ----------------------------------------------------------------------------- scorers
 
 
-def format_prompt(model_config: dict, prompt: str) -> str:
-    """The text a fine-tuned model expects before its answer: the checkpoint's ``prompt_template``
-    (a format string with ``{prompt}``) or ``chat_template`` (one user turn), else the prompt."""
-    template = model_config.get("prompt_template")
-    if isinstance(template, str) and "{prompt}" in template:
-        return template.replace("{prompt}", prompt)
-    if model_config.get("chat_template"):
-        from workers.chat import render_chat
-        return render_chat([{"role": "user", "content": prompt}], model_config["chat_template"])
-    return prompt
+def format_prompt(model_config: dict, prompt: str, eos_token: str = "") -> str:
+    """The text a fine-tuned model expects before its answer, as `finetune`/`reward` trained it
+    (``workers.sft_data.format_prompt`` with the checkpoint's ``prompt_template`` /
+    ``chat_template``); a checkpoint with neither (pretrained only) gets the bare prompt."""
+    pt, ct = model_config.get("prompt_template"), model_config.get("chat_template")
+    if pt is None and ct is None:
+        return prompt
+    from workers.sft_data import format_prompt as render
+    return render(prompt, prompt_template=pt, chat_template=ct, eos_token=eos_token)
 
 
 class FunctionScorer:
@@ -183,8 +182,9 @@ class FunctionScorer:
 
 
 class RewardModelScorer:
-    """Scores ``format_prompt(prompt) + completion`` with a reward model. Sequences are batched
-    by equal length, so no padding convention of the model's pooling is assumed."""
+    """Scores prompt + completion + EOS ids (as the `reward` kind trained it: prompt and
+    completion encoded apart, ``sft_data.encode_example``) with a reward model. Sequences are
+    batched by equal length, so no padding is needed."""
 
     def __init__(self, uri: str, batch_size: int = 32, device: str | None = None):
         import json
@@ -201,14 +201,20 @@ class RewardModelScorer:
         self.model = load_reward_model(local, map_location=self.device).eval()
         self.tokenizer = toks.load(local / "tokenizer.json")
         self.config = json.loads((local / "config.json").read_text())
-        self.block_size = int(self.config.get("n_positions") or self.model.trunk.config.block_size)
+        self.block_size = self.model.gpt.config.block_size
         self.batch_size = batch_size
+        eos = self.config.get("eos_token_id")
+        self.eos_id = toks.eos_id(self.tokenizer) if eos is None else int(eos)
+        self.eos_token = self.tokenizer.id_to_token(self.eos_id) or ""
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         import torch
 
-        ids = [self.tokenizer.encode(format_prompt(self.config, p) + c).ids[-self.block_size:] or [0]
-               for p, c in zip(prompts, completions)]
+        from workers.sft_data import encode_example
+
+        enc = self.tokenizer.encode
+        ids = [encode_example(enc(format_prompt(self.config, p, self.eos_token)).ids, enc(c).ids, self.eos_id,
+                              self.block_size - 1)[0] for p, c in zip(prompts, completions)]
         scores = [0.0] * len(ids)
         by_len: dict[int, list[int]] = {}
         for i, seq in enumerate(ids):

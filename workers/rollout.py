@@ -57,23 +57,15 @@ class PromptSource(BaseModel):
     limit: int | None = Field(None, ge=1, description="Use at most this many prompts.")
 
 
-def _builtin(name: str) -> list[str]:
+def _builtin(name: str, limit: int | None) -> list[str]:
     if name in BUILTIN_PROMPTS:
         return list(BUILTIN_PROMPTS[name])
-    try:
-        from workers import sft_data
-    except ImportError:
-        sft_data = None
-    records = None
-    for fn_name in ("builtin_records", "load_builtin", "builtin"):
-        fn = getattr(sft_data, fn_name, None)
-        if callable(fn):
-            records = fn(name)
-            break
-    if records is None:
+    from workers import sft_data
+
+    if f"builtin:{name}" not in sft_data.BUILTINS:
         raise ValueError(f"prompts.source: got 'builtin:{name}'; known built-in prompt sets: "
-                         f"{', '.join(sorted(BUILTIN_PROMPTS))} (plus workers.sft_data sets when present)")
-    return [r["prompt"] if isinstance(r, dict) else str(r) for r in records]
+                         f"{', '.join(['builtin:' + n for n in BUILTIN_PROMPTS] + list(sft_data.BUILTINS))}")
+    return [str(r.data["prompt"]) for r in sft_data.read_records(f"builtin:{name}", max_records=limit or 1000)]
 
 
 def _read_records(uri: str, field_name: str) -> list[str]:
@@ -101,7 +93,7 @@ def load_prompts(ctx, src: PromptSource, field_name: str = "prompts") -> list[st
     if isinstance(s, list):
         prompts = [str(p) for p in s]
     elif s.startswith("builtin:"):
-        prompts = _builtin(s.removeprefix("builtin:"))
+        prompts = _builtin(s.removeprefix("builtin:"), src.limit)
     elif s.startswith("input:"):
         up = s.removeprefix("input:")
         if up not in ctx.inputs:
@@ -181,7 +173,8 @@ class Policy:
 
     def encode_prompt(self, prompt: str, room: int) -> list[int]:
         """Token ids of the formatted prompt, cut from the left so ``room`` new tokens fit."""
-        ids = self.tokenizer.encode(format_prompt(self.config, prompt)).ids
+        eos_token = self.tokenizer.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
+        ids = self.tokenizer.encode(format_prompt(self.config, prompt, eos_token or "")).ids
         keep = max(1, self.model.config.block_size - room + 1)
         ids = ids[-keep:]
         return ids or [self.eos_token_id or 0]
