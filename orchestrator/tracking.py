@@ -76,7 +76,10 @@ class Tracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             exp = self._sync("get_experiment_by_name", self.experiment_name)
-            self._experiment_id = exp.experiment_id if exp else self._sync("create_experiment", self.experiment_name)
+            self._experiment_id = exp.experiment_id if exp else self._sync(
+                "create_experiment", self.experiment_name,
+                # open in the UI's "Model training" view (runs, metrics, artifacts), not GenAI traces
+                tags={"mlflow.experimentKind": "custom_model_development"})
         return self._experiment_id
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> None:

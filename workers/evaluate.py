@@ -9,7 +9,7 @@
   against itself ties everywhere), the share of samples the judge (``reward``) scores higher than
   the baseline's; ties count half.
 
-Work is spread over rollout actors (``workers`` per model) and the reward-ranking pool.
+Work is spread over rollout actors (``workers``, one model at a time) and the reward-ranking pool.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator import storage
-from workers.ranking import RankingPool, RewardConfig, resolve_artifact, resolve_reward
+from workers.ranking import RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
 from workers.rollout import PromptSource, RolloutPool, load_prompts
 
 DISTRIBUTED = True
@@ -50,6 +50,11 @@ class Config(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     seed: int = Field(0, ge=0, description="Sampling seed, the same for both models.")
     workers: int | None = Field(None, ge=1, description="Actors per model; default: resources.workers or 1.")
+
+
+def code_version(config: Config) -> str:
+    return code_digest(("evaluate.py", "rollout.py", "ranking.py", "model.py", "sampling.py", "tokens.py"),
+                       config.reward)
 
 
 def check(config: Config) -> None:
@@ -154,36 +159,40 @@ def run(ctx, config: Config) -> dict[str, Any]:
     prompts = load_prompts(ctx, config.prompts) if config.reward is not None else []
     source = resolve_reward(ctx, config.reward) if config.reward is not None else None
 
-    pools = {"model": RolloutPool(checkpoint, workers, cpus=res.cpus, gpus=res.gpus)}
-    if baseline:
-        pools["baseline"] = RolloutPool(baseline, workers, cpus=res.cpus, gpus=res.gpus)
-    ranking = RankingPool.from_config(source, config.reward) if source else None
+    models = {"model": checkpoint, **({"baseline": baseline} if baseline else {})}
+    params = dict(n=config.samples_per_prompt, max_tokens=config.max_tokens, temperature=config.temperature,
+                  top_k=config.top_k, top_p=config.top_p, seed=config.seed)
+    texts: dict[str, tuple[list[str], list[str]]] = {}
+    scores: dict[str, list[float]] = {}
+    # started first: its actors load while the models' actors work
+    ranking = RankingPool.from_config(source, config.reward) if source is not None else None
     try:
-        if docs is not None:
-            for name, pool in pools.items():
-                nll, count = pool.nll(docs)
-                key = "perplexity" if name == "model" else "baseline_perplexity"
-                out[key] = math.exp(nll / count)
-                out.setdefault("perplexity_tokens", count)
+        # one model's actors at a time: the stage holds at most `workers` + the ranking actors
+        for name, uri in models.items():
+            pool = RolloutPool(uri, workers, cpus=res.cpus, gpus=res.gpus)
+            try:
+                if docs is not None:
+                    nll, count = pool.nll(docs)
+                    out["perplexity" if name == "model" else "baseline_perplexity"] = math.exp(nll / count)
+                    out["perplexity_tokens"] = count
+                if ranking is not None:
+                    groups = pool.rollout(prompts, params)
+                    texts[name] = ([g.prompt for g in groups for _ in g.samples],
+                                   [s.text for g in groups for s in g.samples])
+            finally:
+                pool.shutdown()
         if ranking is not None:
-            params = dict(n=config.samples_per_prompt, max_tokens=config.max_tokens, temperature=config.temperature,
-                          top_k=config.top_k, top_p=config.top_p, seed=config.seed)
-            scores = {}
-            for name, pool in pools.items():
-                groups = pool.rollout(prompts, params)
-                scores[name] = ranking.score([g.prompt for g in groups for _ in g.samples],
-                                             [s.text for g in groups for s in g.samples])
-            out["mean_reward"] = sum(scores["model"]) / len(scores["model"])
+            scores = {name: ranking.score(*pc) for name, pc in texts.items()}
             out["ranking_completions_per_s"] = ranking.last.per_s
-            if baseline:
-                out["baseline_mean_reward"] = sum(scores["baseline"]) / len(scores["baseline"])
-                out["win_rate"], counts = win_rate(scores["model"], scores["baseline"])
-                out.update(counts)
     finally:
-        for pool in pools.values():
-            pool.shutdown()
         if ranking is not None:
             ranking.shutdown()
+    if scores:
+        out["mean_reward"] = sum(scores["model"]) / len(scores["model"])
+        if baseline:
+            out["baseline_mean_reward"] = sum(scores["baseline"]) / len(scores["baseline"])
+            out["win_rate"], counts = win_rate(scores["model"], scores["baseline"])
+            out.update(counts)
     ctx.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float))})
     (Path(ctx.artifact_dir) / "metrics.json").write_text(json.dumps(out, indent=2, sort_keys=True))
     return out

@@ -24,7 +24,7 @@ from orchestrator import storage
 
 __all__ = [
     "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
-    "resolve_reward", "resolve_artifact", "order_of", "make_scorer", "format_prompt",
+    "resolve_reward", "resolve_artifact", "order_of", "make_scorer", "format_prompt", "code_digest",
 ]
 
 ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -136,6 +136,22 @@ def resolve_function(entrypoint: str) -> Callable[[str, str], float]:
     if not callable(fn):
         raise AttributeError(f"module {module_name!r} has no function {fn_name!r}")
     return fn
+
+
+def code_digest(modules: tuple[str, ...], reward: RewardConfig | None) -> str:
+    """A digest of the ``workers/`` modules a kind's behaviour lives in, and of a reward
+    function's module (so editing the reward invalidates cached outputs)."""
+    import hashlib
+
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in modules:
+        h.update((here / name).read_bytes())
+    if reward is not None and reward.function:
+        spec = importlib.util.find_spec(reward.function.partition(":")[0])
+        if spec and spec.origin and os.path.isfile(spec.origin):
+            h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSource:

@@ -171,7 +171,9 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
         fault=fault,
     )
     held_out = {k: a[val] for k, a in arrays.items()}
-    return job, base, held_out, {"train_pairs": len(train), "val_pairs": len(val)}
+    # pairs that truncation to the block made identical teach nothing: worth seeing in the metrics
+    same = (arrays["chosen"] == arrays["rejected"]).all(1) & (arrays["chosen_len"] == arrays["rejected_len"])
+    return job, base, held_out, {"train_pairs": len(train), "val_pairs": len(val), "identical_pairs": int(same.sum())}
 
 
 def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str, Any]:

@@ -19,7 +19,6 @@ state + ``state.json``), so a retried attempt resumes after the last finished it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator import storage
-from workers.ranking import Ranking, RankingPool, RewardConfig, resolve_artifact, resolve_reward
+from workers.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
 from workers.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
 
 DISTRIBUTED = True
@@ -76,16 +75,7 @@ class Config(BaseModel):
 
 def code_version(config: Config) -> str:
     """This kind and the modules its behaviour lives in (and a reward function's source)."""
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in ("rlhf.py", "rollout.py", "ranking.py", "model.py", "sampling.py"):
-        h.update((here / name).read_bytes())
-    if config.reward.function:
-        import importlib.util
-        spec = importlib.util.find_spec(config.reward.function.partition(":")[0])
-        if spec and spec.origin and os.path.isfile(spec.origin):
-            h.update(Path(spec.origin).read_bytes())
-    return h.hexdigest()[:16]
+    return code_digest(("rlhf.py", "rollout.py", "ranking.py", "model.py", "sampling.py"), config.reward)
 
 
 # ----------------------------------------------------------------------------- typed hand-offs
@@ -301,6 +291,14 @@ class Learner:
         B = self.cfg.batch_size
         return [order[k:k + B] for k in range(0, n, B)]
 
+    def _fixed_logprobs(self, model, prompts, comps, chunk: int = 64) -> list:
+        """Each completion's token log-probs (1-D, no grad), computed in batches."""
+        out = []
+        for k in range(0, len(comps), chunk):
+            lp, _ = self._logprobs(model, prompts[k:k + chunk], comps[k:k + chunk])
+            out += [lp[i, :len(c)] for i, c in enumerate(comps[k:k + chunk])]
+        return out
+
     def kl(self, groups: list[Group]) -> float:
         """Mean per-token KL(policy || reference) (k3) over the groups' samples."""
         prompts = [g.prompt_ids for g in groups for _ in g.samples]
@@ -366,8 +364,8 @@ class Learner:
             return [], 0
         prompts, comps = [e.prompt_ids for e in ex], [e.completion_ids for e in ex]
         # the sampling policy's and the reference's log-probs, fixed for all of this iteration's steps
-        old = [self._logprobs(self.policy, [prompts[i]], [comps[i]])[0][0] for i in range(len(ex))]
-        ref = [self._logprobs(self.reference, [prompts[i]], [comps[i]])[0][0] for i in range(len(ex))]
+        old = self._fixed_logprobs(self.policy, prompts, comps)
+        ref = self._fixed_logprobs(self.reference, prompts, comps)
         losses = []
         for epoch in range(self.cfg.epochs):
             for chunk in self._chunks(len(ex), iteration, epoch):
@@ -442,11 +440,12 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
     workers = config.rollout_workers or res.workers or 1
     root = storage.join(ctx.scratch_uri or str(Path(ctx.artifact_dir) / ".scratch"), "rlhf")
 
-    rollout_pool = RolloutPool(policy_uri, workers, cpus=res.cpus, gpus=res.gpus)
-    ranking_pool = RankingPool.from_config(source, config.reward)
-    learner = ray.remote(Learner).options(num_cpus=res.cpus, num_gpus=res.gpus).remote(
-        policy_uri, config.model_dump(), max(1, int(res.cpus)))
+    rollout_pool = ranking_pool = learner = None
     try:
+        rollout_pool = RolloutPool(policy_uri, workers, cpus=res.cpus, gpus=res.gpus)
+        ranking_pool = RankingPool.from_config(source, config.reward)
+        learner = ray.remote(Learner).options(num_cpus=res.cpus, num_gpus=res.gpus).remote(
+            policy_uri, config.model_dump(), max(1, int(res.cpus)))
         start = latest_iteration(root)
         state: dict[str, Any] = {}
         if start:
@@ -499,10 +498,11 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         out = Path(ctx.artifact_dir) / "checkpoint"
         _export(_iter_dir(root, latest_iteration(root)), policy_uri, out)
     finally:
-        for a in [learner]:
-            ray.kill(a)
-        rollout_pool.shutdown()
-        ranking_pool.shutdown()
+        if learner is not None:
+            ray.kill(learner)
+        for pool in (rollout_pool, ranking_pool):
+            if pool is not None:
+                pool.shutdown()
     checkpoint_uri = storage.join(ctx.output_uri, "checkpoint")
     return {
         "checkpoint": checkpoint_uri,

@@ -54,7 +54,9 @@ class PromptSource(BaseModel):
                                     "stdlib-docstrings), `input:STAGE` (an upstream's `prompts` output), "
                                     "or an inline list of prompts.")
     prompt_field: str = Field("prompt", description="The field holding the prompt in file records.")
-    limit: int | None = Field(None, ge=1, description="Use at most this many prompts.")
+    offset: int = Field(0, ge=0, description="Skip this many prompts first (e.g. to evaluate on prompts "
+                        "another stage did not train on).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many prompts (after offset).")
 
 
 def _builtin(name: str, limit: int | None) -> list[str]:
@@ -65,7 +67,7 @@ def _builtin(name: str, limit: int | None) -> list[str]:
     if f"builtin:{name}" not in sft_data.BUILTINS:
         raise ValueError(f"prompts.source: got 'builtin:{name}'; known built-in prompt sets: "
                          f"{', '.join(['builtin:' + n for n in BUILTIN_PROMPTS] + list(sft_data.BUILTINS))}")
-    return [str(r.data["prompt"]) for r in sft_data.read_records(f"builtin:{name}", max_records=limit or 1000)]
+    return [str(r.data["prompt"]) for r in sft_data.read_records(f"builtin:{name}", max_records=limit)]
 
 
 def _read_records(uri: str, field_name: str) -> list[str]:
@@ -93,7 +95,7 @@ def load_prompts(ctx, src: PromptSource, field_name: str = "prompts") -> list[st
     if isinstance(s, list):
         prompts = [str(p) for p in s]
     elif s.startswith("builtin:"):
-        prompts = _builtin(s.removeprefix("builtin:"), src.limit)
+        prompts = _builtin(s.removeprefix("builtin:"), src.offset + (src.limit or 1000))
     elif s.startswith("input:"):
         up = s.removeprefix("input:")
         if up not in ctx.inputs:
@@ -114,6 +116,9 @@ def load_prompts(ctx, src: PromptSource, field_name: str = "prompts") -> list[st
         prompts = _read_records(s, src.prompt_field)
     if not prompts:
         raise ValueError(f"{field_name}.source: {s!r} holds no prompts")
+    prompts = prompts[src.offset:]
+    if not prompts:
+        raise ValueError(f"{field_name}.offset: got {src.offset}; the source has no prompts after it")
     return prompts[:src.limit] if src.limit else prompts
 
 

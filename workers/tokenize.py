@@ -46,6 +46,7 @@ from workers.stage import StageContext
 DISTRIBUTED = True
 UINT16_MAX_VOCAB = 1 << 16
 _WINDOW_PER_WORKER = 2  # units queued per actor: the next one is ready when one finishes
+_MAX_UNIT_TRIES = 3  # a unit whose actor died (node lost, OOM) is redone on a live actor
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -332,15 +333,22 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     prefix = 0  # units [0, prefix) are finished and counted against the caps
     t1 = time.perf_counter()
     bar = tqdm(total=len(units), unit="shard", desc=f"tokenize {ctx.stage}", file=sys.stderr, disable=None)
+    tries: dict[int, int] = {}
+    redo: deque[int] = deque()  # units whose actor died, dispatched before new ones
+    lost: list[str] = []  # one line per dead actor
     try:
         free = deque(a for a in actors for _ in range(_WINDOW_PER_WORKER))
         pending: dict[Any, tuple[Any, int]] = {}
         nxt = 0
         while True:
-            while free and nxt < len(units) and stop is None:
+            while free and (redo or nxt < len(units)) and stop is None:
                 a = free.popleft()
-                pending[a.encode.remote(units[nxt])] = (a, nxt)
-                nxt += 1
+                if redo:
+                    i = redo.popleft()
+                else:
+                    i, nxt = nxt, nxt + 1
+                tries[i] = tries.get(i, 0) + 1
+                pending[a.encode.remote(units[i])] = (a, i)
             if not pending:
                 break
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -349,6 +357,23 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
                 results[i] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 raise _unwrap(e) from None
+            except ray.exceptions.RayActorError as e:
+                # The actor died (its node was lost, OOM...): its unit's staged shards are whole or
+                # absent (atomic writes) and a unit's output depends only on the unit, so redoing it
+                # on a live actor neither drops nor duplicates documents.
+                if tries[i] >= _MAX_UNIT_TRIES:
+                    raise RuntimeError(f"tokenize unit {i} ({', '.join(f.uri for f in units[i].files)[:200]}) lost "
+                                       f"its encoder actor {tries[i]} times; last error: {e}") from None
+                if a in actors:
+                    actors.remove(a)
+                    lost.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                    free = deque(x for x in free if x is not a)
+                    if not actors:  # nobody left: start a replacement where the cluster has room
+                        actors.append(Encoder.options(num_cpus=cpus, **placement).remote(
+                            tok_json, max(1, int(cpus)), **opts))
+                        free.extend([actors[-1]] * _WINDOW_PER_WORKER)
+                redo.append(i)
+                continue
             free.append(a)
             bar.update(1)
             ctx.progress(len(results), len(units), "shards")
@@ -369,6 +394,10 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
         for a in actors:
             ray.kill(a)
     encode_s = time.perf_counter() - t1
+    redone = sum(t - 1 for t in tries.values())
+    if lost:
+        ctx.set_tags({"tokenize.recovery": f"{len(lost)} encoder actor(s) died ({lost[0]}); {redone} unit(s) "
+                                           f"redone on live actors"})
 
     # 3. apply the caps, name the shards, write the manifest
     last = stop[0] if stop else len(units) - 1
@@ -413,7 +442,8 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     storage.write_json(str(art / "manifest.json"), manifest)
     metrics = {"documents": documents, "bytes": nbytes, "tokens": tokens,
                "tokens_per_s": tokens / max(encode_s, 1e-9), "bytes_per_token": nbytes / max(tokens, 1),
-               "workers": n_workers, "tokenizer_s": train_s, "encode_s": encode_s}
+               "workers": n_workers, "tokenizer_s": train_s, "encode_s": encode_s,
+               "actor_failures": len(lost), "units_redone": redone}
     if unknown:
         metrics["unknown_tokens"] = unknown
         ctx.set_tags({"tokenize.warning": f"{unknown} characters were not in the char tokenizer's sample "

@@ -338,6 +338,26 @@ def _train_worker(loop_config: dict) -> None:
 # ----------------------------------------------------------------------------- the driver
 
 
+def _recovery_log(ctx):
+    """A Ray Train callback (it runs in the Train controller) recording each worker-group failure
+    on the stage's run; the group then restarts from the latest checkpoint (``max_failures``)."""
+    from ray.train import UserCallback
+
+    class RecoveryLog(UserCallback):
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            self.failures += 1
+            rank, err = next(iter(sorted(worker_exceptions.items(), key=lambda kv: kv[0])))
+            line = next((ln for ln in str(err).splitlines() if ln.strip()), "")
+            ctx.log_metrics({"train_failures": self.failures})
+            ctx.set_tags({"train.failures": str(self.failures),
+                          "train.last_failure": f"rank {rank}: {type(err).__name__}: {line}"[:500]})
+
+    return RecoveryLog()
+
+
 def fit(ctx, job: TrainJob) -> FitResult:
     """Train ``job`` on Ray Train with ``ctx.resources``; returns the final checkpoint.
 
@@ -358,7 +378,8 @@ def fit(ctx, job: TrainJob) -> FitResult:
         scaling_config=ScalingConfig(num_workers=res.workers or 1, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=job.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=job.config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[_recovery_log(ctx)]),
     )
     result = trainer.fit()
     if result.checkpoint is None:

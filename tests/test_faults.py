@@ -1,0 +1,292 @@
+"""Node failures on several raylets on one machine (``ray.cluster_utils.Cluster``): a worker node
+dies mid-pretraining (the stage resumes on the surviving node from its latest checkpoint, and
+MLflow says what failed and from where it resumed), and a node running tokenizer actors dies
+mid-way (its units are redone on live actors; the dataset is byte-identical to a clean run's).
+
+Not covered here: the driver dying (``orchestrator resume``: tests/test_pipeline.py), infeasible
+resources (tests/test_cluster.py). Rollout actors (``workers/rollout.py``) raise ``ActorDiedError``
+to the ``rlhf`` stage, which fails the attempt; the executor's retry resumes from the latest
+iteration checkpoint (an iteration is checkpointed only once complete, so a lost iteration is
+redone whole) — that path is the stage-retry one tests/test_rlhf.py exercises with its fault hook.
+
+The module builds its own cluster: a head with no CPUs (the driver, the stage runners and the
+Ray Train controller, which all ask for none, stay there) and one-CPU worker nodes, so whatever
+asks for a CPU runs on a worker node that the test can kill. The session's local Ray is stopped
+first and restarted at the end (``conftest.start_local_ray``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import start_local_ray
+
+pytestmark = pytest.mark.slow
+
+ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+MAX_STEPS, CKPT_EVERY = 400, 20
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 HTTP endpoint (moto) for the tokenize test: with object-store output, encoder
+    actors may run on any node (with local output they are pinned to the runner's node)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="faults")
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    """Head (0 CPU) + a 'survivor' node (1 CPU); each test adds the node it kills."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the session's local Ray; restarted below
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        survivor = c.add_node(num_cpus=1, resources={"survivor": 1})
+        ray.init(address=c.address, runtime_env={"env_vars": {**ENV, **s3}}, log_to_driver=False)
+        c.wait_for_nodes()
+        yield c, survivor
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        start_local_ray()
+
+
+def add_victim(c):
+    node = c.add_node(num_cpus=1, resources={"victim": 1})
+    c.wait_for_nodes()
+    return node
+
+
+def wait_for(cond, what: str, timeout: float = 240.0, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := cond():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+class Background(threading.Thread):
+    """Runs fn() on a thread; join() returns its result or raises its exception."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            self.error = e
+
+    def join(self, timeout=None):
+        super().join(timeout)
+        assert not self.is_alive(), f"still running after {timeout}s"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def _write_corpus(folder: Path, files: int = 6, lines: int = 120) -> Path:
+    """Small, learnable text (counting sentences): a char tokenizer gives a tiny vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for f in range(files):
+        text = "".join(f"{words[(f + i) % 10]} then {words[(f + i + 1) % 10]}.\n" for i in range(lines))
+        (folder / f"part-{f}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(cluster, tmp_path, tracking_uri):
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from orchestrator import runs
+    from orchestrator.state import RunState, StageState
+
+    c, survivor = cluster
+    victim = add_victim(c)
+    # Hold the survivor's CPU so the Train worker can only start on the victim; freed before the kill.
+
+    @ray.remote(num_cpus=1)
+    class Blocker:
+        def ready(self):
+            return ray.get_runtime_context().get_node_id()
+
+    blocker = Blocker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(survivor.node_id, soft=False)).remote()
+    assert ray.get(blocker.ready.remote(), timeout=120) == survivor.node_id
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    store = tmp_path / "store"
+    path = tmp_path / "nodefail.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: nodefail
+        storage: {store}
+        tracking: {{uri: "{tracking_uri}"}}
+        stages:
+          tok:
+            kind: tokenize
+            resources: {{cpus: 0, workers: 1}}
+            config: {{source: "{corpus}/*.txt", tokenizer: {{type: char}}, val_fraction: 0.2, seed: 3}}
+          pretrain:
+            kind: pretrain
+            needs: [tok]
+            retries: 0
+            resources: {{cpus: 1, workers: 1}}
+            config:
+              model: {{n_layer: 2, n_head: 2, n_embd: 32, block_size: 32, dropout: 0.0}}
+              batch_size: 8
+              max_steps: {MAX_STEPS}
+              checkpoint_every: {CKPT_EVERY}
+              eval_every: {MAX_STEPS}
+              eval_steps: 1
+              warmup_steps: 5
+              lr: 0.01
+              min_lr: 0.001
+              weight_decay: 0.0
+              max_failures: 2
+    """))
+    prep = runs.prepare(path)
+    t0 = time.monotonic()
+    bg = Background(lambda: runs.start_run(prep, stream=io.StringIO(), live=False))
+
+    def registered_checkpoint():
+        """The latest checkpoint Ray Train has registered (a folder on storage is not enough: a
+        report still in flight when the worker dies is lost)."""
+        try:
+            for snap in store.rglob("checkpoint_manager_snapshot.json"):
+                latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+                if latest:
+                    return latest
+        except (OSError, ValueError):
+            pass  # being written or rotated: look again
+        return None
+
+    first = wait_for(registered_checkpoint, "the first registered Ray Train checkpoint", timeout=300)
+    ray.kill(blocker)  # the survivor's CPU is free for the restarted worker group
+    c.remove_node(victim)
+    killed_after = time.monotonic() - t0
+    record = bg.join(timeout=300)
+
+    pre = record.stages["pretrain"]
+    assert record.state == RunState.SUCCEEDED, (record.state, pre.error)
+    assert pre.state == StageState.SUCCEEDED and pre.attempts == 1  # recovered inside Ray Train, no stage retry
+    assert pre.outputs["steps"] == MAX_STEPS
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(pre.child_run_id)
+    print("DEBUG killed_after", time.monotonic() - t0, killed_after, first, dict(run.data.tags), dict(run.data.metrics))
+    resumed = int(run.data.tags["resumed_from_step"])
+    assert CKPT_EVERY <= resumed < MAX_STEPS and resumed % CKPT_EVERY == 0, (resumed, first)
+    assert int(run.data.tags["train.failures"]) >= 1
+    assert "rank 0" in run.data.tags["train.last_failure"], run.data.tags["train.last_failure"]
+    assert run.data.tags["attempts"] == "1" and run.data.tags["state"] == "SUCCEEDED"
+    # Training continued from the checkpoint, not from 0: after the restart the logged steps
+    # start right after it and run to the end.
+    steps = [m.step for m in sorted(client.get_metric_history(pre.child_run_id, "train_loss"),
+                                    key=lambda m: (m.timestamp, m.step))]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart:] == list(range(resumed + 1, MAX_STEPS + 1)), (resumed, steps[restart - 3:restart + 3])
+    assert steps[:restart][0] == 1 and steps[restart - 1] >= resumed
+    print(f"victim killed {killed_after:.1f}s into the run; resumed from step {resumed}")
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _tokenize(tmp: Path, name: str, source: str, resources):
+    from workers import tokenize as T
+    from workers.stage import ListSink, StageContext
+
+    art = tmp / name / "art"
+    art.mkdir(parents=True)
+    ctx = StageContext(stage=name, run_id="local", attempt=1, inputs={}, artifact_dir=art,
+                       output_uri=f"s3://faults/{name}/out", storage="s3://faults", resources=resources,
+                       sink=ListSink(), scratch_uri=f"s3://faults/{name}/scratch")
+    cfg = T.Config(source=source, tokenizer={"type": "char"}, shard_size_bytes=1024, val_fraction=0.1, seed=5)
+    return ctx, lambda: T.run(ctx, cfg)
+
+
+def test_node_running_tokenizer_actors_dies_and_its_units_are_redone(cluster, tmp_path):
+    import numpy as np
+
+    from workers.stage import Resources
+
+    c, _ = cluster
+    victim = add_victim(c)
+    rows = [json.dumps({"text": f"document {i}: " + " ".join(f"w{(i * 7 + k) % 97}" for k in range(40 + i % 30))})
+            for i in range(1200)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(rows) + "\n")
+    source = str(tmp_path / "docs.jsonl")
+    two = Resources(cpus=1, workers=2)  # one actor per one-CPU node: one of them on the victim
+
+    ctx, go = _tokenize(tmp_path, "clean", source, two)
+    clean = go()
+    clean_manifest = json.loads((ctx.artifact_dir / "manifest.json").read_text())
+    assert ctx.sink.metrics("actor_failures") == [0]
+    n_units = clean_manifest["source"]["units"]
+    assert n_units >= 100
+
+    ctx, go = _tokenize(tmp_path, "faulty", source, two)
+    bg = Background(go)
+    wait_for(lambda: any(e["type"] == "progress" and 4 <= e["done"] < n_units // 2 for e in ctx.sink.events)
+             or bg.error, "the first units", every=0.02)
+    c.remove_node(victim)
+    faulty = bg.join(timeout=300)
+    manifest = json.loads((ctx.artifact_dir / "manifest.json").read_text())
+
+    assert ctx.sink.metrics("actor_failures") == [1]
+    redone = ctx.sink.metrics("units_redone")[0]
+    assert 1 <= redone <= 2  # the units queued on the dead actor (its window), no more
+    tags = [e["tags"] for e in ctx.sink.events if e["type"] == "tags"]
+    assert any("1 encoder actor(s) died" in t.get("tokenize.recovery", "") for t in tags), tags
+    # Nothing dropped or duplicated: the same documents, tokens and shard bytes as the clean run.
+    assert faulty == {**clean, "dataset": faulty["dataset"], "manifest": faulty["manifest"], "tokenizer": faulty["tokenizer"]}
+    for split in ("train", "val"):
+        a, b = clean_manifest["splits"][split], manifest["splits"][split]
+        assert (a["documents"], a["tokens"]) == (b["documents"], b["tokens"])
+        assert [(s["path"], s["sha256"]) for s in a["shards"]] == [(s["path"], s["sha256"]) for s in b["shards"]]
+    assert manifest["documents"] == len(rows)
+    import pyarrow.parquet as pq
+
+    ids = np.concatenate([pq.read_table(ctx.artifact_dir / s["path"]).column("doc_id").to_numpy()
+                          for split in ("train", "val") for s in manifest["splits"][split]["shards"]])
+    assert len(ids) == len(set(ids.tolist())) == len(rows)
