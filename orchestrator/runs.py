@@ -71,7 +71,8 @@ def connect_ray(options: spec_mod.RayOptions, address: str | None = None) -> Non
     if addr:
         ray.init(address=addr, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        # "local": start one, as the spec promises, even if a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def cache_status(prep: Prepared) -> dict[str, str]:

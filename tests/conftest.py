@@ -20,7 +20,8 @@ def start_local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+        # address="local": always a fresh Ray of our own, never one another test started with `ray start`
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     return ray
 
