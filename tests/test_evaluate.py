@@ -79,6 +79,7 @@ def train_towards_a(src: Path, dst: Path, steps: int = 60) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_perplexity_matches_direct_computation_and_self_win_rate_is_half(ray_session, tmp_path):
     from workers.model import load_pretrained
 
@@ -108,6 +109,7 @@ def test_perplexity_matches_direct_computation_and_self_win_rate_is_half(ray_ses
     assert out2["perplexity"] == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_better_policy_wins(ray_session, tmp_path):
     start = make_policy(tmp_path / "start")
     better = train_towards_a(start, tmp_path / "better")
