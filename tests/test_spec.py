@@ -132,3 +132,21 @@ def test_graph_helpers():
     assert find_cycle(needs) is None
     assert find_cycle({"x": ["y"], "y": ["z"], "z": ["x"]}) == ["x", "y", "z", "x"]
     assert plan_mod.fingerprint("k", {"a": 1}, "v", {}) != plan_mod.fingerprint("k", {"a": 2}, "v", {})
+
+
+def test_every_shipped_pipeline_validates():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("pipelines").glob("*.yaml")):
+        prep = prepare(path)
+        assert prep.plan.stages, path
+
+
+def test_readme_yaml_reference_is_generated_from_the_models():
+    """The README's YAML reference cannot drift: it must equal what the models generate."""
+    from pathlib import Path
+
+    from orchestrator.reference import generate, readme_section
+
+    readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    assert readme_section(readme) == generate(), "run: python -m orchestrator.reference --write"

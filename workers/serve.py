@@ -48,9 +48,11 @@ RETRY_AFTER_S = 1
 class Autoscaling(BaseModel):
     """Ray Serve autoscaling (replaces ``replicas`` when given)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     min_replicas: int = Field(1, ge=0)
+    """Fewest replicas kept up."""
     max_replicas: int = Field(2, ge=1)
+    """Most replicas the autoscaler starts."""
     target_ongoing_requests: float = Field(8.0, gt=0)
     """Requests in flight per replica the autoscaler aims for."""
 
@@ -63,15 +65,18 @@ class Autoscaling(BaseModel):
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     input: str | None = None
     """Upstream stage whose ``checkpoint`` output is served; None: the only upstream with one."""
     replicas: int = Field(1, ge=1)
     """Fixed number of replicas (ignored when ``autoscaling`` is set)."""
     autoscaling: Autoscaling | None = None
+    """Ray Serve autoscaling bounds; replaces ``replicas``."""
     host: str = "127.0.0.1"
+    """Interface the HTTP proxy binds (127.0.0.1: this machine only)."""
     port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
     max_batch_size: int = Field(8, ge=1)
     """Sequences decoded together per replica (continuous batching)."""
     max_queue: int = Field(64, ge=0)
