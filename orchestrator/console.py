@@ -66,7 +66,8 @@ class StageDisplay:
         self.record, self.order = record, order
         self.stream = stream or sys.stderr
         self.live_mode = self.stream.isatty() if live is None else live
-        self.console = Console(file=self.stream, highlight=False)
+        # logs and pipes get a wide table rather than rich's 80-column fallback
+        self.console = Console(file=self.stream, highlight=False, width=None if self.live_mode else 140)
         self._live: Live | None = None
         self._last_states: dict[str, str] = {}
         self._last_refresh = 0.0

@@ -51,3 +51,15 @@ def tracking_uri(tmp_path, _empty_mlflow_db):
     path = tmp_path / "mlflow.db"
     shutil.copy(_empty_mlflow_db, path)
     return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP workers
+    waiting for a core make every op several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,14 +15,7 @@ from workers.model import (GPT, SIZES, GPTConfig, KVCache, autocast_context, con
 V = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP workers
-    waiting for a core make every op several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int = 0, **over) -> GPT:
