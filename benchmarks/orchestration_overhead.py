@@ -91,7 +91,7 @@ def main() -> None:
         tmp = Path(d)
         (tmp / "bench_funcs.py").write_text(FUNCS)
         sys.path.insert(0, str(tmp))
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         ray.get([ray.remote(noop_task).remote(i) for i in range(args.num_cpus)])  # warm the worker pool
         n = args.stages
         rows = []

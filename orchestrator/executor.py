@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
 _CANCEL_POLL_S = 0.5
+_DRAIN_EVERY_S = 0.25
 
 
 def _scalable_nodes() -> list[dict]:
@@ -54,6 +55,7 @@ class Executor:
         self._last_cancel_poll = 0.0
         self._nodes: tuple[float, list[dict]] | None = None
         self._dirty = False
+        self._last_drain = 0.0
         self._remote: Any = None
         self._bus: Any = None  # Ray is touched only when a stage must run: all-cache-hit runs need none
 
@@ -77,7 +79,7 @@ class Executor:
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, prev)
-            self._drain_events()
+            self._drain_events(force=True)
             if self._bus is not None:
                 ray.kill(self._bus)
         return self.record.state
@@ -102,7 +104,7 @@ class Executor:
             self._drain_events()
             self._save_if_dirty()
             self.display.update()
-        self._drain_events()
+        self._drain_events(force=True)
         states = [r.state for r in self.record.stages.values()]
         if self.record.state != RunState.CANCELLED:
             self.record.state = RunState.SUCCEEDED if all(
@@ -315,9 +317,11 @@ class Executor:
         self.tracker.update_stage(rec)
         self.display.update()
 
-    def _drain_events(self) -> None:
-        if self._bus is None:
+    def _drain_events(self, force: bool = False) -> None:
+        # One actor round trip per drain: a few times a second is plenty for metrics and progress.
+        if self._bus is None or (not force and time.monotonic() - self._last_drain < _DRAIN_EVERY_S):
             return
+        self._last_drain = time.monotonic()
         try:
             events = ray.get(self._bus.drain.remote(), timeout=10)
         except Exception as e:  # noqa: BLE001 - the bus died with a cancelled cluster

@@ -146,6 +146,19 @@ def _write_corpus(folder: Path, files: int = 6, lines: int = 120) -> Path:
     return folder
 
 
+def registered_checkpoint(store: Path) -> dict | None:
+    """The latest checkpoint Ray Train has registered under ``store`` (a folder on storage is not
+    enough: a report still in flight when the worker dies is lost)."""
+    try:
+        for snap in store.rglob("checkpoint_manager_snapshot.json"):
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+            if latest:
+                return latest
+    except (OSError, ValueError):
+        pass  # being written or rotated: look again
+    return None
+
+
 def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(cluster, tmp_path, tracking_uri):
     import ray
     from mlflow.tracking import MlflowClient
@@ -191,22 +204,13 @@ def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(c
     prep = runs.prepare(path)
     t0 = time.monotonic()
     bg = Background(lambda: runs.start_run(prep, stream=io.StringIO(), live=False))
-
-    def registered_checkpoint():
-        """The latest checkpoint Ray Train has registered (a folder on storage is not enough: a
-        report still in flight when the worker dies is lost)."""
-        try:
-            for snap in store.rglob("checkpoint_manager_snapshot.json"):
-                latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
-                if latest:
-                    return latest
-        except (OSError, ValueError):
-            pass  # being written or rotated: look again
-        return None
-
-    first = wait_for(registered_checkpoint, "the first registered Ray Train checkpoint", timeout=300)
-    for b in held:  # the surviving nodes' CPUs are free for the restarted worker group
-        ray.kill(b)
+    try:
+        first = wait_for(lambda: registered_checkpoint(store) or bg.error or (not bg.is_alive() and "ended"),
+                         "the first registered Ray Train checkpoint", timeout=300)
+    finally:
+        for b in held:  # the surviving nodes' CPUs are free for the restarted worker group
+            ray.kill(b)
+    assert bg.error is None and isinstance(first, dict), f"the run ended before the kill: {bg.error or bg.result}"
     c.remove_node(victim)
     killed_after = time.monotonic() - t0
     record = bg.join(timeout=300)

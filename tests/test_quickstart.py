@@ -31,6 +31,7 @@ TINY = [
     "stages.tokenize.config.max_bytes=300000",
     "stages.tokenize.config.tokenizer.vocab_size=512",
     "stages.tokenize.config.shard_size_bytes=150000",
+    "stages.tokenize.config.val_fraction=0.25",
     "stages.pretrain.config.max_steps=12",
     "stages.pretrain.config.eval_every=6",
     "stages.pretrain.config.checkpoint_every=6",
