@@ -77,7 +77,7 @@ class Tracker:
         if self._experiment_id is None:
             exp = self._sync("get_experiment_by_name", self.experiment_name)
             self._experiment_id = exp.experiment_id if exp else self._sync(
-                "create_experiment", self.experiment_name,
+                "create_experiment", self.experiment_name, artifact_location=_artifact_root(self.uri),
                 # open in the UI's "Model training" view (runs, metrics, artifacts), not GenAI traces
                 tags={"mlflow.experimentKind": "custom_model_development"})
         return self._experiment_id
@@ -268,6 +268,16 @@ class Tracker:
             [e.experiment_id for e in exps], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'",
             max_results=max_results, order_by=["attributes.start_time DESC"],
         )
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (MLflow's default is ./mlruns in
+    whatever directory the process runs in); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        db = os.path.abspath(uri[len("sqlite:///"):])
+        name = os.path.splitext(os.path.basename(db))[0]
+        return "file://" + os.path.join(os.path.dirname(db), f"{name}-artifacts")
+    return None
 
 
 def _digest(text: str) -> str:
