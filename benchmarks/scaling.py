@@ -53,6 +53,24 @@ def start_s3() -> tuple[object, dict]:
     return server, env
 
 
+def start_cluster(n: int, tries: int = 3):
+    """Head (0 CPU) + n one-CPU raylets. Ray gives a raylet 30 s to register, which an overloaded
+    machine can miss: retry with a whole new cluster (a late raylet cannot join a new GCS)."""
+    from ray.cluster_utils import Cluster
+
+    for left in reversed(range(tries)):
+        cluster = Cluster(initialize_head=False)
+        try:
+            cluster.add_node(num_cpus=0, include_dashboard=False)
+            for _ in range(n):
+                cluster.add_node(num_cpus=1)
+            return cluster
+        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+            cluster.shutdown()
+            if not left:
+                raise
+
+
 def make_corpus(folder: Path, megabytes: float) -> Path:
     """JSONL of pseudo-English documents (deterministic)."""
     import numpy as np
@@ -116,7 +134,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.update(ENV)
     import ray
-    from ray.cluster_utils import Cluster
 
     from benchmarks.pretrain import make_dataset
 
@@ -131,10 +148,8 @@ def main() -> None:
     try:
         for n in args.nodes:
             t0 = time.perf_counter()
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+            cluster = start_cluster(n)
             try:
-                for _ in range(n):
-                    cluster.add_node(num_cpus=1)
                 ray.init(address=cluster.address, runtime_env={"env_vars": {**ENV, **s3_env}}, log_to_driver=False)
                 cluster.wait_for_nodes()
                 up = time.perf_counter() - t0

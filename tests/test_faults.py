@@ -9,9 +9,10 @@ to the ``rlhf`` stage, which fails the attempt; the executor's retry resumes fro
 iteration checkpoint (an iteration is checkpointed only once complete, so a lost iteration is
 redone whole) — that path is the stage-retry one tests/test_rlhf.py exercises with its fault hook.
 
-The module builds its own cluster: a one-CPU head that is never killed (the driver, the stage
-runners and the Ray Train controller, which ask for no CPU, stay there) and one one-CPU victim
-node per test; actors holding the CPUs of the other nodes steer the Train worker onto its victim.
+The module builds its own cluster: a head with no CPU (the driver, the stage runners and the Ray
+Train controller ask for none and stay there; a head with a busy CPU lets Ray spread them onto the
+victim), a one-CPU survivor and one one-CPU victim node per test; actors holding the CPUs of the
+other nodes steer the Train worker onto its victim.
 The session's local Ray is stopped first and restarted at the end (``conftest.start_local_ray``).
 Runs take minutes on a loaded 2-core machine (raylet start-up, two Ray Train worker groups).
 """
@@ -67,23 +68,36 @@ def s3():
 
 @pytest.fixture(scope="module")
 def cluster(s3):
-    """A head with one CPU (it survives every test) and one one-CPU victim node per test, all
-    started up front: raylets start slowly on a loaded 2-core machine."""
+    """A head with no CPU (so tasks asking for none, like stage runners, stay on it), a one-CPU
+    'survivor' and one one-CPU victim node per test, all started up front (raylets start slowly
+    on a loaded 2-core machine)."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()  # the session's local Ray; restarted below
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c = None
     try:
-        nodes = {"head": c.head_node}
-        nodes.update({name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("victim_train", "victim_tok")})
+        for tries_left in (2, 1, 0):
+            # Ray gives a raylet 30 s to register; an overloaded machine can miss that. A node that
+            # failed to start may still register late, so retry with a whole new cluster (new GCS).
+            c = Cluster(initialize_head=False)
+            try:
+                c.add_node(num_cpus=0, include_dashboard=False)
+                nodes = {name: c.add_node(num_cpus=1, resources={name: 1})
+                         for name in ("survivor", "victim_train", "victim_tok")}
+                break
+            except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+                c.shutdown()
+                if not tries_left:
+                    raise
         ray.init(address=c.address, runtime_env={"env_vars": {**ENV, **s3}}, log_to_driver=False)
         c.wait_for_nodes()
         yield c, nodes
     finally:
         ray.shutdown()
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
         start_local_ray()
 
 
@@ -169,7 +183,7 @@ def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(c
     c, nodes = cluster
     victim = nodes["victim_train"]
     # Hold every other CPU so the Train worker can only start on the victim; freed before the kill.
-    held = hold_cpus([nodes["head"].node_id, nodes["victim_tok"].node_id])
+    held = hold_cpus([nodes["survivor"].node_id, nodes["victim_tok"].node_id])
 
     corpus = _write_corpus(tmp_path / "corpus")
     store = tmp_path / "store"
