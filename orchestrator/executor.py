@@ -63,7 +63,12 @@ class Executor:
         if self._bus is None:
             self._connect()
             self._remote = ray.remote(execute_stage)
-            self._bus = EventBus.remote()
+            # On the driver's node: a bus placed on a worker node would die with it, and every
+            # later metric, tag and progress event of every stage would be lost.
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            self._bus = EventBus.options(scheduling_strategy=here).remote()
 
     # -- public ------------------------------------------------------------------------------
     def request_cancel(self) -> None:
