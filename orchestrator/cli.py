@@ -235,7 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(record), indent=2, default=str))
     else:
-        Console().print(stage_table(record, list(record.stages)))
+        Console(width=None if sys.stdout.isatty() else 140).print(stage_table(record, list(record.stages)))
         for r in record.stages.values():
             if r.error:
                 print(f"{r.name}: {r.error}")

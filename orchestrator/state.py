@@ -113,7 +113,7 @@ class RunRecord:
 
     def save(self) -> None:
         self.updated = time.time()
-        storage.write_json(self.uri, asdict(self), indent=None)
+        storage.write_json(self.uri, asdict(self), indent=None, sort_keys=False)  # stages stay in plan order
 
     @classmethod
     def load(cls, uri: str) -> RunRecord:

@@ -102,8 +102,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
-def write_json(uri: str, obj: Any, indent: int | None = 2) -> None:
-    write_bytes(uri, json.dumps(obj, indent=indent, sort_keys=True, default=str).encode())
+def write_json(uri: str, obj: Any, indent: int | None = 2, sort_keys: bool = True) -> None:
+    write_bytes(uri, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str).encode())
 
 
 def delete(uri: str) -> None:
