@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_local_ray
+from tests.conftest import moto_s3, start_local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -42,28 +42,8 @@ MAX_STEPS, CKPT_EVERY = 500, 20  # steps take ~15 ms: the kill (seen at step ~44
 def s3():
     """A real S3 HTTP endpoint (moto) for the tokenize test: with object-store output, encoder
     actors may run on any node (with local output they are pinned to the runner's node)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="faults")
-    try:
+    with moto_s3("faults") as (env, _client):
         yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 @pytest.fixture(scope="module")

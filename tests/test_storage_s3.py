@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import runs, storage
+from tests.conftest import moto_s3
 from orchestrator import state as st
 from orchestrator.state import RunState, StageState
 
@@ -36,29 +37,8 @@ def read(ctx):
 @pytest.fixture(scope="module")
 def s3():
     """A real S3 HTTP endpoint on 127.0.0.1 with one bucket; the AWS_* settings every client reads."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="orch")
-    try:
-        yield type("S3", (), {"env": env, "bucket": "orch",
-                              "client": boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")})
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    with moto_s3("orch") as (env, client):
+        yield type("S3", (), {"env": env, "bucket": "orch", "client": client})
 
 
 def _keys(s3, prefix: str) -> list[str]:
