@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import textwrap
 import threading
 import time

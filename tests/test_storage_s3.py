@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 
 from orchestrator import runs, storage
 from tests.conftest import moto_s3
-from orchestrator import state as st
 from orchestrator.state import RunState, StageState
 
 FUNCS = '''
