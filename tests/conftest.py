@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 
 import pytest
 
@@ -94,3 +95,15 @@ def moto_s3(bucket: str):
             else:
                 os.environ[k] = v
         server.stop()
+
+
+def still_alive(pid: int, within: float = 15.0) -> bool:
+    """Whether process ``pid`` is still running after waiting up to ``within`` s for it to die."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    return True

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import still_alive
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -184,7 +186,7 @@ def test_cancel_stops_the_job_and_the_pipeline(head, project):
     out = _cli(head, project.dir, "cancel", job_id, "--address", head.address)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"job {job_id}: STOPPED" in out.stdout
-    assert not _alive(pid), "the stage's process must be killed"
+    assert not still_alive(pid), "the stage's process must be killed"
     # the driver got SIGINT and cancelled the pipeline before exiting
     rec = runs.load_record(run_id, project.tracking_uri)
     assert rec.state == RunState.CANCELLED
@@ -204,17 +206,6 @@ def test_submit_rejects_bad_input_before_reaching_the_cluster(project, tmp_path)
     out = subprocess.run([sys.executable, "-m", "orchestrator", "submit", str(outside), "--address", "http://127.0.0.1:9"],
                          cwd=project.dir, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "must be inside the working directory" in out.stderr
-
-
-def _alive(pid: int, within: float = 15.0) -> bool:
-    deadline = time.time() + within
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import still_alive
 from mlflow.tracking import MlflowClient
 
 from orchestrator import runs
@@ -182,7 +184,7 @@ def test_hanging_stage_is_stopped_by_its_timeout(workspace):
     assert rec.state == RunState.FAILED
     assert "timed out after 3s" in rec.stages["hang"].error
     pid = int(pid_file.read_text())
-    assert not _alive(pid), "the timed-out stage's process must be killed"
+    assert not still_alive(pid), "the timed-out stage's process must be killed"
 
 
 def test_non_json_outputs_fail_clearly_without_retry(workspace):
@@ -192,17 +194,6 @@ def test_non_json_outputs_fail_clearly_without_retry(workspace):
     rec = run(path)
     assert rec.stages["x"].state == StageState.FAILED and rec.stages["x"].attempts == 1
     assert "output 'obj' is not JSON-serialisable" in rec.stages["x"].error
-
-
-def _alive(pid: int) -> bool:
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _wait_for(pred, timeout=120.0):
@@ -234,7 +225,7 @@ def test_cancel_from_another_terminal_kills_running_stage(workspace):
     rec = result["rec"]
     assert rec.state == RunState.CANCELLED
     assert rec.stages["hang"].state == StageState.CANCELLED and rec.stages["later"].state == StageState.CANCELLED
-    assert not _alive(pid)
+    assert not still_alive(pid)
     assert MlflowClient(workspace.tracking_uri).get_run(run_id).info.status == "KILLED"
 
 
