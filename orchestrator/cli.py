@@ -343,8 +343,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
     from workers import serve as serving
 
     from .runs import resolve_checkpoint
@@ -354,16 +352,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import ray
 
         ray.init(address=args.address)
-    url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,
-                                   max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                   api_key=args.api_key or os.environ.get("ORCHESTRATOR_API_KEY"),
-                                   model_name=args.model_name, blocking=False)
-    print(f"serving {ckpt} at {url}/v1 (OpenAI-compatible); Ctrl-C to stop", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,
+                                       max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                                       api_key=args.api_key or os.environ.get("ORCHESTRATOR_API_KEY"),
+                                       model_name=args.model_name, blocking=False)
+    except KeyboardInterrupt:  # Ctrl-C while deploying: leave nothing half-deployed
         serving.shutdown()
+        return EXIT_OK
+    print(f"checkpoint {ckpt}", flush=True)
+    _serve_until_interrupted([url])
     return EXIT_OK
 
 
