@@ -1,4 +1,4 @@
-"""Decode speed: our `workers.sampling.generate` vs `transformers.GPT2LMHeadModel.generate`.
+"""Decode speed: our `workers.model.sampling.generate` vs `transformers.GPT2LMHeadModel.generate`.
 
 Same random-init weights (exported with our save_pretrained, loaded with from_pretrained),
 same prompts, greedy, KV cache in both, same thread count. Prints tokens/s, the ratio, and
@@ -22,8 +22,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from workers.model import GPT, config_for, save_pretrained  # noqa: E402
-from workers.sampling import SamplingParams, generate  # noqa: E402
+from workers.model.transformer import GPT, config_for, save_pretrained  # noqa: E402
+from workers.model.sampling import SamplingParams, generate  # noqa: E402
 
 
 def make_model(size: str, vocab: int, seed: int) -> GPT:

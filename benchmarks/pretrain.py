@@ -1,6 +1,6 @@
 """Benchmark: the `pretrain` stage (Ray Train, 1 worker) against a plain PyTorch loop.
 
-Same model (workers.model.GPT, same seed), same batches (workers.tokens.TokenBatches), same
+Same model (workers.model.transformer.GPT, same seed), same batches (workers.data.tokens.TokenBatches), same
 optimizer and LR schedule, same number of steps, same thread count. Startup is excluded:
 steady-state tokens/s is measured over the wall-clock time between the end of step WARMUP and
 the end of step STEPS - 1 (the stage: timestamps of rank 0's per-step metric events, which
@@ -35,7 +35,7 @@ def make_dataset(folder: Path) -> Path:
 
 
 def config(steps: int):
-    from workers.pretrain import Config
+    from workers.kinds.pretrain import Config
 
     return Config(model=MODEL, batch_size=BATCH, grad_accum=1, max_steps=steps, lr=6e-4, min_lr=6e-5,
                   warmup_steps=5, eval_every=steps, eval_steps=1, checkpoint_every=steps, seed=1)
@@ -49,9 +49,9 @@ def steady_tokens_per_s(ends: list[float], tokens_per_step: int, warmup: int) ->
 
 def plain_loop(ds: Path, steps: int, threads: int) -> list[float]:
     """nanoGPT-style loop on the same model, data, optimizer and schedule; returns step end times."""
-    from workers.model import GPT, config_for
-    from workers.tokens import TokenBatches, TokenDataset
-    from workers.training import lr_at
+    from workers.model.transformer import GPT, config_for
+    from workers.data.tokens import TokenBatches, TokenDataset
+    from workers.training.loop import lr_at
 
     torch.set_num_threads(threads)
     cfg = config(steps)
@@ -78,7 +78,7 @@ def plain_loop(ds: Path, steps: int, threads: int) -> list[float]:
 
 def stage_run(ray, ds: Path, tmp: Path, steps: int, threads: int) -> tuple[list[float], dict, list[dict]]:
     from tests.test_pretrain import collector_sink
-    from workers import pretrain
+    from workers.kinds import pretrain
     from workers.stage import Resources, local_context
 
     ctx = local_context(tmp, "pretrain", resources=Resources(cpus=threads, workers=1),
@@ -98,8 +98,8 @@ def main() -> None:
 
     import ray
 
-    from workers.model import GPT, config_for
-    from workers.training import cpu_peak_flops
+    from workers.model.transformer import GPT, config_for
+    from workers.training.loop import cpu_peak_flops
 
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})

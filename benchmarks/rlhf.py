@@ -3,7 +3,7 @@
 Reports rollout tokens/s, iteration time, and the share of an iteration spent in generation,
 ranking, the learner's update, weight sync (object store) and checkpointing, from the kind's own
 per-iteration metrics (first iteration left out: actor warm-up). Reference in the same run: the
-same sampling (`workers.sampling.generate`, same batch, 1 thread) in the driver process, without
+same sampling (`workers.model.sampling.generate`, same batch, 1 thread) in the driver process, without
 Ray; the ratio says what the actor hop costs (1 actor) or gains (2 actors).
 
     python benchmarks/rlhf.py                      # n_layer 2, n_embd 64, 16 prompts x 8 samples x 24 tokens
@@ -34,8 +34,8 @@ def fraction_a(prompt: str, completion: str) -> float:
 
 
 def make_policy(folder: Path, n_layer: int, n_embd: int) -> Path:
-    from workers import tokenizer as toks
-    from workers.model import GPT, GPTConfig, save_pretrained
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import GPT, GPTConfig, save_pretrained
 
     tok = toks.train_char([CHARS])
     toks.save(tok, folder)
@@ -53,8 +53,8 @@ def prompts(n: int) -> list[str]:
 
 def plain_tokens_per_s(ck: Path, ps: list[str], k: int, max_tokens: int, reps: int = 3) -> float:
     """The reference: generate in this process, 1 thread, no Ray."""
-    from workers.rollout import load_policy
-    from workers.sampling import SamplingParams, generate
+    from workers.rl.rollout import load_policy
+    from workers.model.sampling import SamplingParams, generate
 
     torch.set_num_threads(1)
     pol = load_policy(str(ck))
@@ -70,7 +70,7 @@ def plain_tokens_per_s(ck: Path, ps: list[str], k: int, max_tokens: int, reps: i
 
 
 def run_kind(ck: Path, workers: int, args) -> dict[str, float]:
-    from workers import rlhf
+    from workers.kinds import rlhf
     from workers.stage import local_context
 
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-rlhf-{workers}-"))

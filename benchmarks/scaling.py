@@ -6,11 +6,11 @@ CPU each; the stage then runs with N workers of 1 CPU (one per raylet, since eac
 The reference is the same stage at N=1 in the same run: scaling efficiency =
 throughput_N / (N x throughput_1).
 
-- tokenize: ``workers.tokenize.run`` with a BPE tokenizer trained beforehand (given as a file),
+- tokenize: ``workers.kinds.tokenize.run`` with a BPE tokenizer trained beforehand (given as a file),
   output on a real S3 endpoint (moto, in this process) so encoder actors may run on any raylet
   (with local output they are pinned to the runner's node). tokens/s = the stage's own
   ``tokens_per_s`` metric (its encode phase: actor start-up, reading, encoding, writing shards).
-- pretrain: ``workers.pretrain.run`` on N Ray Train workers (DDP, gloo), fixed per-worker batch
+- pretrain: ``workers.kinds.pretrain.run`` on N Ray Train workers (DDP, gloo), fixed per-worker batch
   (weak scaling: the global batch grows with N). tokens/s = steady state between the end of step
   WARMUP and the end of the second-to-last step (rank 0's per-step metric timestamps).
 
@@ -88,7 +88,7 @@ def make_corpus(folder: Path, megabytes: float) -> Path:
 
 
 def train_tokenizer(corpus: Path, out: Path) -> Path:
-    from workers import tokenizer as tk
+    from workers.data import tokenizer as tk
 
     texts = (json.loads(line)["text"] for line in corpus.open(encoding="utf-8"))
     tok = tk.train_bpe(texts, 1024, ["<|endoftext|>"], 2)
@@ -98,7 +98,7 @@ def train_tokenizer(corpus: Path, out: Path) -> Path:
 
 
 def bench_tokenize(n: int, corpus: Path, tokenizer: Path, tmp: Path) -> float:
-    from workers import tokenize as T
+    from workers.kinds import tokenize as T
     from workers.stage import ListSink, Resources, StageContext
 
     art = tmp / f"tok{n}"
@@ -113,7 +113,7 @@ def bench_tokenize(n: int, corpus: Path, tokenizer: Path, tmp: Path) -> float:
 def bench_pretrain(ray, n: int, dataset: Path, tmp: Path, steps: int) -> float:
     from benchmarks.pretrain import steady_tokens_per_s
     from tests.test_pretrain import collector_sink
-    from workers import pretrain
+    from workers.kinds import pretrain
     from workers.stage import Resources, local_context
 
     ctx = local_context(tmp / f"pt{n}", "pretrain", resources=Resources(cpus=1, workers=n),

@@ -5,7 +5,7 @@ with at most that many in flight; per request we time the first token (TTFT), th
 later output token (TPOT) and the end-to-end latency, and overall the output tokens/s and
 requests/s. The reference is the same server at concurrency 1 (one request at a time): the
 ratio of output tokens/s at the highest concurrency to that shows what batching buys. When it
-starts its own server, the in-process static batch (``workers.sampling.generate`` on all the
+starts its own server, the in-process static batch (``workers.model.sampling.generate`` on all the
 highest level's prompts at once) is printed as a ceiling.
 
     python -m benchmarks.serve                      # starts a server on 127.0.0.1 (small random model)
@@ -100,9 +100,9 @@ def _start_server(size: str, max_batch_size: int, port: int) -> tuple[str, str, 
     import ray
     import torch
 
-    from workers import tokenizer as toks
-    from workers.model import GPT, config_for, save_pretrained
-    from workers.serve import serve_checkpoint
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import GPT, config_for, save_pretrained
+    from workers.kinds.serve import serve_checkpoint
 
     torch.manual_seed(0)
     ckpt = Path(tempfile.mkdtemp(prefix="bench-serve-")) / f"random-{size}"
@@ -120,9 +120,9 @@ def _static_batch(ckpt: Path, prompts: list[str], max_tokens: int) -> float:
     """Output tokens/s of one in-process ``generate`` call over all prompts (no HTTP, no arrivals)."""
     import torch
 
-    from workers import tokenizer as toks
-    from workers.model import load_pretrained
-    from workers.sampling import SamplingParams, generate
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import load_pretrained
+    from workers.model.sampling import SamplingParams, generate
 
     torch.set_num_threads(1)  # as the replica (one CPU)
     model = load_pretrained(ckpt).eval()
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", help="a running server (default: start one on 127.0.0.1)")
     ap.add_argument("--model", help="model id (default: the server's)")
-    ap.add_argument("--size", default="small", help="model size when starting a server (workers.model.SIZES)")
+    ap.add_argument("--size", default="small", help="model size when starting a server (workers.model.transformer.SIZES)")
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(8, 2 x concurrency)")
@@ -173,9 +173,9 @@ def main(argv=None) -> None:
     if ckpt is not None:
         n = args.requests_per_level or max(8, 2 * max(levels))
         static = _static_batch(ckpt, [_prompt(i, args.prompt_words) for i in range(max(levels))], args.max_tokens)
-        print(f"in-process static batch of {max(levels)} (workers.sampling.generate): {static:.1f} tok/s; "
+        print(f"in-process static batch of {max(levels)} (workers.model.sampling.generate): {static:.1f} tok/s; "
               f"server at concurrency {top['concurrency']} reaches {top['out_tok_s'] / static:.2f}x of it")
-        from workers.serve import shutdown
+        from workers.kinds.serve import shutdown
 
         shutdown()
 

@@ -6,7 +6,7 @@ every contender as a file, so training time is excluded everywhere.
 
 Contenders (each prints tokens/s; token ids are checked equal to the stage's output):
 
-- ``stage w=N``: ``workers.tokenize.run`` end to end with N encoder actors of 1 CPU each: actor
+- ``stage w=N``: ``workers.kinds.tokenize.run`` end to end with N encoder actors of 1 CPU each: actor
   start-up, reading files, encoding, writing Parquet shards, manifest. (``encode phase`` excludes
   tokenizer loading/saving and corpus planning only.)
 - ``encode_batch 1 thread``: ``Tokenizer.encode_batch`` in one process with
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _docs(max_bytes: int):
-    from workers import corpus
+    from workers.data import corpus
 
     units = corpus.plan_units(corpus.expand(corpus.BUILTIN_STDLIB), 1 << 40)
     out, total = [], 0
@@ -96,9 +96,9 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from workers import tokenize as T
-    from workers import tokenizer as tk
-    from workers.corpus import iter_texts, plan_units, expand, BUILTIN_STDLIB
+    from workers.kinds import tokenize as T
+    from workers.data import tokenizer as tk
+    from workers.data.corpus import iter_texts, plan_units, expand, BUILTIN_STDLIB
     from workers.stage import Resources, local_context
 
     ncpu = os.cpu_count() or 1

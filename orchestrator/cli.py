@@ -203,7 +203,7 @@ def _serve_until_interrupted(endpoints: list[str]) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from workers import serve as serving
+        from workers.kinds import serve as serving
 
         serving.shutdown()
 
@@ -305,8 +305,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from workers.sampling import SamplingParams, generate
-    from workers.serve import load_checkpoint
+    from workers.model.sampling import SamplingParams, generate
+    from workers.kinds.serve import load_checkpoint
 
     from .runs import resolve_checkpoint
 
@@ -343,7 +343,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from workers import serve as serving
+    from workers.kinds import serve as serving
 
     from .runs import resolve_checkpoint
 

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from . import state as st
-from . import storage
+from workers import storage
 from .console import StageDisplay
 from .errors import StageError
 from .plan import Plan, PlannedStage

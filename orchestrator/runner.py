@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from . import storage
+from workers import storage
 from .errors import StageError
 
 

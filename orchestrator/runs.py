@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from . import spec as spec_mod
 from . import state as st
-from . import storage
+from workers import storage
 from .console import StageDisplay
 from .errors import SpecError
 from .plan import Plan, build_plan

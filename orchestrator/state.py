@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from . import storage
+from workers import storage
 
 
 class StageState(str, Enum):

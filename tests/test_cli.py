@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from orchestrator.cli import main
-from workers import tokenizer as toks
-from workers.model import GPT, config_for, save_pretrained
-from workers.sampling import SamplingParams, generate
+from workers.data import tokenizer as toks
+from workers.model.transformer import GPT, config_for, save_pretrained
+from workers.model.sampling import SamplingParams, generate
 
 
 def _checkpoint(tmp_path):

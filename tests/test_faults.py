@@ -4,7 +4,7 @@ MLflow says what failed and from where it resumed), and a node running tokenizer
 mid-way (its units are redone on live actors; the dataset is byte-identical to a clean run's).
 
 Not covered here: the driver dying (``orchestrator resume``: tests/test_pipeline.py), infeasible
-resources (tests/test_cluster.py). Rollout actors (``workers/rollout.py``) raise ``ActorDiedError``
+resources (tests/test_cluster.py). Rollout actors (``workers/rl/rollout.py``) raise ``ActorDiedError``
 to the ``rlhf`` stage, which fails the attempt; the executor's retry resumes from the latest
 iteration checkpoint (an iteration is checkpointed only once complete, so a lost iteration is
 redone whole) — that path is the stage-retry one tests/test_rlhf.py exercises with its fault hook.
@@ -234,7 +234,7 @@ def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(c
 
 
 def _tokenize(tmp: Path, name: str, source: str, resources):
-    from workers import tokenize as T
+    from workers.kinds import tokenize as T
     from workers.stage import ListSink, StageContext
 
     art = tmp / name / "art"

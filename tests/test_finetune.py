@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from workers import finetune, sft_data
-from workers import tokenizer as toks
-from workers.chat import DEFAULT_CHAT_TEMPLATE, render_chat
-from workers.lora import LoRALinear, apply_lora, merge_lora
-from workers.model import GPT, config_for, load_pretrained, save_pretrained
+from workers.kinds import finetune
+from workers.data import records as sft_data
+from workers.data import tokenizer as toks
+from workers.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
+from workers.model.lora import LoRALinear, apply_lora, merge_lora
+from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
 from workers.stage import Resources, local_context
 
 BLOCK = 64

@@ -1,4 +1,4 @@
-"""workers/model.py: shapes, loss, KV cache == recompute, HF GPT-2 round trip, training, sizes."""
+"""workers/model/transformer.py: shapes, loss, KV cache == recompute, HF GPT-2 round trip, training, sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from workers.model import (GPT, SIZES, GPTConfig, KVCache, autocast_context, config_for,
+from workers.model.transformer import (GPT, SIZES, GPTConfig, KVCache, autocast_context, config_for,
                            default_device, load_pretrained, read_config, save_pretrained)
 
 V = 97

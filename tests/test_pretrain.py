@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from workers import pretrain
+from workers.kinds import pretrain
 from workers.stage import Resources, local_context
-from workers.training import FaultInjection, TrainingConfig, lr_at
-from workers.tokens import TokenBatches, TokenDataset, shards_for_rank, unigram_entropy
+from workers.training.loop import FaultInjection, TrainingConfig, lr_at
+from workers.data.tokens import TokenBatches, TokenDataset, shards_for_rank, unigram_entropy
 
 VOCAB, EOS = 64, 63
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
@@ -262,7 +262,7 @@ def test_rank0_logs_training_metrics_and_progress(runs):
 def test_final_checkpoint_is_self_contained(runs):
     import torch
 
-    from workers.model import load_pretrained
+    from workers.model.transformer import load_pretrained
 
     ctx, outputs, _ = runs["one"]
     folder = Path(outputs["checkpoint"])

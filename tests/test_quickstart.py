@@ -69,7 +69,7 @@ def quickstart(ray_session, tmp_path_factory):
     first = runs.start_run(prep, stream=io.StringIO(), live=False)
     second = runs.start_run(runs.prepare(work / "quickstart.yaml", overrides), stream=io.StringIO(), live=False)
     yield {"first": first, "second": second, "uri": uri, "port": port, "work": work}
-    from workers import serve as serving
+    from workers.kinds import serve as serving
 
     serving.shutdown()
 

@@ -1,4 +1,4 @@
-"""The `reward` kind and `workers.reward_model`: Bradley-Terry loss (with margins), scores read at
+"""The `reward` kind and `workers.model.reward_head`: Bradley-Terry loss (with margins), scores read at
 the last real token whatever the padding, a save/load round trip with identical scores, errors
 naming files and fields, and one real Ray Train fit reaching high held-out pairwise accuracy on a
 learnable synthetic preference.
@@ -16,10 +16,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from workers import reward, sft_data
-from workers import tokenizer as toks
-from workers.model import GPT, config_for, load_pretrained, save_pretrained
-from workers.reward_model import HEAD_FILE, RewardModel, load_reward_model, save_reward_model
+from workers.kinds import reward
+from workers.data import records as sft_data
+from workers.data import tokenizer as toks
+from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
+from workers.model.reward_head import HEAD_FILE, RewardModel, load_reward_model, save_reward_model
 from workers.stage import Resources, local_context
 
 BLOCK = 64

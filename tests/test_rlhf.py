@@ -16,9 +16,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from workers import rlhf
-from workers.ranking import Ranking, RankingPool, RewardConfig, RewardSource, order_of, resolve_reward
-from workers.rollout import Group, RolloutPool, Sample
+from workers.kinds import rlhf
+from workers.rl.ranking import Ranking, RankingPool, RewardConfig, RewardSource, order_of, resolve_reward
+from workers.rl.rollout import Group, RolloutPool, Sample
 from workers.stage import local_context
 
 CHARS = "abcd"
@@ -32,8 +32,8 @@ def fraction_a(prompt: str, completion: str) -> float:
 
 def make_policy(folder: Path, seed: int = 0, block_size: int = 32) -> Path:
     """A tiny random GPT with a character tokenizer, saved as a self-contained checkpoint."""
-    from workers import tokenizer as toks
-    from workers.model import GPT, GPTConfig, save_pretrained
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import GPT, GPTConfig, save_pretrained
 
     tok = toks.train_char([CHARS])
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,8 +126,8 @@ def test_ranking_pool_spreads_and_ranks(ray_session):
 
 
 def test_weights_reach_rollout_actors_through_object_store(ray_session, tmp_path):
-    from workers.model import load_pretrained
-    from workers.sampling import SamplingParams, generate
+    from workers.model.transformer import load_pretrained
+    from workers.model.sampling import SamplingParams, generate
 
     ck = make_policy(tmp_path / "a", seed=0)
     other = load_pretrained(make_policy(tmp_path / "b", seed=1)).eval()
@@ -198,5 +198,5 @@ def test_algorithm_raises_reward_with_bounded_kl(ray_session, tmp_path, algorith
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     carried = json.loads((folder / "config.json").read_text())
     assert carried["prompt_template"] == "{prompt}" and carried["eos_token_id"] == 0
-    from workers.model import load_pretrained
+    from workers.model.transformer import load_pretrained
     assert load_pretrained(folder).config.n_embd == 32

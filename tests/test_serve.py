@@ -16,10 +16,10 @@ import openai
 import pytest
 import torch
 
-from workers import tokenizer as toks
-from workers.chat import render_chat
-from workers.model import GPT, config_for, load_pretrained, save_pretrained
-from workers.sampling import SamplingParams, generate
+from workers.data import tokenizer as toks
+from workers.data.chat import render_chat
+from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
+from workers.model.sampling import SamplingParams, generate
 
 # Starting Serve with two replicas takes ~30-60 s of a loaded 2-core machine; kept in the default run.
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def checkpoint(tmp_path_factory):
 def server(ray_session, checkpoint):
     from ray import serve
 
-    from workers.serve import serve_checkpoint
+    from workers.kinds.serve import serve_checkpoint
 
     port = _free_port()
     main = serve_checkpoint(str(checkpoint), port=port, blocking=False, max_batch_size=8, max_queue=16,
@@ -72,7 +72,7 @@ def server(ray_session, checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """The same checkpoint run in-process by workers.sampling (what the server must reproduce)."""
+    """The same checkpoint run in-process by workers.model.sampling (what the server must reproduce)."""
     model = load_pretrained(checkpoint).eval()
     tok = toks.load(checkpoint / "tokenizer.json")
 
@@ -341,7 +341,7 @@ def test_concurrent_requests_share_decode_steps(server, reference):
 def test_serve_stage_deploys_upstream_checkpoint(server, checkpoint, tmp_path):
     from ray import serve
 
-    from workers import serve as kind
+    from workers.kinds import serve as kind
     from workers.stage import Resources, local_context
 
     ctx = local_context(tmp_path, stage="serve", inputs={"train": {"checkpoint": str(checkpoint)}},
@@ -362,7 +362,7 @@ def test_serve_stage_deploys_upstream_checkpoint(server, checkpoint, tmp_path):
 def test_serve_config_errors_name_the_field(tmp_path):
     from pydantic import ValidationError
 
-    from workers import serve as kind
+    from workers.kinds import serve as kind
     from workers.stage import local_context
 
     with pytest.raises(ValidationError, match="replica"):
@@ -381,8 +381,8 @@ def test_serve_config_errors_name_the_field(tmp_path):
 
 def test_engine_admitting_mid_batch_matches_one_batch_generate(checkpoint, reference):
     """Continuous batching (requests joining a running batch, each with its own params and seed)
-    gives exactly what workers.sampling.generate gives for each request on its own."""
-    from workers.serve import Engine, _flush, _Request
+    gives exactly what workers.model.sampling.generate gives for each request on its own."""
+    from workers.kinds.serve import Engine, _flush, _Request
 
     run, tok = reference
     model = load_pretrained(checkpoint).eval()

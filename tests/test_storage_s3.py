@@ -11,13 +11,14 @@ import threading
 
 import pytest
 
-from orchestrator import runs, storage
+from orchestrator import runs
+from workers import storage
 from tests.conftest import moto_s3
 from orchestrator.state import RunState, StageState
 
 FUNCS = '''
 import json
-from orchestrator import storage
+from workers import storage
 
 def write(ctx, text):
     (ctx.artifact_dir / "sub").mkdir()

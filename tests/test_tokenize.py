@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from workers import corpus
-from workers import tokenize as T
-from workers.corpus import CorpusError
+from workers.data import corpus
+from workers.kinds import tokenize as T
+from workers.data.corpus import CorpusError
 from workers.stage import Resources, local_context
 
 
@@ -222,7 +222,7 @@ def test_bad_json_line_is_reported_by_file_and_line(ray_session, tmp_path):
 
 
 def _char_tokenizer(tmp: Path) -> Path:
-    from workers import tokenizer as tk
+    from workers.data import tokenizer as tk
 
     tk.save(tk.train_char(["abcdefghijklmnopqrstuvwxyz 0123456789"]), tmp / "chartok")
     return tmp / "chartok" / "tokenizer.json"

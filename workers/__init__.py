@@ -1,4 +1,15 @@
-"""Stage kinds and the model code they share.
+"""Stage kinds and the code they share, in folders that read as the architecture:
+
+- ``kinds/``     one module per stage kind (``KINDS`` below); the contract is ``stage.py``
+- ``training/``  the training loop every training kind runs on Ray Train workers
+- ``rl/``        rollout and reward-ranking actor pools
+- ``serving/``   the OpenAI protocol, the serving engine and HTTP app
+- ``data/``      corpus, tokenizers, token shards, prompt/response records, chat templates
+- ``model/``     the model (plain PyTorch, at the ground): transformer, sampling, LoRA, reward head
+- ``storage.py`` local paths and object stores behind one interface
+
+Dependencies run one way: kinds -> training/rl/serving -> data -> model; nothing here imports
+``orchestrator``.
 
 ``KINDS`` maps a stage ``kind`` to the module implementing it (see ``workers.stage`` for the
 contract). Modules are imported lazily, so validating a pipeline does not import torch or Ray.
@@ -10,14 +21,14 @@ import importlib
 from types import ModuleType
 
 KINDS: dict[str, str] = {
-    "python": "workers.python",
-    "tokenize": "workers.tokenize",
-    "pretrain": "workers.pretrain",
-    "finetune": "workers.finetune",
-    "reward": "workers.reward",
-    "serve": "workers.serve",
-    "rlhf": "workers.rlhf",
-    "evaluate": "workers.evaluate",
+    "python": "workers.kinds.python",
+    "tokenize": "workers.kinds.tokenize",
+    "pretrain": "workers.kinds.pretrain",
+    "finetune": "workers.kinds.finetune",
+    "reward": "workers.kinds.reward",
+    "serve": "workers.kinds.serve",
+    "rlhf": "workers.kinds.rlhf",
+    "evaluate": "workers.kinds.evaluate",
 }
 
 

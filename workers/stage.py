@@ -1,6 +1,6 @@
 """The contract between the executor and a stage kind.
 
-A stage kind is one module in ``workers/`` with:
+A stage kind is one module in ``workers/kinds/`` with:
 
 - ``Config``: a pydantic model (``extra="forbid"``) validating the stage's ``config`` mapping;
 - ``run(ctx: StageContext, config: Config) -> dict``: does the work and returns a small

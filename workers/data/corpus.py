@@ -1,7 +1,7 @@
 """Reading a text corpus in bounded pieces: files found from sources, work units, documents.
 
 A *source* is a path, a glob (``data/**/*.jsonl``), a folder (every supported file under it),
-a storage URI (``file://``, ``s3://``..., through ``orchestrator.storage``) or
+a storage URI (``file://``, ``s3://``..., through ``workers.storage``) or
 ``builtin:python-stdlib`` (the ``.py`` files of the running Python's standard library, without
 ``site-packages`` and test folders: a real corpus on every machine, no download).
 
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from orchestrator import storage
+from workers import storage
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 TEXT_EXTS = (".txt", ".md", ".py")

@@ -1,7 +1,7 @@
 """Stage kind ``tokenize``: a text corpus -> a tokenizer + Parquet shards of token ids.
 
 The driver (``run``) never holds the corpus: it lists files, plans bounded work units
-(``workers.corpus``), trains the tokenizer on a capped sample in one Ray task, then hands the
+(``workers.data.corpus``), trains the tokenizer on a capped sample in one Ray task, then hands the
 units to a pool of encoder actors, each loading the tokenizer once, reading its own unit,
 encoding it and writing that unit's train and val shards itself. Each unit's output depends
 only on the unit, so the dataset is byte-identical for any number of workers.
@@ -38,9 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from orchestrator import storage
-from workers import corpus
-from workers.corpus import CorpusError, Unit
+from workers import storage
+from workers.data import corpus
+from workers.data.corpus import CorpusError, Unit
 from workers.stage import StageContext
 
 DISTRIBUTED = True
@@ -209,7 +209,7 @@ class _Encoder:
 
 def _train_tokenizer(spec: BPETokenizer | CharTokenizer, units: list[Unit], text_field: str,
                      max_bytes: int | None, max_documents: int | None) -> str:
-    from workers import tokenizer as tk
+    from workers.data import tokenizer as tk
 
     cap = min(spec.sample_bytes, max_bytes or spec.sample_bytes)
     texts = corpus.iter_texts(units, text_field, max_bytes=cap, max_documents=max_documents)
@@ -273,7 +273,7 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
-    from workers import tokenizer as tk
+    from workers.data import tokenizer as tk
 
     art = Path(ctx.artifact_dir)
     files = corpus.expand(config.sources)

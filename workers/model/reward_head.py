@@ -1,6 +1,6 @@
 """A reward model: our GPT trunk plus a scalar head read at the last real token. Plain PyTorch.
 
-``RewardModel(config)`` holds ``gpt`` (a ``workers.model.GPT``; its lm_head is kept, tied and
+``RewardModel(config)`` holds ``gpt`` (a ``workers.model.transformer.GPT``; its lm_head is kept, tied and
 unused, so the trunk stays a loadable GPT-2 checkpoint) and ``head`` (nn.Linear(C, 1)).
 ``score(idx, attention_mask)`` -> (B,) rewards: the head applied to the final-LayerNorm hidden
 state of each row's last non-pad token (left or right padding both work; no mask: the last
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from workers.model import GPT, GPTConfig, _atomic_write, load_pretrained, read_config, save_pretrained
+from workers.model.transformer import GPT, GPTConfig, _atomic_write, load_pretrained, read_config, save_pretrained
 
 __all__ = ["RewardModel", "save_reward_model", "load_reward_model", "is_reward_model", "HEAD_FILE"]
 

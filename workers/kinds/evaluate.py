@@ -21,9 +21,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator import storage
-from workers.ranking import RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
-from workers.rollout import PromptSource, RolloutPool, load_prompts
+from workers import storage
+from workers.rl.ranking import RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
+from workers.rl.rollout import PromptSource, RolloutPool, load_prompts
 
 DISTRIBUTED = True
 
@@ -53,7 +53,7 @@ class Config(BaseModel):
 
 
 def code_version(config: Config) -> str:
-    return code_digest(("evaluate.py", "rollout.py", "ranking.py", "model.py", "sampling.py", "tokens.py"),
+    return code_digest(("kinds/evaluate.py", "rl/rollout.py", "rl/ranking.py", "model/transformer.py", "model/sampling.py", "data/tokens.py"),
                        config.reward)
 
 
@@ -73,7 +73,7 @@ def _token_documents(ctx, uri: str, config: Config) -> tuple[list[list[int]], in
     """(documents, eos id, vocab size) of a token dataset's split."""
     import pyarrow.parquet as pq
 
-    from workers.tokens import TokenDataset
+    from workers.data.tokens import TokenDataset
 
     ds = TokenDataset.open(uri)
     shards = ds.shards(config.split)
@@ -92,7 +92,7 @@ def _token_documents(ctx, uri: str, config: Config) -> tuple[list[list[int]], in
 def _text_documents(uri: str, config: Config, checkpoint: str) -> tuple[list[list[int]], int, int]:
     from tokenizers import Tokenizer
 
-    from workers import tokenizer as toks
+    from workers.data import tokenizer as toks
 
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq

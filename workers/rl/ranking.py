@@ -1,7 +1,7 @@
 """Reward sources and a pool of reward-ranking Ray actors, shared by the `rlhf` and `evaluate` kinds.
 
 A reward source is either a reward model (the `reward` stage's ``reward_model`` folder, scored
-with ``workers.reward_model``) or a user function ``module:function(prompt, completion) -> float``
+with ``workers.model.reward_head``) or a user function ``module:function(prompt, completion) -> float``
 (a verifiable reward). A ``RankingPool`` starts ``num_actors`` actors that each hold the source,
 spreads the (prompt, completion) pairs of many prompts over them, and returns for each prompt a
 ``Ranking``: the scores and the completions' order, best first (ties keep sampling order).
@@ -20,7 +20,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator import storage
+from workers import storage
 
 __all__ = [
     "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
@@ -143,7 +143,7 @@ def code_digest(modules: tuple[str, ...], reward: RewardConfig | None) -> str:
     function's module (so editing the reward invalidates cached outputs)."""
     import hashlib
 
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]  # workers/
     h = hashlib.sha256()
     for name in modules:
         h.update((here / name).read_bytes())
@@ -172,12 +172,12 @@ def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSo
 
 def format_prompt(model_config: dict, prompt: str, eos_token: str = "") -> str:
     """The text a fine-tuned model expects before its answer, as `finetune`/`reward` trained it
-    (``workers.sft_data.format_prompt`` with the checkpoint's ``prompt_template`` /
+    (``workers.data.records.format_prompt`` with the checkpoint's ``prompt_template`` /
     ``chat_template``); a checkpoint with neither (pretrained only) gets the bare prompt."""
     pt, ct = model_config.get("prompt_template"), model_config.get("chat_template")
     if pt is None and ct is None:
         return prompt
-    from workers.sft_data import format_prompt as render
+    from workers.data.records import format_prompt as render
     return render(prompt, prompt_template=pt, chat_template=ct, eos_token=eos_token)
 
 
@@ -208,9 +208,9 @@ class RewardModelScorer:
 
         import torch
 
-        from workers import tokenizer as toks
-        from workers.model import default_device
-        from workers.reward_model import load_reward_model
+        from workers.data import tokenizer as toks
+        from workers.model.transformer import default_device
+        from workers.model.reward_head import load_reward_model
 
         local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="reward-model-")))
         self.device = torch.device(device or default_device())
@@ -226,7 +226,7 @@ class RewardModelScorer:
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         import torch
 
-        from workers.sft_data import encode_example
+        from workers.data.records import encode_example
 
         enc = self.tokenizer.encode
         ids = [encode_example(enc(format_prompt(self.config, p, self.eos_token)).ids, enc(c).ids, self.eos_id,

@@ -29,7 +29,7 @@ both are stored in the checkpoint's config.json.
 ``block_size + 1`` tokens: when too long, the prompt keeps its *last* tokens (down to half the
 block; the end holds the assistant tag) and the response is cut on the right. ``ExampleBatches``
 serves such rows as step-indexed batches (a pure function of ``(seed, step)``, as
-``workers.tokens.TokenBatches``), so resuming needs no data-loader state.
+``workers.data.tokens.TokenBatches``), so resuming needs no data-loader state.
 
 ``synthetic_sft`` and ``synthetic_preferences`` make small learnable tasks for tests.
 """
@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from orchestrator import storage
+from workers import storage
 
 BUILTIN_SFT = "builtin:stdlib-docstrings"
 BUILTIN_PREFERENCES = "builtin:stdlib-preferences"
@@ -109,7 +109,7 @@ def read_records(source: str, max_records: int | None = None) -> Iterator[Record
     elif source.startswith("builtin:"):
         raise RecordError(f"data: unknown builtin data set {source!r}; allowed: {', '.join(BUILTINS)}")
     else:
-        from workers.corpus import CorpusError, expand
+        from workers.data.corpus import CorpusError, expand
 
         try:
             files = expand(source)
@@ -145,7 +145,7 @@ def format_prompt(prompt: str, *, prompt_template: str | None = None, chat_templ
     else a single user message rendered by the chat template (the server's chat format)."""
     if prompt_template is not None:
         return prompt_template.format(prompt=prompt)
-    from workers.chat import render_chat
+    from workers.data.chat import render_chat
     return render_chat([{"role": "user", "content": prompt}], chat_template, add_generation_prompt=True,
                        eos_token=eos_token)
 
@@ -172,7 +172,7 @@ def check_prompt_template(template: str, field: str = "prompt_template") -> None
 def sft_pair(record: Record, *, prompt_field: str, response_field: str, messages_field: str,
              prompt_template: str | None, chat_template: str | None, eos_token: str = "") -> tuple[str, str]:
     """(rendered prompt, response) of an SFT record: prompt/response fields, or a messages list."""
-    from workers.chat import ChatTemplateError, message_text, render_chat
+    from workers.data.chat import ChatTemplateError, message_text, render_chat
 
     if messages_field in record.data and prompt_field not in record.data:
         messages = record.data[messages_field]
@@ -317,7 +317,7 @@ class ExampleBatches:
 
 def _function_records() -> Iterator[tuple[str, str, str]]:
     """(prompt, body, "file:line") of every stdlib function with a docstring and a body."""
-    from workers.corpus import BUILTIN_STDLIB, expand
+    from workers.data.corpus import BUILTIN_STDLIB, expand
 
     for f in expand(BUILTIN_STDLIB):
         try:

@@ -1,7 +1,7 @@
 """The OpenAI HTTP API's shapes: request models, their validation, response and SSE chunk bodies.
 
-Plain pydantic and dicts; no torch, no Ray. ``workers.serve`` turns a validated request into
-``workers.sampling.SamplingParams`` keyword arguments with :func:`sampling_kwargs` and builds the
+Plain pydantic and dicts; no torch, no Ray. ``workers.kinds.serve`` turns a validated request into
+``workers.model.sampling.SamplingParams`` keyword arguments with :func:`sampling_kwargs` and builds the
 bodies below from what its engine produced. Errors are :class:`APIError` carrying the HTTP status
 and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -228,7 +228,7 @@ def check_length(req: _SamplingRequest, prompt_len: int, context: int, *, param:
 
 
 def sampling_kwargs(req: _SamplingRequest, max_tokens: int) -> dict[str, Any]:
-    """Keyword arguments for ``workers.sampling.SamplingParams`` from a checked request."""
+    """Keyword arguments for ``workers.model.sampling.SamplingParams`` from a checked request."""
     beams = req.beams()
     return dict(
         max_tokens=max_tokens,

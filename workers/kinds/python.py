@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .stage import StageContext
+from workers.stage import StageContext
 
 
 class Config(BaseModel):

@@ -2,11 +2,11 @@
 
 Input: a checkpoint (the trunk; usually the SFT policy) and ``(prompt, chosen, rejected)``
 records, optionally with a ``margin`` (JSONL, Parquet, ``builtin:stdlib-preferences``; see
-``workers.sft_data``). Each side is scored as ``prompt + response + EOS`` (the prompt rendered as
+``workers.data.records``). Each side is scored as ``prompt + response + EOS`` (the prompt rendered as
 in `finetune`); the loss is Bradley-Terry, ``-logsigmoid(r_chosen - r_rejected - margin)``.
 After training, the held-out pairwise accuracy (fraction of pairs with r_chosen > r_rejected)
 is measured on the final model. Output: ``<output_uri>/reward_model`` (see
-``workers.reward_model``: HF-layout trunk + ``reward_head.safetensors`` + tokenizer.json).
+``workers.model.reward_head``: HF-layout trunk + ``reward_head.safetensors`` + tokenizer.json).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from orchestrator import storage
-from workers import sft_data
-from workers.finetune import (Base, RecordsConfig, data_source, local_checkpoint, make_example_batches, open_base,
+from workers import storage
+from workers.data import records as sft_data
+from workers.kinds.finetune import (Base, RecordsConfig, data_source, local_checkpoint, make_example_batches, open_base,
                               publish, split_records, steps_for, template_extra, templates, write_splits)
-from workers.training import FaultInjection, TrainJob, fit
+from workers.training.loop import FaultInjection, TrainJob, fit
 
 DISTRIBUTED = True
 FILES = ("config.json", "model.safetensors", "reward_head.safetensors")
@@ -44,8 +44,8 @@ class Config(RecordsConfig):
 
 def load_reward_trunk(checkpoint_uri: str, dropout: float = 0.0):
     """A RewardModel from a reward model folder (head kept) or a policy checkpoint (fresh head)."""
-    from workers.finetune import load_policy
-    from workers.reward_model import RewardModel, is_reward_model, load_reward_model
+    from workers.kinds.finetune import load_policy
+    from workers.model.reward_head import RewardModel, is_reward_model, load_reward_model
 
     local = local_checkpoint(checkpoint_uri)
     if is_reward_model(local):
@@ -57,8 +57,8 @@ def load_reward_trunk(checkpoint_uri: str, dropout: float = 0.0):
 def _with_dropout(model, dropout: float):
     from dataclasses import replace
 
-    from workers.model import GPT
-    from workers.reward_model import RewardModel
+    from workers.model.transformer import GPT
+    from workers.model.reward_head import RewardModel
 
     gpt = GPT(replace(model.config, dropout=dropout))
     gpt.load_state_dict(model.gpt.state_dict())
@@ -68,12 +68,12 @@ def _with_dropout(model, dropout: float):
 
 
 def save_reward(model, directory, *, extra: dict) -> None:
-    from workers.reward_model import save_reward_model
+    from workers.model.reward_head import save_reward_model
     save_reward_model(model, directory, extra=extra)
 
 
 def load_reward_state(model, directory) -> None:
-    from workers.reward_model import load_reward_model
+    from workers.model.reward_head import load_reward_model
     model.load_state_dict(load_reward_model(directory).state_dict())
 
 
@@ -178,8 +178,8 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
 
 def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str, Any]:
     """Train the reward model; ``fault`` is a test hook (never set by the executor)."""
-    from workers.model import default_device
-    from workers.reward_model import load_reward_model
+    from workers.model.transformer import default_device
+    from workers.model.reward_head import load_reward_model
 
     job, base, held_out, stats = build_job(ctx, config, fault)
     ctx.log_metrics(stats)

@@ -1,4 +1,4 @@
-"""Batched generation for `workers.model.GPT`: sampling, beam search, streaming. Plain PyTorch.
+"""Batched generation for `workers.model.transformer.GPT`: sampling, beam search, streaming. Plain PyTorch.
 
 All prompts (and the n samples of each) decode as ONE batch: prompts are left-padded, an
 attention mask hides the pads, and a preallocated KV cache (`model.KVCache`) means each step
@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch.nn import functional as F
 
-from workers.model import GPT, KVCache
+from workers.model.transformer import GPT, KVCache
 
 __all__ = [
     "SamplingParams", "Completion", "StepOutput", "generate", "stream",

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator import storage
+from workers import storage
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
@@ -247,7 +247,7 @@ def _train_worker(loop_config: dict) -> None:
     else:
         torch.set_num_threads(max(1, job.threads_per_worker))
     precision = resolve_precision(device, cfg.precision)
-    from workers.model import autocast_context
+    from workers.model.transformer import autocast_context
 
     def autocast():
         return autocast_context(device, precision) if device.type == "cuda" else nullcontext()

@@ -2,13 +2,13 @@
 
 Input: a checkpoint folder (``config.json`` + ``model.safetensors`` + ``tokenizer.json``) from an
 upstream stage's ``checkpoint`` output or ``config.checkpoint``; records from ``config.data`` (JSONL,
-Parquet, ``builtin:stdlib-docstrings``; see ``workers.sft_data``). Each record becomes
+Parquet, ``builtin:stdlib-docstrings``; see ``workers.data.records``). Each record becomes
 ``prompt + response + EOS`` (the prompt rendered as the server's chat endpoint renders it),
 padded to the block; the loss covers response tokens (and the EOS) only. Full fine-tuning, or
 LoRA (``lora:``) with the adapters merged into the saved weights. Output: a self-contained
 checkpoint whose config.json carries ``chat_template`` and ``prompt_template``.
 
-The loop (DDP, checkpoint/resume, LR schedule) is ``workers.training.fit``; the pieces here that
+The loop (DDP, checkpoint/resume, LR schedule) is ``workers.training.loop.fit``; the pieces here that
 are not SFT-specific (base checkpoint and data resolution, train/val split, publishing the
 checkpoint) are shared with the `reward` kind.
 """
@@ -27,9 +27,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator import storage
-from workers import sft_data
-from workers.training import FaultInjection, FitResult, TrainingConfig, TrainJob, fit
+from workers import storage
+from workers.data import records as sft_data
+from workers.training.loop import FaultInjection, FitResult, TrainingConfig, TrainJob, fit
 
 DISTRIBUTED = True
 LORA_FILE = "lora_adapter.safetensors"
@@ -54,7 +54,7 @@ class RecordsConfig(TrainingConfig):
     prompt_field: str = Field("prompt", description="The record field holding the prompt.")
     chat_template: str | None = Field(None, description="Jinja chat template (HF convention) for `messages` "
                                       "records and plain prompts; default: the checkpoint's, else "
-                                      "workers.chat.DEFAULT_CHAT_TEMPLATE. Saved in config.json.")
+                                      "workers.data.chat.DEFAULT_CHAT_TEMPLATE. Saved in config.json.")
     prompt_template: str | None = Field(None, description="A format string with {prompt} for plain prompts "
                                         "(e.g. '{prompt}' for raw continuation); default: the prompt as one "
                                         "user message through the chat template. Saved in config.json.")
@@ -122,7 +122,7 @@ def open_base(ctx, config: RecordsConfig) -> Base:
     """Resolve and check the starting checkpoint and its tokenizer (names `checkpoint:` on errors)."""
     from tokenizers import Tokenizer
 
-    from workers import tokenizer as toks
+    from workers.data import tokenizer as toks
 
     upstream: dict = {}
     if config.checkpoint is not None and config.checkpoint in ctx.inputs:
@@ -169,7 +169,7 @@ def data_source(ctx, config: RecordsConfig) -> str:
 
 def templates(base: Base, config: RecordsConfig) -> tuple[str, str | None]:
     """(chat_template, prompt_template or None) this stage renders with: config, else the base's."""
-    from workers.chat import DEFAULT_CHAT_TEMPLATE
+    from workers.data.chat import DEFAULT_CHAT_TEMPLATE
 
     chat = config.chat_template or base.config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
     prompt = config.prompt_template
@@ -238,8 +238,8 @@ def load_policy(checkpoint_uri: str, dropout: float = 0.0, lora: dict | None = N
     """The GPT to fine-tune: the checkpoint's weights, optional dropout, optional LoRA adapters."""
     from dataclasses import replace
 
-    from workers.lora import apply_lora
-    from workers.model import GPT, load_pretrained
+    from workers.model.lora import apply_lora
+    from workers.model.transformer import GPT, load_pretrained
 
     model = load_pretrained(local_checkpoint(checkpoint_uri), map_location="cpu")
     if dropout > 0:
@@ -253,7 +253,7 @@ def load_policy(checkpoint_uri: str, dropout: float = 0.0, lora: dict | None = N
 
 
 def _has_lora(model) -> bool:
-    from workers.lora import LoRALinear
+    from workers.model.lora import LoRALinear
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
@@ -261,8 +261,8 @@ def save_policy(model, directory: Path, *, extra: dict) -> None:
     """HF-layout checkpoint; with LoRA, the merged weights plus the raw adapters (for resume)."""
     from safetensors.torch import save_file
 
-    from workers.lora import lora_state_dict, merge_lora
-    from workers.model import save_pretrained
+    from workers.model.lora import lora_state_dict, merge_lora
+    from workers.model.transformer import save_pretrained
 
     if _has_lora(model):
         save_file(lora_state_dict(model), str(Path(directory) / LORA_FILE), metadata={"format": "pt"})
@@ -274,8 +274,8 @@ def load_policy_state(model, directory: Path) -> None:
     """Resume: adapters only under LoRA (the frozen base comes from the original checkpoint)."""
     from safetensors.torch import load_file
 
-    from workers.lora import load_lora_state_dict
-    from workers.model import load_pretrained
+    from workers.model.lora import load_lora_state_dict
+    from workers.model.transformer import load_pretrained
 
     if _has_lora(model):
         load_lora_state_dict(model, load_file(str(Path(directory) / LORA_FILE), device="cpu"))

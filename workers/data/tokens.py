@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from orchestrator import storage
+from workers import storage
 
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _VAL_KEY = 0  # seeds the fixed validation rows; training step s uses key s + 1

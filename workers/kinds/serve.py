@@ -6,7 +6,7 @@ Layout, from the bottom up:
   between two steps it admits waiting requests into the running batch (their prompts are
   prefilled into the shared KV cache, left-padded to the cache's current length) and drops
   finished or abandoned ones. Every sequence keeps its own sampling parameters and seed.
-  Beam-search requests run whole (``workers.sampling.generate``) between two steps.
+  Beam-search requests run whole (``workers.model.sampling.generate``) between two steps.
 - :class:`OpenAIServer`: the Ray Serve deployment (FastAPI ingress) answering
   ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` and ``/health``.
 - :func:`serve_checkpoint` / :func:`shutdown`: deploy / remove it (the CLI's entry points);
@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.openai_protocol import APIError
+from workers.serving.protocol import APIError
 
 DISTRIBUTED = True
 CACHEABLE = False  # an endpoint lives only as long as the Ray that serves it
@@ -99,14 +99,14 @@ class _Request:
     def __init__(self, prompt_ids: list[int], params, *, tag: int, top_logprobs: int | None,
                  emit, loop: asyncio.AbstractEventLoop | None, ignore_eos: bool = False):
         self.prompt_ids = prompt_ids
-        self.params = params  # workers.sampling.SamplingParams
+        self.params = params  # workers.model.sampling.SamplingParams
         self.tag = tag  # position of the prompt in the HTTP request
         self.top_logprobs = top_logprobs
         self.ignore_eos = ignore_eos
         self._emit, self._loop = emit, loop
         self.cancelled = False
         self.seqs: list[_Seq] = []
-        self.beam_results: list | None = None  # workers.sampling.Completion, for beam search
+        self.beam_results: list | None = None  # workers.model.sampling.Completion, for beam search
         self.error: str | None = None
         self.done = False  # the handler got its "done" event (finished, aborted or failed)
         self.submitted = time.monotonic()
@@ -152,7 +152,7 @@ class _Seq:
         self.tokens = list(req.prompt_ids)
         self.prompt_len = len(self.tokens)
         self.generator = None
-        # same seeding as workers.sampling: sample i of a prompt draws from seed + i
+        # same seeding as workers.model.sampling: sample i of a prompt draws from seed + i
         if p.seed is not None and p.temperature > 0:
             self.generator = torch.Generator(device=device).manual_seed(p.seed + index)
         self.token_ids: list[int] = []
@@ -192,7 +192,7 @@ class Engine:
                  max_queue: int = 64, device=None):
         import torch
 
-        from workers.model import default_device
+        from workers.model.transformer import default_device
 
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -365,7 +365,7 @@ class Engine:
         ``width``; returns (cache, mask (b, max_len))."""
         import torch
 
-        from workers.model import KVCache, autocast_context
+        from workers.model.transformer import KVCache, autocast_context
 
         b = len(seqs)
         cache = KVCache.empty(self.model, b, max_len, device=self.device)
@@ -442,7 +442,7 @@ class Engine:
         """Feed one token per row at the cache's next column -> next-token logits (B, V)."""
         import torch
 
-        from workers.model import autocast_context
+        from workers.model.transformer import autocast_context
 
         col = self._cache.pos
         self._mask[:, col] = True
@@ -457,7 +457,7 @@ class Engine:
     def _sample_and_emit(self, logits) -> None:
         import torch
 
-        from workers.sampling import _sample, process_logits
+        from workers.model.sampling import _sample, process_logits
 
         rows = self._rows
         B = len(rows)
@@ -475,7 +475,7 @@ class Engine:
                     tokens[sel] = proc.argmax(-1)
                 else:
                     tokens[sel] = _sample(proc.softmax(-1), [rows[i].generator for i in idx])
-            logp = logits.log_softmax(-1)  # raw-model log-probs, as workers.sampling reports
+            logp = logits.log_softmax(-1)  # raw-model log-probs, as workers.model.sampling reports
             lp = logp.gather(1, tokens[:, None]).squeeze(1)
             self._counts.scatter_add_(1, tokens[:, None], torch.ones((B, 1), device=logits.device))
             self._seen.scatter_(1, tokens[:, None], True)
@@ -509,8 +509,8 @@ class Engine:
 
     def _advance_text(self, s: _Seq, tok: int) -> str:
         """Update ``s``'s text, finish reason and stop-string cut after token ``tok``; return the
-        text that became safe to stream (same conventions as ``workers.sampling``)."""
-        from workers.sampling import _find_stop, _partial_stop
+        text that became safe to stream (same conventions as ``workers.model.sampling``)."""
+        from workers.model.sampling import _find_stop, _partial_stop
 
         p = s.req.params
         if (tok == self.eos_token_id and not s.req.ignore_eos) or tok in p.stop_token_ids:
@@ -533,8 +533,8 @@ class Engine:
         return delta
 
     def _beam_search(self, req: _Request) -> None:
-        from workers.model import autocast_context
-        from workers.sampling import generate
+        from workers.model.transformer import autocast_context
+        from workers.model.sampling import generate
 
         with autocast_context(self.device):
             req.beam_results = generate(self.model, [req.prompt_ids], req.params,
@@ -565,9 +565,9 @@ def load_checkpoint(checkpoint: str, *, model_name: str | None = None, device=No
     """Model, tokenizer, EOS id and chat template of a checkpoint folder (local path or storage URI)."""
     import json
 
-    from orchestrator import storage
-    from workers import tokenizer as toks
-    from workers.model import default_device, load_pretrained
+    from workers import storage
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import default_device, load_pretrained
 
     local = Path(checkpoint)
     if not storage.is_local(checkpoint):
@@ -606,8 +606,8 @@ def _build_app():
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
-    from workers import openai_protocol as oa
-    from workers.chat import ChatTemplateError, render_chat
+    from workers.serving import protocol as oa
+    from workers.data.chat import ChatTemplateError, render_chat
 
     app = FastAPI(title="genai-orchestrator OpenAI-compatible API")
 
@@ -660,7 +660,7 @@ def _build_app():
                                   "(see GET /v1/models)", param="model", code="model_not_found")
 
         def _requests(self, body, prompts: list[list[int]], *, param: str, emit, loop) -> list[_Request]:
-            from workers.sampling import SamplingParams
+            from workers.model.sampling import SamplingParams
 
             body.check(max_batch_size=self.max_batch_size)
             out = []

@@ -3,7 +3,7 @@
 Input: a token dataset from an upstream `tokenize` stage (``config.data`` names it, or the only
 upstream with a ``dataset`` output). Output: a self-contained checkpoint folder
 (``config.json`` + ``model.safetensors`` + ``tokenizer.json``) under ``<output_uri>/checkpoint``.
-The loop itself (DDP, checkpoint/resume, LR schedule, MFU) is ``workers.training``.
+The loop itself (DDP, checkpoint/resume, LR schedule, MFU) is ``workers.training.loop``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator import storage
-from workers.training import FaultInjection, TrainingConfig, TrainJob, fit
+from workers import storage
+from workers.training.loop import FaultInjection, TrainingConfig, TrainJob, fit
 
 DISTRIBUTED = True
 
@@ -27,7 +27,7 @@ class ModelFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: str | None = Field(None, description="Base size from workers.model.SIZES (tiny, small, gpt2-124m, ...).")
+    size: str | None = Field(None, description="Base size from workers.model.transformer.SIZES (tiny, small, gpt2-124m, ...).")
     n_layer: int | None = Field(None, ge=1, description="Transformer blocks.")
     n_head: int | None = Field(None, ge=1, description="Attention heads per block.")
     n_embd: int | None = Field(None, ge=1, description="Embedding width (divisible by n_head).")
@@ -78,12 +78,12 @@ def dataset_input(ctx, config: Config) -> tuple[str, dict]:
 # Module-level (picklable) pieces of the TrainJob.
 
 def _make_model(gpt_config):
-    from workers.model import GPT
+    from workers.model.transformer import GPT
     return GPT(gpt_config)
 
 
 def _make_batches(rank, world, device, *, dataset_uri, config: Config, block_size: int):
-    from workers.tokens import TokenBatches, TokenDataset
+    from workers.data.tokens import TokenBatches, TokenDataset
     return TokenBatches(TokenDataset.open(dataset_uri), block_size=block_size, batch_size=config.batch_size,
                         grad_accum=config.grad_accum, rank=rank, world=world, seed=config.seed,
                         eval_steps=config.eval_steps, device=device)
@@ -95,19 +95,19 @@ def lm_loss(model, batch):
 
 
 def _save_model(model, directory, *, extra: dict):
-    from workers.model import save_pretrained
+    from workers.model.transformer import save_pretrained
     save_pretrained(model, directory, extra=extra)
 
 
 def _load_model(model, directory):
-    from workers.model import load_pretrained
+    from workers.model.transformer import load_pretrained
     model.load_state_dict(load_pretrained(directory, map_location="cpu").state_dict())
 
 
 def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, dict]:
     """The TrainJob for this stage and the dataset's upstream outputs."""
-    from workers.model import config_for
-    from workers.tokens import TokenDataset
+    from workers.model.transformer import config_for
+    from workers.data.tokens import TokenDataset
 
     _, upstream = dataset_input(ctx, config)
     dataset = TokenDataset.open(upstream["dataset"])

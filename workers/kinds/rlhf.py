@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator import storage
-from workers.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
-from workers.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
+from workers import storage
+from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
+from workers.rl.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
 
 DISTRIBUTED = True
 STATE_FILE = "state.json"
@@ -75,7 +75,7 @@ class Config(BaseModel):
 
 def code_version(config: Config) -> str:
     """This kind and the modules its behaviour lives in (and a reward function's source)."""
-    return code_digest(("rlhf.py", "rollout.py", "ranking.py", "model.py", "sampling.py"), config.reward)
+    return code_digest(("kinds/rlhf.py", "rl/rollout.py", "rl/ranking.py", "model/transformer.py", "model/sampling.py"), config.reward)
 
 
 # ----------------------------------------------------------------------------- typed hand-offs
@@ -231,9 +231,9 @@ class Learner:
     def __init__(self, checkpoint: str, config: dict, threads: int = 1):
         import torch
 
-        from workers.model import autocast_context, default_device
-        from workers.rollout import load_policy
-        from workers.training import resolve_precision
+        from workers.model.transformer import autocast_context, default_device
+        from workers.rl.rollout import load_policy
+        from workers.training.loop import resolve_precision
 
         torch.set_num_threads(max(1, threads))
         self.cfg = Config.model_validate(config)
@@ -257,7 +257,7 @@ class Learner:
     def save(self, uri: str, state: dict) -> None:
         import torch
 
-        from workers.model import save_pretrained
+        from workers.model.transformer import save_pretrained
 
         tmp = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
         try:
@@ -271,7 +271,7 @@ class Learner:
     def restore(self, uri: str) -> dict:
         import torch
 
-        from workers.model import load_pretrained
+        from workers.model.transformer import load_pretrained
 
         local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="rlhf-resume-")))
         self.policy.load_state_dict(load_pretrained(local, map_location=self.device).state_dict())

@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator import storage
-from workers.ranking import format_prompt
+from workers import storage
+from workers.rl.ranking import format_prompt
 
 __all__ = [
     "PromptSource", "load_prompts", "BUILTIN_PROMPTS", "Sample", "Group", "RolloutStats",
@@ -50,7 +50,7 @@ class PromptSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str | list[str] = Field("builtin:demo", description="A JSONL/Parquet file (path or URI), "
-                                    "`builtin:NAME` (demo, or a workers.sft_data set such as "
+                                    "`builtin:NAME` (demo, or a workers.data.records set such as "
                                     "stdlib-docstrings), `input:STAGE` (an upstream's `prompts` output), "
                                     "or an inline list of prompts.")
     prompt_field: str = Field("prompt", description="The field holding the prompt in file records.")
@@ -62,7 +62,7 @@ class PromptSource(BaseModel):
 def _builtin(name: str, limit: int | None) -> list[str]:
     if name in BUILTIN_PROMPTS:
         return list(BUILTIN_PROMPTS[name])
-    from workers import sft_data
+    from workers.data import records as sft_data
 
     if f"builtin:{name}" not in sft_data.BUILTINS:
         raise ValueError(f"prompts.source: got 'builtin:{name}'; known built-in prompt sets: "
@@ -189,8 +189,8 @@ def load_policy(uri: str, device=None) -> Policy:
     """A checkpoint folder (config.json + model.safetensors + tokenizer.json), local or stored."""
     import tempfile
 
-    from workers import tokenizer as toks
-    from workers.model import default_device, load_pretrained
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import default_device, load_pretrained
 
     local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="policy-")))
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -229,7 +229,7 @@ class RolloutActor:
     def generate(self, prompts: list[str], params: dict, seed: int | None = None) -> list[Group]:
         import torch
 
-        from workers.sampling import SamplingParams, generate
+        from workers.model.sampling import SamplingParams, generate
 
         sp = SamplingParams(**{**params, "logprobs": True})
         if seed is not None and sp.seed is None:

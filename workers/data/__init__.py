@@ -1,0 +1,1 @@
+"""Data: corpus reading, tokenizers, token shards, prompt/response records, chat templates."""

@@ -1,0 +1,1 @@
+"""Stage kinds: one module per ``kind`` (a config model and ``run(ctx, config)``), see ``workers.stage``."""

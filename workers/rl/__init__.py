@@ -1,0 +1,1 @@
+"""RL actor pools: rollout (generation) and ranking (reward scoring)."""

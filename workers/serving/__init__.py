@@ -1,0 +1,1 @@
+"""Serving: the OpenAI protocol (and, with the serve kind, the engine and HTTP app)."""
