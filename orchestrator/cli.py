@@ -166,18 +166,24 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .runs import cache_status, prepare
+    from .runs import explain_cache, prepare
+    from .spec import redact
 
     prep = prepare(args.file, args.overrides)
-    cache = cache_status(prep)
+    cache = explain_cache(prep)
     print(f"pipeline {prep.pipeline.name!r}: {len(prep.plan.stages)} stages, storage {prep.pipeline.storage}, "
-          f"tracking {prep.pipeline.tracking_uri()}")
+          f"tracking {redact(prep.pipeline.tracking_uri())}")
     print(f"{'#':>2}  {'stage':<16} {'kind':<10} {'needs':<24} {'resources':<26} cache")
     for i, s in enumerate(prep.plan.stages, 1):
         r = s.resources
         res = f"cpus={r.cpus:g} gpus={r.gpus:g}" + (f" workers={r.workers}" if r.workers else "")
         flag = "" if s.enabled else "  (disabled)"
-        print(f"{i:>2}  {s.name:<16} {s.kind:<10} {','.join(s.needs) or '-':<24} {res:<26} {cache[s.name]}{flag}")
+        status, changed = cache[s.name]
+        print(f"{i:>2}  {s.name:<16} {s.kind:<10} {','.join(s.needs) or '-':<24} {res:<26} {status}{flag}")
+        for line in changed[:8]:  # what made it a miss
+            print(f"{'':>4}changed: {line}")
+        if len(changed) > 8:
+            print(f"{'':>4}... and {len(changed) - 8} more")
     return EXIT_OK
 
 

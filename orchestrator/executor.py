@@ -44,10 +44,12 @@ def _scalable_nodes() -> list[dict]:
 
 class Executor:
     def __init__(self, plan: Plan, record: RunRecord, tracker: Tracker, display: StageDisplay,
-                 sys_path: list[str] | None = None, no_cache: bool = False, connect: Any = None):
+                 sys_path: list[str] | None = None, no_cache: bool = False, connect: Any = None,
+                 forward_secrets: bool = False):
         self.plan, self.record, self.tracker, self.display = plan, record, tracker, display
         self.sys_path = sys_path or []
         self.no_cache = no_cache
+        self.forward_secrets = forward_secrets
         self._connect = connect or (lambda: None)
         self._running: dict[Any, tuple[str, float]] = {}  # ObjectRef -> (stage, submitted at)
         self._retry_at: dict[str, float] = {}
@@ -107,6 +109,8 @@ class Executor:
                 time.sleep(_POLL_S)
             self._check_timeouts()
             self._drain_events()
+            if self.tracker.resolve_ids(self.record):  # stage runs the writer created meanwhile
+                self._dirty = True
             self._save_if_dirty()
             self.display.update()
         self._drain_events(force=True)
@@ -156,8 +160,8 @@ class Executor:
         except (ValueError, OSError) as e:
             log.warning("ignoring unreadable cache record %s: %s", uri, e)
             return False
-        if entry.get("has_artifacts") and not storage.exists(entry["output_uri"]):
-            log.warning("cache record %s names missing artifacts %s; rerunning", uri, entry["output_uri"])
+        if entry.get("has_artifacts") and (why := storage.published(entry["output_uri"])):
+            log.warning("cache record %s: %s; rerunning", uri, why)
             return False
         rec.outputs = entry["outputs"]
         rec.cache_source_run = entry.get("run_id")
@@ -165,16 +169,26 @@ class Executor:
         self._transition(s, rec, StageState.CACHED)
         return True
 
-    def _write_cache(self, s: PlannedStage, rec: StageRecord, has_artifacts: bool) -> None:
-        storage.write_json(st.cache_uri(self.record.storage, s.fingerprint), {
+    def _write_cache(self, s: PlannedStage, rec: StageRecord, has_artifacts: bool, output_uri: str) -> None:
+        """Only for outputs this attempt made under this plan's fingerprint (the record names
+        its components, so a later miss can say what changed)."""
+        entry = {
             "outputs": rec.outputs, "run_id": self.record.run_id, "stage_run_id": rec.child_run_id,
             "stage": s.name, "pipeline": self.plan.pipeline, "completed": time.time(),
-            "has_artifacts": has_artifacts, "output_uri": self._output_uri(s),
-        })
+            "has_artifacts": has_artifacts, "output_uri": output_uri,
+            "fingerprint": s.fingerprint, "components": s.components.as_dict(),
+        }
+        storage.write_json(st.cache_uri(self.record.storage, s.fingerprint), entry)
+        storage.write_json(st.stage_record_uri(self.record.storage, self.plan.pipeline, s.name), entry)
 
     # -- launching and finishing -------------------------------------------------------------
-    def _output_uri(self, s: PlannedStage) -> str:
-        return st.output_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
+    def _output_uri(self, s: PlannedStage, rec: StageRecord) -> str:
+        """This attempt's own location (a retry or a later run never writes into it)."""
+        return st.output_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint,
+                             f"{self.record.run_id[:12]}-{rec.attempts}")
+
+    def _scratch_uri(self, s: PlannedStage) -> str:
+        return st.scratch_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
 
     def _infeasible(self, s: PlannedStage) -> str | None:
         """A reason the cluster can never run this stage (asking more than any node has)."""
@@ -196,6 +210,8 @@ class Executor:
                 self._transition(s, rec, StageState.RUNNING)
             self._transition(s, rec, StageState.FAILED)
             return
+        if rec.attempts == 0 and self.no_cache:  # --no-cache starts over: no checkpoint of an earlier run
+            storage.delete(self._scratch_uri(s))
         rec.attempts += 1
         rec.error = None
         if rec.started is None or rec.state == StageState.PENDING:
@@ -209,21 +225,22 @@ class Executor:
         ctx_fields = {
             "stage": s.name, "run_id": rec.child_run_id, "attempt": rec.attempts,
             "inputs": {d: self.record.stages[d].outputs or {} for d in s.needs},
-            "output_uri": self._output_uri(s), "storage": self.record.storage,
+            "output_uri": self._output_uri(s, rec), "storage": self.record.storage,
             "resources": Resources(cpus=s.resources.cpus, gpus=s.resources.gpus, workers=s.resources.workers),
             "sink": RaySink(self._bus), "fingerprint": s.fingerprint,
-            "scratch_uri": st.scratch_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint),
+            "scratch_uri": self._scratch_uri(s),
         }
         opts: dict[str, Any] = {"max_retries": 0, "name": f"stage:{s.name}"}
         if s.distributed:
             opts.update(num_cpus=0, num_gpus=0)  # the kind's own workers ask for the resources
         else:
             opts.update(num_cpus=s.resources.cpus, num_gpus=s.resources.gpus)
-        if env := storage.client_env():  # the store's endpoint/credentials reach workers started earlier
+        # the store's endpoint and settings reach workers started earlier; secrets only by opt-in
+        if env := storage.client_env(self.forward_secrets):
             opts["runtime_env"] = {"env_vars": env}
         ref = self._remote.options(**opts).remote(s.kind, s.config, ctx_fields, self.sys_path)
         self._running[ref] = (s.name, time.time())
-        rec.history.append({"attempt": rec.attempts, "submitted": time.time()})
+        rec.history.append({"attempt": rec.attempts, "submitted": time.time(), "output_uri": ctx_fields["output_uri"]})
         self._transition(s, rec, StageState.RUNNING)
 
     def _finish(self, ref: Any) -> None:
@@ -245,13 +262,26 @@ class Executor:
             return
         rec.outputs = result["outputs"]
         rec.ended = time.time()
+        out = rec.history[-1]["output_uri"]
         rec.history[-1].update(started=result["started"], ended=result["ended"], state="SUCCEEDED")
-        self._write_cache(s, rec, result["has_artifacts"])
+        self._write_cache(s, rec, result["has_artifacts"], out)
         self._transition(s, rec, StageState.SUCCEEDED)
-        if result["has_artifacts"] and storage.is_local(self._output_uri(s)):
-            self.tracker.log_artifacts(rec.child_run_id, storage.resolve(self._output_uri(s))[1], "outputs")
-        self.tracker.set_tags(rec.child_run_id, {"output_uri": self._output_uri(s)})
+        self._clean_up(s, out)
+        if result["has_artifacts"] and storage.is_local(out):
+            self.tracker.log_artifacts(rec.child_run_id, storage.resolve(out)[1], "outputs")
+        self.tracker.set_tags(rec.child_run_id, {"output_uri": out})
         self.tracker.register_checkpoint(self.plan.pipeline, rec)
+
+    def _clean_up(self, s: PlannedStage, kept: str) -> None:
+        """After a success: attempts cut short beside it, and the scratch state (its job is done;
+        a later run must not resume from a finished training)."""
+        try:
+            parent = st.output_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
+            for gone in storage.remove_unpublished(parent, keep=kept):
+                log.info("removed half-published attempt %s", gone)
+            storage.delete(self._scratch_uri(s))
+        except OSError as e:  # best effort: the result is already safe
+            log.warning("stage %s: cleaning up old attempts failed: %s", s.name, e)
 
     def _attempt_failed(self, s: PlannedStage, rec: StageRecord, message: str, tb: str, retryable: bool) -> None:
         rec.error, rec.traceback = message, tb or None

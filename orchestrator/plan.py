@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import graph
 from .errors import SpecError
+from .fingerprint import Components
 from .spec import Pipeline, Policy, Resources
 
 
@@ -23,7 +22,7 @@ class PlannedStage:
     policy: Policy = field(hash=False, compare=False)
     enabled: bool
     distributed: bool
-    code_version: str
+    components: Components = field(hash=False, compare=False)
     fingerprint: str
 
 
@@ -44,15 +43,6 @@ class Plan:
 
     def downstream(self, name: str) -> set[str]:
         return graph.downstream(self.needs, name)
-
-
-def fingerprint(kind: str, config: dict, code_version: str, upstream: dict[str, str]) -> str:
-    """The cache key: kind, resolved config, the kind's code version and upstream fingerprints."""
-    payload = json.dumps(
-        {"kind": kind, "config": config, "code": code_version, "upstream": dict(sorted(upstream.items()))},
-        sort_keys=True, separators=(",", ":"), default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def check_graph(p: Pipeline) -> list[str]:
@@ -84,12 +74,12 @@ def build_plan(p: Pipeline, resolved: dict[str, dict[str, Any]]) -> Plan:
     planned = []
     for name in graph.topological_order(needs):
         s, r = p.stages[name], resolved[name]
-        fp = fingerprint(s.kind, r["config"], r["code_version"], {d: fps[d] for d in needs[name]})
-        fps[name] = fp
+        parts = Components(s.kind, r["config"], r["code"], r["inputs"], {d: fps[d] for d in needs[name]})
+        fps[name] = fp = parts.digest()
         planned.append(PlannedStage(
             name=name, kind=s.kind, needs=needs[name], config=r["config"], resources=s.resources,
             policy=p.policy(name) if r.get("cacheable", True) else p.policy(name).model_copy(update={"cache": False}),
             enabled=s.enabled, distributed=r["distributed"],
-            code_version=r["code_version"], fingerprint=fp,
+            components=parts, fingerprint=fp,
         ))
     return Plan(pipeline=p.name, stages=tuple(planned))

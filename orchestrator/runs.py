@@ -41,7 +41,7 @@ def prepare(path: str | Path, overrides: list[str] | None = None) -> Prepared:
 
     problems.extend(check_graph(pipeline))
     try:
-        resolved = spec_mod.check_stages(pipeline, str(path))
+        resolved = spec_mod.check_stages(pipeline, str(path), roots=[base_dir, os.getcwd()])
     except SpecError as e:
         problems.extend(e.problems)
         resolved = {}
@@ -77,22 +77,42 @@ def connect_ray(options: spec_mod.RayOptions, address: str | None = None) -> Non
 
 def cache_status(prep: Prepared) -> dict[str, str]:
     """'hit' or 'miss' per stage, as a plain `run` would find it now."""
+    return {name: status for name, (status, _) in explain_cache(prep).items()}
+
+
+def explain_cache(prep: Prepared) -> dict[str, tuple[str, list[str]]]:
+    """Per stage: 'hit', 'miss', 'off' or 'unknown', and for a miss what changed since the stage
+    last ran (config keys, code files, input files, upstream stages)."""
+    from .fingerprint import explain
+
     root = resolve_storage(prep.pipeline.storage)
-    out = {}
+    out: dict[str, tuple[str, list[str]]] = {}
     for s in prep.plan.stages:
         if not s.policy.cache:
-            out[s.name] = "off"
+            out[s.name] = ("off", [])
             continue
         try:
-            out[s.name] = "hit" if storage.exists(st.cache_uri(root, s.fingerprint)) else "miss"
-        except OSError:  # storage out of reach from here (e.g. a cluster's bucket): validation still works
-            out[s.name] = "unknown"
+            uri = st.cache_uri(root, s.fingerprint)
+            if storage.exists(uri):
+                entry = storage.read_json(uri)
+                why = storage.published(entry["output_uri"]) if entry.get("has_artifacts") else None
+                out[s.name] = ("hit", []) if why is None else ("miss", [why])
+                continue
+            last = st.stage_record_uri(root, prep.plan.pipeline, s.name)
+            if not storage.exists(last):
+                out[s.name] = ("miss", [])  # never ran here
+                continue
+            old = storage.read_json(last).get("components") or {}
+            out[s.name] = ("miss", explain(old, s.components.as_dict()) or ["no cached outputs"])
+        except (OSError, ValueError, KeyError):  # storage out of reach from here (a cluster's bucket)
+            out[s.name] = ("unknown", [])
     return out
 
 
 def _ui_hint(record: RunRecord) -> str:
-    return (f"MLflow: run {record.run_id} in experiment {record.experiment!r} at {record.tracking_uri}\n"
-            f"  see it with: orchestrator ui --tracking-uri {record.tracking_uri}")
+    uri = spec_mod.redact(record.tracking_uri)
+    return (f"MLflow: run {record.run_id} in experiment {record.experiment!r} at {uri}\n"
+            f"  see it with: orchestrator ui --tracking-uri {uri}")
 
 
 def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = None,
@@ -103,9 +123,10 @@ def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = N
     tracker = Tracker(p.tracking_uri(), p.experiment())
     run_id = tracker.start_pipeline(p.name, prep.source_text, prep.raw, p.description)
     root = resolve_storage(p.storage)
+    tracker.spool_to(st.spool_dir(root, run_id))
     record = RunRecord(
         run_id=run_id, pipeline=p.name, state=RunState.RUNNING, raw_spec=prep.raw, source=prep.source,
-        storage=root, tracking_uri=p.tracking_uri(), experiment=p.experiment(),
+        storage=root, tracking_uri=spec_mod.redact(p.tracking_uri()), experiment=p.experiment(),
         stages={s.name: StageRecord(name=s.name, kind=s.kind, fingerprint=s.fingerprint) for s in prep.plan.stages},
         no_cache=no_cache,
     )
@@ -122,17 +143,30 @@ def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool,
     from .executor import Executor
 
     display = StageDisplay(record, [s.name for s in prep.plan.stages], stream=stream, live=live)
+    forward = os.environ.get(FORWARD_SECRETS_ENV) == "1"
+    if forward:
+        print(f"warning: {FORWARD_SECRETS_ENV}=1: secret storage credentials go into every stage task's "
+              "runtime_env, readable by anyone with access to Ray's state API or dashboard", file=sys.stderr)
     ex = Executor(prep.plan, record, tracker, display, sys_path=[prep.base_dir, os.getcwd()], no_cache=no_cache,
-                  connect=lambda: connect_ray(prep.pipeline.ray, address))
+                  connect=lambda: connect_ray(prep.pipeline.ray, address), forward_secrets=forward)
     try:
         ex.run()
     finally:
         tracker.log_dag(record, prep.plan.needs)
         tracker.end_pipeline(record)
+        # Writes are spooled beside the run state: what the store cannot take now is sent on resume.
         if not tracker.flush(timeout=120):
-            print(f"warning: {tracker.pending} MLflow writes could not reach {record.tracking_uri}", file=sys.stderr)
+            print(f"warning: {tracker.pending} MLflow writes could not reach {record.tracking_uri}; they are kept "
+                  f"in {tracker.spool_dir} and sent by `orchestrator resume {record.run_id}`", file=sys.stderr)
+        tracker.close()
+        if tracker.resolve_ids(record):
+            record.save()
     display.summary(_ui_hint(record))
     return record
+
+
+# Opt-in to hand secret storage credentials (AWS secret key, session token) to stage tasks.
+FORWARD_SECRETS_ENV = "ORCHESTRATOR_FORWARD_SECRETS"
 
 
 def load_record(run_id: str, tracking_uri: str) -> RunRecord:
@@ -163,15 +197,20 @@ def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
     pipeline = spec_mod.parse_pipeline(tmp_raw, record.source)
     base_dir = str(src.resolve().parent)
     _with_path([base_dir, os.getcwd()])
-    plan = build_plan(pipeline, spec_mod.check_stages(pipeline, record.source))
+    plan = build_plan(pipeline, spec_mod.check_stages(pipeline, record.source, roots=[base_dir, os.getcwd()]))
     source_text = src.read_text(encoding="utf-8") if src.exists() else ""
     prep = Prepared(pipeline, tmp_raw, plan, record.source, source_text, base_dir)
+    out = stream or sys.stdout
     for s in plan.stages:
         old = record.stages.get(s.name)
         if old is not None and old.state.done:
-            continue
+            if old.fingerprint == s.fingerprint:
+                continue
+            # Its code, inputs or an upstream changed since: its outputs are not this plan's.
+            print(f"stage {s.name}: changed since it ran ({_what_changed(record, s)}); running it again",
+                  file=out, flush=True)
         fresh = StageRecord(name=s.name, kind=s.kind, fingerprint=s.fingerprint)
-        if old is not None:
+        if old is not None and not old.state.done:
             fresh.child_run_id, fresh.history = old.child_run_id, old.history
         record.stages[s.name] = fresh
     cancel = st.cancel_uri(record.storage, run_id)
@@ -180,9 +219,23 @@ def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
     record.state = RunState.RUNNING
     record.claim_driver()
     record.save()
-    tracker = Tracker(record.tracking_uri, record.experiment)
+    tracker = Tracker(tracking_uri, record.experiment)
+    tracker.spool_to(st.spool_dir(record.storage, run_id))  # first sends what the last driver could not
     tracker.reopen(run_id)
     return _execute(prep, record, tracker, no_cache=record.no_cache, address=address, stream=stream, live=live)
+
+
+def _what_changed(record: RunRecord, s: Any) -> str:
+    """The components that differ from those the stage's outputs were made under (from the
+    cache record it wrote), or the old fingerprint when that record is gone."""
+    from .fingerprint import explain
+
+    old = record.stages[s.name]
+    try:
+        entry = storage.read_json(st.cache_uri(record.storage, old.fingerprint))
+        return ", ".join(explain(entry.get("components") or {}, s.components.as_dict())) or "fingerprint"
+    except (OSError, ValueError):
+        return f"fingerprint {old.fingerprint[:12]} -> {s.fingerprint[:12]}"
 
 
 def cancel_run(run_id: str, tracking_uri: str, wait_s: float = 15.0) -> RunRecord:
@@ -202,7 +255,7 @@ def cancel_run(run_id: str, tracking_uri: str, wait_s: float = 15.0) -> RunRecor
             break
         time.sleep(0.2)
     # No live driver (killed): record the cancellation ourselves.
-    tracker = Tracker(record.tracking_uri, record.experiment)
+    tracker = Tracker(tracking_uri, record.experiment)
     for rec in record.stages.values():
         if not rec.state.terminal:
             rec.state, rec.error, rec.ended = StageState.CANCELLED, "cancelled (driver gone)", time.time()

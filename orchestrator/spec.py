@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,26 @@ from .errors import SpecError
 from .yamlio import load_yaml_file, load_yaml_text
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
+# Storage roots: a local path or one of these (exact, lowercase: `S3://` or `s3a://` would
+# otherwise be taken for a local folder and scatter outputs over each node's disk).
+STORAGE_SCHEMES = ("file://", "s3://", "gs://", "gcs://", "hdfs://", "viewfs://")
+_SCHEME = re.compile(r"\A([A-Za-z][A-Za-z0-9+.-]*)://")
+# user:password@ inside a URI: refused in the spec, redacted wherever else a URI is shown.
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@:]+:[^/\s@]+@)")
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials inside URIs (``scheme://user:secret@host``) replaced by ``***``."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", text)
+
+
+def _credential_paths(node: Any, path: str = "") -> list[str]:
+    """YAML paths of strings holding a URI with credentials."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _credential_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _credential_paths(v, f"{path}[{i}]")]
+    return [path] if isinstance(node, str) and _CREDENTIALS.search(node) else []
 
 
 class _Strict(BaseModel):
@@ -80,7 +101,7 @@ class Pipeline(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline name: lowercase letters, digits, _ and -.")
     description: str = Field("", description="Free text, shown in the MLflow UI.")
-    storage: str = Field("./artifacts", description="Artifact root: local path or URI (file://, s3://, gs://, hdfs://).")
+    storage: str = Field("./artifacts", description="Artifact root: local path or URI (" + ", ".join(STORAGE_SCHEMES) + ").")
     tracking: Tracking = Field(default_factory=Tracking)
     ray: RayOptions = Field(default_factory=RayOptions)
     defaults: Policy = Field(default_factory=Policy, description="Merged under every stage.")
@@ -89,11 +110,18 @@ class Pipeline(_Strict):
     @field_validator("stages")
     @classmethod
     def _stage_names(cls, v: dict[str, Stage]) -> dict[str, Stage]:
-        import re
-
         for name in v:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"stage name {name!r} must match {NAME_PATTERN}")
+            if not re.fullmatch(NAME_PATTERN[1:-1], name):  # fullmatch: "$" alone lets a trailing newline pass
+                raise ValueError(f"stage name {name!r} must be lowercase letters, digits, _ and - only")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_scheme(cls, v: str) -> str:
+        m = _SCHEME.match(v)
+        if m and not v.startswith(STORAGE_SCHEMES):
+            raise ValueError(f"unsupported storage scheme {m[1] + '://'!r}; use a local path or one of "
+                             f"{', '.join(STORAGE_SCHEMES)} (lowercase)")
         return v
 
     def policy(self, stage: str) -> Policy:
@@ -216,6 +244,10 @@ def parse_pipeline(raw: Any, source: str = "<pipeline>") -> Pipeline:
     """Validate the top level of a pipeline (kinds' configs are checked by ``check_stages``)."""
     if not isinstance(raw, dict):
         raise SpecError(f"the pipeline must be a mapping with name and stages, got {type(raw).__name__}", source)
+    if leaks := _credential_paths(raw):
+        raise SpecError([f"{p}: a URI with credentials (user:password@) would be printed, saved in the run state and "
+                         f"logged to MLflow; give them through the environment or a credentials file instead"
+                         for p in leaks], source)
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as e:
@@ -236,13 +268,19 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
 # Stage kinds: each validates its own config
 
 
-def check_stages(p: Pipeline, source: str = "<pipeline>") -> dict[str, dict[str, Any]]:
+def check_stages(p: Pipeline, source: str = "<pipeline>", roots: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Validate every stage's ``config`` with its kind's model.
 
     Returns stage name -> {"config": resolved config (JSON-able, defaults filled in),
-    "code_version": str, "distributed": bool}.
+    "code": {source file: digest}, "inputs": {input: {file: signature}}, "distributed": bool,
+    "cacheable": bool}. ``roots``: where project modules and relative inputs are found (the
+    pipeline's folder, the working directory).
     """
     from workers import KINDS, load_kind
+
+    from .fingerprint import code_digests, input_signatures
+
+    roots = roots or [os.getcwd()]
 
     problems: list[str] = []
     resolved: dict[str, dict[str, Any]] = {}
@@ -266,11 +304,12 @@ def check_stages(p: Pipeline, source: str = "<pipeline>") -> dict[str, dict[str,
             except ValueError as e:
                 problems.append(f"{path}.config.{e}")
                 continue
-        version_fn = getattr(module, "code_version", None)
-        version = version_fn(cfg) if version_fn else code_digest(module)
+        declared = _flatten(getattr(module, "inputs", lambda c: [])(cfg))
+        declared = [x for x in declared if x not in p.stages and not x.startswith("builtin:")]
         resolved[name] = {
             "config": cfg.model_dump(mode="json"),
-            "code_version": version,
+            "code": code_digests([module.__name__, *getattr(module, "modules", lambda c: [])(cfg)], roots),
+            "inputs": input_signatures(declared, roots[0]),
             "distributed": bool(getattr(module, "DISTRIBUTED", False)),
             # a kind whose output is a live thing (an endpoint) is never taken from the cache
             "cacheable": bool(getattr(module, "CACHEABLE", True)),
@@ -280,27 +319,10 @@ def check_stages(p: Pipeline, source: str = "<pipeline>") -> dict[str, dict[str,
     return resolved
 
 
-def code_digest(module: Any) -> str:
-    """A digest of a kind's source and of every ``workers`` module it uses, transitively: editing
-    the model or the sampling code invalidates the stages built on them."""
-    import hashlib
-    import sys
-    import types
-
-    package = module.__name__.split(".")[0]
-    seen: dict[str, str] = {}
-    todo = [module]
-    while todo:
-        m = todo.pop()
-        if m.__name__ in seen or not getattr(m, "__file__", None):
-            continue
-        seen[m.__name__] = m.__file__
-        for value in vars(m).values():
-            name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
-            if isinstance(name, str) and name.split(".")[0] == package and name in sys.modules:
-                todo.append(sys.modules[name])
-    h = hashlib.sha256()
-    for name in sorted(seen):
-        h.update(name.encode())
-        h.update(Path(seen[name]).read_bytes())
-    return h.hexdigest()[:16]
+def _flatten(items: Any) -> list[str]:
+    """A kind's declared inputs as a flat list of strings (None left out)."""
+    if items is None:
+        return []
+    if isinstance(items, str):
+        return [items]
+    return [x for item in items for x in _flatten(item)]

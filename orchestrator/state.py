@@ -149,12 +149,28 @@ def cancel_uri(storage_root: str, run_id: str) -> str:
     return storage.join(storage_root, "_runs", run_id, "cancel.request")
 
 
+def spool_dir(storage_root: str, run_id: str) -> str:
+    """Where a run's queued MLflow writes are kept until the store takes them: beside the run
+    state, or in the user's cache folder when that is an object store (appends need a disk)."""
+    if storage.is_local(storage_root):
+        return str(storage.resolve(state_uri(storage_root, run_id))[1].rpartition(os.sep)[0] + os.sep + "spool")
+    return os.path.join(os.path.expanduser("~/.cache/genai-orchestrator/spool"), run_id)
+
+
 def cache_uri(storage_root: str, fingerprint: str) -> str:
     return storage.join(storage_root, "_cache", f"{fingerprint}.json")
 
 
-def output_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str) -> str:
-    return storage.join(storage_root, pipeline, stage, fingerprint[:16])
+def stage_record_uri(storage_root: str, pipeline: str, stage: str) -> str:
+    """The cache record a stage last wrote (what ``validate`` diffs a miss against)."""
+    return storage.join(storage_root, "_cache", "stages", pipeline, f"{stage}.json")
+
+
+def output_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str, attempt: str | None = None) -> str:
+    """A fingerprint's outputs folder, or (``attempt`` given) the one attempt's location in it:
+    attempts never write into each other's files."""
+    base = storage.join(storage_root, pipeline, stage, fingerprint[:16])
+    return storage.join(base, attempt) if attempt else base
 
 
 def scratch_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str) -> str:

@@ -13,13 +13,14 @@ import os
 import tempfile
 import threading
 import time
-from collections import deque
+import uuid
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from .spool import Spool
 from .state import RunRecord, StageRecord, StageState
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,16 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """Writes a pipeline run's tree to MLflow, buffering writes while the store is unreachable."""
+    """Writes a pipeline run's tree to MLflow from a background thread, so tracking never holds
+    up scheduling. Writes go through a ``Spool`` (on disk beside the run state once
+    ``spool_to`` is called): while the store is unreachable they wait there, and a driver killed
+    meanwhile leaves them for ``resume`` to send. A write the store refuses (a 4xx, a vanished
+    file) is dropped with a warning; one that keeps failing otherwise, after ``max_attempts``."""
 
-    # How long a call whose answer is needed now (creating a run) waits for the store to return.
-    sync_retry_s = 600.0
+    # How long a call whose answer is needed now (creating the pipeline run) waits for the store.
+    sync_retry_s = 120.0
+    # Tries of a write that fails while the store answers (bounded: it must not block the rest).
+    max_attempts = 5
 
     def __init__(self, uri: str, experiment: str):
         self.uri = uri
@@ -62,21 +69,37 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_name = experiment
         self._experiment_id: str | None = None
-        self._pending: deque[tuple[str, tuple, dict]] = deque()
-        # Writes go through one background thread so the executor never waits on the store;
-        # the lock keeps the few synchronous calls (creating runs) from interleaving with it.
+        self._spool = Spool()
+        self.spool_dir: str | None = None
+        self._down_since: float | None = None  # the store unreachable since (None: answering)
+        # the lock keeps the few synchronous calls (creating the pipeline run) from interleaving
+        # with the writer thread's
         self._lock = threading.RLock()
         self._cv = threading.Condition()
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
         self._writer.start()
 
+    def spool_to(self, directory: str) -> None:
+        """Keep queued writes on disk in ``directory`` from now on; writes an earlier driver of
+        this run left there are sent first."""
+        with self._cv:
+            old, self._spool = self._spool, Spool(directory)
+            self.spool_dir = directory
+            while (entry := old.head()) is not None:
+                self._spool.put(entry)
+                old.pop()
+            self._cv.notify_all()
+
     # -- plumbing ----------------------------------------------------------------------------
     @property
     def experiment_id(self) -> str:
+        return self._ensure_experiment(self._sync)
+
+    def _ensure_experiment(self, call: Any) -> str:
         if self._experiment_id is None:
-            exp = self._sync("get_experiment_by_name", self.experiment_name)
-            self._experiment_id = exp.experiment_id if exp else self._sync(
+            exp = call("get_experiment_by_name", self.experiment_name)
+            self._experiment_id = exp.experiment_id if exp else call(
                 "create_experiment", self.experiment_name, artifact_location=_artifact_root(self.uri),
                 # open in the UI's "Model training" view (runs, metrics, artifacts), not GenAI traces
                 tags={"mlflow.experimentKind": "custom_model_development"})
@@ -85,67 +108,113 @@ class Tracker:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Queue a write; the writer thread sends it, and keeps it while the store is down."""
         with self._cv:
-            self._pending.append((method, args, kwargs))
+            self._spool.put({"m": method, "a": _encode(list(args)), "k": _encode(kwargs)})
             self._cv.notify_all()
 
     def _write_loop(self) -> None:
-        backoff = 0.5
+        backoff, tries = 0.5, 0
         while True:
             with self._cv:
-                while not self._pending and not self._closed:
+                while (entry := self._spool.head()) is None and not self._closed:
                     self._cv.wait()
-                if self._closed and not self._pending:
+                if self._closed:
                     return
-                method, args, kwargs = self._pending[0]
+            method = entry["m"]
             try:
-                with self._lock:
-                    if method == "_register":
-                        _register(self.client, *args, **kwargs)
-                    else:
-                        getattr(self.client, method)(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - the store may be down: keep the write, retry
-                if not _transient(e):  # the store refused this write: retrying cannot help
-                    log.warning("MLflow write %s dropped: %s", method, e)
-                    with self._cv:
-                        self._pending.popleft()
-                        self._cv.notify_all()
+                self._send(method, _decode(entry["a"]), _decode(entry["k"]))
+            except Exception as e:  # noqa: BLE001 - MLflow wraps connection errors in its own types
+                if _unreachable(e):  # the store is down: keep the write, and everything after it
+                    self._down_since = self._down_since or time.time()
+                    log.warning("MLflow write %s deferred (%s); retrying in %.1fs", method, _short(e), backoff)
+                    self._pause(backoff)
+                    backoff = min(backoff * 2, 10.0)
                     continue
-                log.warning("MLflow write %s deferred (%s); retrying in %.1fs", method, e, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            backoff = 0.5
+                tries += 1
+                self._down_since = None
+                if _transient(e) and tries < self.max_attempts:
+                    log.warning("MLflow write %s failed (%s); try %d of %d", method, _short(e), tries, self.max_attempts)
+                    self._pause(min(0.2 * 2 ** tries, 5.0))
+                    continue
+                log.warning("MLflow write %s dropped: %s", method, _short(e))
+            self._down_since, backoff, tries = None, 0.5, 0
             with self._cv:
-                self._pending.popleft()
+                self._spool.pop()
                 self._cv.notify_all()
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued write reached the store (False if some are still pending)."""
+    def _pause(self, seconds: float) -> None:
+        with self._cv:  # woken by close(): a driver leaving must not wait out a backoff
+            self._cv.wait_for(lambda: self._closed, timeout=seconds)
+
+    def _send(self, method: str, args: list, kwargs: dict) -> None:
+        ids = self._spool.ids
+        args = [ids.get(a, a) if isinstance(a, str) else a for a in args]  # placeholders -> run ids
+        with self._lock:
+            if method == "_create_run":
+                handle, run_name, tags = args
+                tags = {k: ids.get(v, v) for k, v in tags.items()}
+                # in this thread, unretried: the store's errors go to the writer's retry
+                experiment = self._ensure_experiment(lambda m, *a, **k: getattr(self.client, m)(*a, **k))
+                run = self.client.create_run(experiment, run_name=run_name, tags=tags)
+                self._spool.set_id(handle, run.info.run_id)
+            elif any(isinstance(a, str) and a.startswith(_PENDING) for a in args):
+                raise ValueError(f"its MLflow run was never created ({args[0]})")
+            elif method == "_register":
+                _register(self.client, *args, **kwargs)
+            else:
+                getattr(self.client, method)(*args, **kwargs)
+
+    def run_id_of(self, handle: str | None) -> str | None:
+        """The MLflow run id a placeholder became (itself while its run is not created yet)."""
+        return self._spool.ids.get(handle, handle) if handle else handle
+
+    def resolve_ids(self, record: RunRecord) -> bool:
+        """Put real run ids in place of placeholders in ``record``; True if any changed."""
+        changed = False
+        for rec in record.stages.values():
+            real = self.run_id_of(rec.child_run_id)
+            if real != rec.child_run_id:
+                rec.child_run_id, changed = real, True
+        return changed
+
+    def flush(self, timeout: float | None = None, give_up_after_s: float = 5.0) -> bool:
+        """Wait until every queued write reached the store. False if some are still pending at
+        ``timeout``, or once the store has been unreachable for ``give_up_after_s`` (the writes
+        stay spooled)."""
         deadline = None if timeout is None else time.time() + timeout
         with self._cv:
-            while self._pending:
-                left = None if deadline is None else deadline - time.time()
-                if left is not None and left <= 0:
+            while len(self._spool):
+                now = time.time()
+                if deadline is not None and now >= deadline:
                     return False
-                self._cv.wait(left)
+                if self._down_since is not None and now - self._down_since > give_up_after_s:
+                    return False
+                self._cv.wait(0.2 if deadline is None else min(0.2, deadline - now))
         return True
+
+    def close(self) -> None:
+        """Stop the writer (after the write in flight); what is left stays in the spool."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._writer.join(timeout=5)  # a request in flight to a silent store is not waited out
+        self._spool.close()
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._spool)
 
     def _sync(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A call whose answer is needed now (creating runs): retried with backoff while the
-        store is unreachable, up to ``sync_retry_s``."""
+        """A call whose answer is needed now (creating the pipeline run): retried with backoff
+        while the store is unreachable, up to ``sync_retry_s``."""
         deadline, backoff = time.time() + self.sync_retry_s, 0.5
         while True:
             try:
                 with self._lock:
                     return getattr(self.client, method)(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - MLflow wraps connection errors in its own types
-                if not _transient(e) or time.time() + backoff > deadline:
+                if not (_unreachable(e) or _transient(e)) or time.time() + backoff > deadline:
                     raise
-                log.warning("MLflow %s failed (%s); retrying in %.1fs", method, e, backoff)
+                log.warning("MLflow %s failed (%s); retrying in %.1fs", method, _short(e), backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
@@ -175,12 +244,12 @@ class Tracker:
 
     # -- stage runs --------------------------------------------------------------------------
     def start_stage(self, parent_id: str, rec: StageRecord, config: dict, resources: dict) -> str:
-        run = self._sync(
-            "create_run", self.experiment_id, run_name=rec.name,
-            tags={"mlflow.parentRunId": parent_id, TAG_ROLE: "stage", "stage": rec.name, "kind": rec.kind,
-                  "fingerprint": rec.fingerprint, "state": rec.state.value},
-        )
-        rid = run.info.run_id
+        """The stage's run id: a placeholder at once (the run is created by the writer, in order
+        with the writes that name it; ``run_id_of`` gives the real id once it exists)."""
+        rid = f"{_PENDING}{uuid.uuid4().hex}"
+        self._call("_create_run", rid, rec.name,
+                   {"mlflow.parentRunId": parent_id, TAG_ROLE: "stage", "stage": rec.name, "kind": rec.kind,
+                    "fingerprint": rec.fingerprint, "state": rec.state.value})
         params = [Param(k, v) for k, v in flatten({"config": config, "resources": resources}).items()]
         for i in range(0, len(params), 100):
             self._call("log_batch", rid, params=params[i:i + 100])
@@ -254,10 +323,12 @@ class Tracker:
     def log_dag(self, record: RunRecord, needs: dict[str, tuple[str, ...]]) -> None:
         from .dagplot import draw_dag
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "dag.png")
-            draw_dag(needs, {n: s for n, s in record.stages.items()}, path, title=f"{record.pipeline} · {record.state.value}")
-            self._sync("log_artifact", record.run_id, path)
+        # queued like any write: the picture waits in the spool folder while the store is down
+        folder = self.spool_dir or tempfile.mkdtemp(prefix="orch-dag-")
+        path = os.path.join(folder, f"dag-{uuid.uuid4().hex[:8]}", "dag.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        draw_dag(needs, {n: s for n, s in record.stages.items()}, path, title=f"{record.pipeline} · {record.state.value}")
+        self._call("log_artifact", record.run_id, path)
 
     # -- queries (status, list, resume) ------------------------------------------------------
     def find_pipeline_runs(self, max_results: int = 50) -> list[Any]:
@@ -302,13 +373,64 @@ def _register(client: MlflowClient, name: str, source: str, run_id: str, alias: 
     client.set_registered_model_alias(name, alias, mv.version)
 
 
-def _transient(e: Exception) -> bool:
-    """Whether a failed MLflow call may succeed later (store down, overloaded, locked)."""
+_PENDING = "pending-"  # a stage run id whose MLflow run the writer has not created yet
+_ENTITIES = {"Metric": Metric, "Param": Param, "RunTag": RunTag}
+
+
+def _encode(x: Any) -> Any:
+    """A write's arguments as JSON (for the spool): MLflow entities become tagged mappings."""
+    if isinstance(x, (Metric, Param, RunTag)):
+        return {"__entity__": type(x).__name__, "d": x.to_dictionary()}
+    if isinstance(x, DatasetInput):
+        return {"__entity__": "DatasetInput", "dataset": x.dataset.to_dictionary(),
+                "tags": [[t.key, t.value] for t in x.tags]}
+    if isinstance(x, (list, tuple)):
+        return [_encode(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _encode(v) for k, v in x.items()}
+    return x
+
+
+def _decode(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    if isinstance(x, dict):
+        kind = x.get("__entity__")
+        if kind == "DatasetInput":
+            d = {k: v for k, v in x["dataset"].items() if k in ("name", "digest", "source_type", "source", "schema", "profile")}
+            return DatasetInput(Dataset(**d), [InputTag(k, v) for k, v in x["tags"]])
+        if kind in _ENTITIES:
+            return _ENTITIES[kind].from_dictionary(x["d"])
+        return {k: _decode(v) for k, v in x.items()}
+    return x
+
+
+def _unreachable(e: Exception) -> bool:
+    """Whether the store could not be reached at all (down, network): the write must wait."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(e, MlflowException):
-        return e.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
-    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
+        # MLflow's REST client reports a failed connection as "API request to ... failed with exception"
+        return e.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or "failed with exception" in str(e)
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return False
+    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(("requests", "urllib3"))
+
+
+def _transient(e: Exception) -> bool:
+    """Whether a failed call, the store answering, may succeed if tried again (a 5xx, a locked
+    database); a 4xx or a missing file will not."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return e.error_code in ("INTERNAL_ERROR",)
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return False
+    return isinstance(e, OSError) or type(e).__module__.startswith("sqlalchemy")
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
 
 
 def open_client(uri: str) -> MlflowClient:
@@ -332,9 +454,17 @@ class NullTracker(Tracker):
     """Tracks nothing: for measuring what MLflow costs (benchmarks) and for dry runs."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self._pending = deque()
+        self._spool = Spool()
         self._cv = threading.Condition()
         self._n = 0
+        self._down_since = None
+        self.spool_dir = None
+
+    def spool_to(self, directory: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
         pass

@@ -12,7 +12,7 @@ from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.graph import find_cycle, topological_order
 from orchestrator.runs import prepare
-from orchestrator.spec import apply_overrides
+from orchestrator.spec import apply_overrides, parse_pipeline
 
 FUNCS = '''
 def ok(ctx, **params):
@@ -131,7 +131,61 @@ def test_graph_helpers():
     assert topological_order(needs) == ["a", "b", "c", "d"]
     assert find_cycle(needs) is None
     assert find_cycle({"x": ["y"], "y": ["z"], "z": ["x"]}) == ["x", "y", "z", "x"]
-    assert plan_mod.fingerprint("k", {"a": 1}, "v", {}) != plan_mod.fingerprint("k", {"a": 2}, "v", {})
+    a = plan_mod.Components("k", {"a": 1}, {"f.py": "1"}, {})
+    assert a.digest() != plan_mod.Components("k", {"a": 2}, {"f.py": "1"}, {}).digest()
+    assert a.digest() != plan_mod.Components("k", {"a": 1}, {"f.py": "2"}, {}).digest()
+
+
+@pytest.mark.parametrize("kind, needed", [
+    ("tokenize", {"workers/data/tokenizer.py", "workers/data/corpus.py"}),
+    ("pretrain", {"workers/model/transformer.py", "workers/data/tokens.py", "workers/training/loop.py"}),
+    ("finetune", {"workers/model/transformer.py", "workers/model/lora.py", "workers/data/chat.py", "workers/data/records.py"}),
+    ("rlhf", {"workers/model/reward_head.py", "workers/data/records.py", "workers/data/chat.py", "workers/training/loop.py"}),
+    ("evaluate", {"workers/model/sampling.py", "workers/data/tokens.py", "workers/rl/ranking.py"}),
+])
+def test_code_digest_follows_function_local_imports(kind, needed):
+    """Found statically and transitively, function-local imports included (the old digest, which
+    followed module-level names only, missed the model under pretrain and the tokenizer under tokenize)."""
+    from orchestrator.fingerprint import code_digests
+
+    assert needed <= set(code_digests([f"workers.kinds.{kind}"], []))
+
+
+def test_code_digest_follows_relative_and_package_imports(tmp_path):
+    from orchestrator.fingerprint import code_digests
+
+    pkg = tmp_path / "mypkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "entry.py").write_text("def f():\n    from . import helper\n    from .sub import deep\n    import mypkg.other\n")
+    for name in ("helper.py", "other.py", "sub/deep.py"):
+        (pkg / name).write_text("import json\n")
+    found = set(code_digests(["mypkg.entry"], [str(tmp_path)]))
+    assert {"mypkg/entry.py", "mypkg/helper.py", "mypkg/other.py", "mypkg/sub/deep.py", "mypkg/__init__.py"} <= found
+    assert not any("json" in f for f in found)  # the standard library is not ours
+
+
+@pytest.mark.parametrize("storage", ["S3://b/x", "s3a://b/x", "abfs://c@a.dfs.core.windows.net/x", "http://h/x"])
+def test_unsupported_storage_scheme_is_an_error_naming_storage(storage):
+    with pytest.raises(SpecError) as e:
+        parse_pipeline({"name": "p", "storage": storage, "stages": {"a": {"kind": "python"}}})
+    text = str(e.value)
+    assert "storage" in text and "s3://" in text and "hdfs://" in text and repr(storage.split("://")[0] + "://") in text
+
+
+def test_stage_name_with_trailing_newline_is_rejected():
+    with pytest.raises(SpecError, match=r"stage name 'a\\n'"):
+        parse_pipeline({"name": "p", "stages": {"a\n": {"kind": "python"}}})
+
+
+def test_credentials_in_a_uri_are_refused_and_redacted():
+    from orchestrator.spec import redact
+
+    with pytest.raises(SpecError, match=r"stages.t.config.source: a URI with credentials") as e:
+        parse_pipeline({"name": "p", "stages": {"t": {"kind": "tokenize", "config": {"source": "s3://AK:SECRET@b/x"}}}})
+    assert "SECRET" not in str(e.value)
+    assert redact("see http://bob:pw@host:5000/x and s3://b/k") == "see http://***@host:5000/x and s3://b/k"
 
 
 def test_every_shipped_pipeline_validates():

@@ -8,8 +8,12 @@ A stage kind is one module in ``workers/kinds/`` with:
   as ``ctx.inputs[upstream_name]``;
 - optionally ``DISTRIBUTED = True`` when the kind spreads its work over Ray actors it starts
   itself (its runner then holds no CPU; ``ctx.resources`` says what each of its workers gets);
-- optionally ``code_version(config) -> str``; by default the fingerprint covers the kind
-  module's own source;
+- optionally ``inputs(config) -> list`` naming the external inputs the config points at (files,
+  folders, globs, URIs; lists and None allowed; upstream stage names and ``builtin:`` data are
+  left out): their listing joins the fingerprint, so editing a corpus invalidates its tokens;
+- optionally ``modules(config) -> list[str]``: user modules the config names (a python stage's
+  entrypoint, a reward function). The fingerprint covers the source of the kind module, of these,
+  and of every project module they import (found statically, transitively);
 - optionally ``CACHEABLE = False`` when outputs are live things (an endpoint) that a later run
   cannot reuse;
 - optionally ``check(config)`` raising ``ValueError("field: message")`` for problems found at

@@ -1,7 +1,9 @@
 """Artifact storage: local paths and object stores alike, through ``pyarrow.fs``.
 
-Every write is atomic: local files are written beside their target and renamed into place;
-object stores make a single PUT visible only when complete.
+Every write is atomic: local and HDFS files are written beside their target and renamed into
+place; object stores make a single PUT visible only when complete. A folder is published
+(``publish_dir``) into a location of its own, with a manifest (files, sizes, digests) written
+last: a folder without one is a half-published attempt, never a result (``published``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 _SCHEMES = ("file://", "s3://", "gs://", "gcs://", "hdfs://", "viewfs://")
+MANIFEST = "_MANIFEST.json"
 
 
 def is_local(uri: str) -> bool:
@@ -43,13 +46,17 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def client_env() -> dict[str, str]:
-    """The environment object-store clients read (endpoint, region, credentials), to hand to
-    stage processes so they reach the same store as the driver."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_CLIENT_ENV_PREFIXES)}
+def client_env(forward_secrets: bool = False) -> dict[str, str]:
+    """The environment object-store clients read (endpoint, region, profile, credential file
+    paths), to hand to stage processes so they reach the same store as the driver. Secret keys
+    and session tokens stay out (a task's environment is visible in Ray's state API and
+    dashboard): nodes use their instance profile or credential files unless ``forward_secrets``."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(_CLIENT_ENV_PREFIXES) and (forward_secrets or k not in SECRET_ENV)}
 
 
 _CLIENT_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
+SECRET_ENV = frozenset({"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
 
 
 def join(uri: str, *parts: str) -> str:
@@ -98,6 +105,14 @@ def write_bytes(uri: str, data: bytes) -> None:
             raise
         return
     fs.create_dir(posixpath.dirname(path), recursive=True)
+    if isinstance(fs, pafs.HadoopFileSystem):  # HDFS shows a file while it is written: rename into place
+        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex[:8]}-{posixpath.basename(path)}")
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_file(path)
+        fs.move(tmp, path)
+        return
     with fs.open_output_stream(path) as f:
         f.write(data)
 
@@ -116,23 +131,61 @@ def delete(uri: str) -> None:
 
 
 def publish_dir(local_dir: Path, uri: str) -> None:
-    """Move a finished local folder to ``uri`` so it appears whole (rename locally; copy then
-    the caller's commit record for object stores)."""
+    """Publish a finished local folder at ``uri``, a location of this attempt's own: the files,
+    then a manifest of them (sizes, sha256) written last, so ``published`` tells a complete
+    folder from one whose copy was cut short."""
+    local_dir = Path(local_dir)
+    files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
+    manifest = {"files": {rel: {"size": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in files.items()}}
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         staging = f"{path}.incoming-{uuid.uuid4().hex[:8]}"
         shutil.copytree(local_dir, staging)
-        if os.path.exists(path):
+        if os.path.exists(path):  # an earlier try of this very attempt: replace it whole
             old = f"{path}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
-            os.replace(staging, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-        return
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        os.replace(staging, path)
+    else:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)  # never mix with keys a cut-short copy left
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    write_json(join(uri, MANIFEST), manifest)
+
+
+def published(uri: str) -> str | None:
+    """None when ``uri`` holds a complete publication (its manifest, and every file it lists with
+    the listed size); else why not."""
+    fs, path = resolve(uri)
+    try:
+        manifest = read_json(join(uri, MANIFEST))
+    except FileNotFoundError:
+        return f"{uri} has no {MANIFEST} (a publication cut short)"
+    except (OSError, ValueError) as e:
+        return f"{uri}: unreadable {MANIFEST}: {e}"
+    listed = manifest.get("files", {})
+    infos = fs.get_file_info([posixpath.join(path, rel) if not isinstance(fs, pafs.LocalFileSystem)
+                              else os.path.join(path, rel) for rel in listed])
+    for (rel, meta), info in zip(listed.items(), infos):
+        if info.type != pafs.FileType.File or info.size != meta["size"]:
+            return f"{uri}/{rel} is missing or has another size than its manifest says"
+    return None
+
+
+def remove_unpublished(parent_uri: str, keep: str | None = None) -> list[str]:
+    """Delete the folders under ``parent_uri`` without a manifest (attempts cut short), except
+    ``keep``; returns what was removed."""
+    fs, path = resolve(parent_uri)
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        child = join(parent_uri, posixpath.basename(info.path))
+        if info.type != pafs.FileType.Directory or child == keep or exists(join(child, MANIFEST)):
+            continue
+        fs.delete_dir(info.path)
+        removed.append(child)
+    return removed
 
 
 def download_dir(uri: str, local_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
-from workers.rl.ranking import RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
+from workers.rl.ranking import RankingPool, RewardConfig, resolve_artifact, resolve_reward, reward_modules
 from workers.rl.rollout import PromptSource, RolloutPool, load_prompts
 
 DISTRIBUTED = True
@@ -52,9 +52,13 @@ class Config(BaseModel):
     workers: int | None = Field(None, ge=1, description="Actors per model; default: resources.workers or 1.")
 
 
-def code_version(config: Config) -> str:
-    return code_digest(("kinds/evaluate.py", "rl/rollout.py", "rl/ranking.py", "model/transformer.py", "model/sampling.py", "data/tokens.py"),
-                       config.reward)
+def inputs(config: Config) -> list:
+    return [config.checkpoint, config.baseline, config.data, config.reward and config.reward.model,
+            config.prompts.source]
+
+
+def modules(config: Config) -> list[str]:
+    return reward_modules(config.reward)
 
 
 def check(config: Config) -> None:

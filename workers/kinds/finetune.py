@@ -118,6 +118,11 @@ class Base:
         return int(self.config["n_positions"])
 
 
+def inputs(config: RecordsConfig) -> list:
+    """External inputs (upstream stage names among them are left out by the orchestrator)."""
+    return [config.checkpoint, config.data]
+
+
 def open_base(ctx, config: RecordsConfig) -> Base:
     """Resolve and check the starting checkpoint and its tokenizer (names `checkpoint:` on errors)."""
     from tokenizers import Tokenizer

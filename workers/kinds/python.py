@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
-from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,13 +36,9 @@ def check(config: Config) -> None:
         raise ValueError(f"entrypoint: cannot import {config.entrypoint!r}: {type(e).__name__}: {e}") from None
 
 
-def code_version(config: Config) -> str:
-    """The user module's source, so editing the function invalidates the cache."""
-    spec = importlib.util.find_spec(config.entrypoint.partition(":")[0])
-    origin = getattr(spec, "origin", None)
-    if origin and Path(origin).is_file():
-        return hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16]
-    return "unknown"
+def modules(config: Config) -> list[str]:
+    """The user's module: it and the local modules it imports join the fingerprint."""
+    return [config.entrypoint.partition(":")[0]]
 
 
 def run(ctx: StageContext, config: Config) -> dict[str, Any]:

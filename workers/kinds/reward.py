@@ -21,6 +21,7 @@ from pydantic import Field
 
 from workers import storage
 from workers.data import records as sft_data
+from workers.kinds.finetune import inputs  # noqa: F401 - the same inputs as finetune: checkpoint, data
 from workers.kinds.finetune import (Base, RecordsConfig, data_source, local_checkpoint, make_example_batches, open_base,
                               publish, split_records, steps_for, template_extra, templates, write_splits)
 from workers.training.loop import FaultInjection, TrainJob, fit

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
-from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
+from workers.rl.ranking import Ranking, RankingPool, RewardConfig, resolve_artifact, resolve_reward, reward_modules
 from workers.rl.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
 
 DISTRIBUTED = True
@@ -73,9 +73,12 @@ class Config(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="Iteration checkpoints kept in scratch storage.")
 
 
-def code_version(config: Config) -> str:
-    """This kind and the modules its behaviour lives in (and a reward function's source)."""
-    return code_digest(("kinds/rlhf.py", "rl/rollout.py", "rl/ranking.py", "model/transformer.py", "model/sampling.py"), config.reward)
+def inputs(config: Config) -> list:
+    return [config.policy, config.reward.model, config.prompts.source]
+
+
+def modules(config: Config) -> list[str]:
+    return reward_modules(config.reward)
 
 
 # ----------------------------------------------------------------------------- typed hand-offs

@@ -132,6 +132,11 @@ class Config(BaseModel):
         return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
+def inputs(config: Config) -> list:
+    """The corpus (and a tokenizer file): editing them invalidates the tokens."""
+    return [config.sources, config.tokenizer.path if isinstance(config.tokenizer, FileTokenizer) else None]
+
+
 # ---- encoding one unit (runs in the actors) ---------------------------------------------------
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -24,7 +24,7 @@ from workers import storage
 
 __all__ = [
     "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
-    "resolve_reward", "resolve_artifact", "order_of", "make_scorer", "format_prompt", "code_digest",
+    "resolve_reward", "resolve_artifact", "order_of", "make_scorer", "format_prompt", "reward_modules",
 ]
 
 ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -138,20 +138,9 @@ def resolve_function(entrypoint: str) -> Callable[[str, str], float]:
     return fn
 
 
-def code_digest(modules: tuple[str, ...], reward: RewardConfig | None) -> str:
-    """A digest of the ``workers/`` modules a kind's behaviour lives in, and of a reward
-    function's module (so editing the reward invalidates cached outputs)."""
-    import hashlib
-
-    here = Path(__file__).parents[1]  # workers/
-    h = hashlib.sha256()
-    for name in modules:
-        h.update((here / name).read_bytes())
-    if reward is not None and reward.function:
-        spec = importlib.util.find_spec(reward.function.partition(":")[0])
-        if spec and spec.origin and os.path.isfile(spec.origin):
-            h.update(Path(spec.origin).read_bytes())
-    return h.hexdigest()[:16]
+def reward_modules(reward: RewardConfig | None) -> list[str]:
+    """The user module a reward function lives in (its source joins the stage's fingerprint)."""
+    return [reward.function.partition(":")[0]] if reward is not None and reward.function else []
 
 
 def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSource:
