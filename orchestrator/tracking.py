@@ -379,8 +379,10 @@ _ENTITIES = {"Metric": Metric, "Param": Param, "RunTag": RunTag}
 
 def _encode(x: Any) -> Any:
     """A write's arguments as JSON (for the spool): MLflow entities become tagged mappings."""
-    if isinstance(x, (Metric, Param, RunTag)):
-        return {"__entity__": type(x).__name__, "d": x.to_dictionary()}
+    if isinstance(x, Metric):
+        return {"__entity__": "Metric", "d": [x.key, x.value, x.timestamp, x.step]}
+    if isinstance(x, (Param, RunTag)):
+        return {"__entity__": type(x).__name__, "d": [x.key, x.value]}
     if isinstance(x, DatasetInput):
         return {"__entity__": "DatasetInput", "dataset": x.dataset.to_dictionary(),
                 "tags": [[t.key, t.value] for t in x.tags]}
@@ -400,7 +402,7 @@ def _decode(x: Any) -> Any:
             d = {k: v for k, v in x["dataset"].items() if k in ("name", "digest", "source_type", "source", "schema", "profile")}
             return DatasetInput(Dataset(**d), [InputTag(k, v) for k, v in x["tags"]])
         if kind in _ENTITIES:
-            return _ENTITIES[kind].from_dictionary(x["d"])
+            return _ENTITIES[kind](*x["d"])
         return {k: _decode(v) for k, v in x.items()}
     return x
 
