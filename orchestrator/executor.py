@@ -64,7 +64,9 @@ class Executor:
     def _ensure_ray(self) -> None:
         if self._bus is None:
             self._connect()
-            self._remote = ray.remote(execute_stage)
+            # max_calls=1: each attempt in a fresh worker process, so it runs the code its
+            # fingerprint names, never a module an earlier stage imported before an edit
+            self._remote = ray.remote(max_calls=1)(execute_stage)
             # On the driver's node: a bus placed on a worker node would die with it, and every
             # later metric, tag and progress event of every stage would be lost.
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -163,6 +165,8 @@ class Executor:
         if entry.get("has_artifacts") and (why := storage.published(entry["output_uri"])):
             log.warning("cache record %s: %s; rerunning", uri, why)
             return False
+        if entry.get("has_artifacts"):
+            self._clean_up(s, entry["output_uri"])
         rec.outputs = entry["outputs"]
         rec.cache_source_run = entry.get("run_id")
         rec.started = rec.ended = time.time()
@@ -273,8 +277,8 @@ class Executor:
         self.tracker.register_checkpoint(self.plan.pipeline, rec)
 
     def _clean_up(self, s: PlannedStage, kept: str) -> None:
-        """After a success: attempts cut short beside it, and the scratch state (its job is done;
-        a later run must not resume from a finished training)."""
+        """After a success or a hit: attempts cut short beside it, and the scratch state (its job
+        is done; a later run must not resume from a finished training)."""
         try:
             parent = st.output_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
             for gone in storage.remove_unpublished(parent, keep=kept):

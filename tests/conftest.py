@@ -80,7 +80,14 @@ def moto_s3(bucket: str):
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    # Stage tasks get no secret keys (see storage.client_env): they read a credentials file, as
+    # cluster nodes would, whose path is not secret.
+    import tempfile
+
+    creds = os.path.join(tempfile.mkdtemp(prefix="moto-creds-"), "credentials")
+    with open(creds, "w") as f:
+        f.write("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SHARED_CREDENTIALS_FILE": creds,
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
