@@ -376,7 +376,8 @@ def corrupt(body: str, key: str) -> str:
         return lines[0] + "\n" + indent + piece * max(4, len(body) // (2 * len(piece) or 1)) + "\n"
     if how == "cut" and len(body.strip()) > 12:
         lo = len(lines[0]) // 2 if len(lines) == 1 else len(lines[0]) + 1
-        cut = rng.randrange(lo, max(lo + 1, len(body.rstrip("\n")) - 2))
+        # within the first 300 characters: long bodies are cut on the right to fit the context
+        cut = rng.randrange(lo, max(lo + 1, min(len(body.rstrip("\n")) - 2, lo + 300)))
         while cut < len(body) and body[cut - 1] in " \n":  # end on a character, mid-line
             cut += 1
         return body[:cut]

@@ -186,7 +186,7 @@ def reward_hacking(out: dict[str, Any], checks: list[Check]) -> list[str]:
             direction = "" if c.higher_is_better else ", lower is better"
             warnings.append(f"possible reward hacking: the reward rose ({old_r:.3g} -> {new_r:.3g}) but the "
                             f"independent check {c.name} got worse ({old:.3g} -> {new:.3g}{direction}): the "
-                            "model learned to please its reward model, not to write better answers")
+                            "model learned to please its reward, not to do better")
     return warnings
 
 
