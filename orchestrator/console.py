@@ -65,8 +65,9 @@ def traceback_tail(tb: str | None, lines: int = 6) -> str:
     return "\n".join("    " + l for l in rows[-lines:])
 
 
-def verdict(record: RunRecord, order: list[str]) -> Table | None:
-    """The models an `evaluate` stage compared, side by side, and its plain-words warnings."""
+def verdict(record: RunRecord, order: list[str]) -> tuple[Table, str] | None:
+    """The models an `evaluate` stage compared, side by side, and a line on its win rate's
+    judge and the KL estimate."""
     for name in order:
         out = record.stages[name].outputs or {}
         comparison = out.get("comparison") if record.stages[name].kind == "evaluate" else None
@@ -85,9 +86,7 @@ def verdict(record: RunRecord, order: list[str]) -> Table | None:
             notes.append(f"win rate {out['win_rate']:.2f} over the baseline, judged by {out.get('win_rate_judge', 'the reward')}")
         if "kl" in out:
             notes.append(f"KL(evaluated || baseline) ~ {out['kl']:.3g} nats per completion")
-        t.caption = "; ".join(notes) or None
-        t.caption_justify = "left"
-        return t
+        return t, "; ".join(notes)
     return None
 
 
@@ -145,8 +144,10 @@ class StageDisplay:
 
     def summary(self, ui_hint: str) -> None:
         self.console.print(stage_table(self.record, self.order))
-        if (t := verdict(self.record, self.order)) is not None:
-            self.console.print(t)
+        if (v := verdict(self.record, self.order)) is not None:
+            self.console.print(v[0])
+            if v[1]:
+                self.console.print(v[1], soft_wrap=True)
         for w in warnings(self.record):
             self.console.print(f"[bold yellow]warning:[/] {w}", soft_wrap=True)
         self.console.print(ui_hint, soft_wrap=True)

@@ -91,3 +91,36 @@ def test_run_terminal_reads_cleanly_and_a_print_reaches_the_stage_run(tmp_path):
     text = Path(client.download_artifacts(child.info.run_id, "logs/output.log", str(tmp_path))).read_text()
     assert "hello from the stage" in text and "and from its stderr" in text
     assert ":orchestrator_stage:" not in text
+
+
+def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
+    """No Ray: the transition lines a pipe gets, a failure's last traceback lines, and the
+    summary's side-by-side comparison with the judge named and the reward-hacking warning."""
+    import io
+
+    from orchestrator.console import StageDisplay
+    from orchestrator.state import RunRecord, RunState, StageRecord, StageState
+
+    train = StageRecord("train", "python", "f1", state=StageState.RUNNING, attempts=1)
+    ev = StageRecord("evaluate", "evaluate", "f2", state=StageState.SUCCEEDED, attempts=1, outputs={
+        "win_rate": 0.97, "win_rate_judge": "the reward the model was trained against", "kl": 3.2,
+        "comparison": {"pretrain": {"mean_reward": -1.0, "check_python_syntax": 0.1},
+                       "finetune (baseline)": {"mean_reward": 0.1, "check_python_syntax": 0.6},
+                       "rlhf (evaluated)": {"mean_reward": 0.9, "check_python_syntax": 0.2}},
+        "warnings": ["possible reward hacking: the reward rose (0.1 -> 0.9) but ..."]})
+    record = RunRecord("r1", "demo", RunState.RUNNING, {}, "demo.yaml", "/tmp", "sqlite://", "demo",
+                       {"train": train, "evaluate": ev})
+    out = io.StringIO()
+    display = StageDisplay(record, ["train", "evaluate"], stream=out)
+    display.update()
+    train.state, train.error = StageState.FAILED, "ValueError: bad batch"
+    train.traceback = "Traceback (most recent call last):\n" + "".join(f'  File "x.py", line {i}\n' for i in range(20)) \
+        + "ValueError: bad batch\n"
+    display.update()
+    display.summary("MLflow: ...")
+    text = out.getvalue()
+    assert "train            RUNNING attempt 1" in text and "train            FAILED: ValueError: bad batch" in text
+    assert '    File "x.py", line 19' in text and 'line 3\n' not in text  # the tail, not the whole traceback
+    assert "judged by the reward the model was trained against" in text
+    assert "python_syntax (check)" in text and "0.6" in text and "warning: evaluate: possible reward hacking" in text
+    assert "\x1b[" not in text
