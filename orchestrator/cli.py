@@ -26,6 +26,12 @@ def _add_tracking(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_TRACKING} in the current directory).")
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="Stream Ray's and every stage's output to the terminal too (by default they go to the "
+                        "run's log folder, printed at the start and in the summary).")
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="Pipeline YAML file.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -53,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, metavar="ADDR",
                    help='Ray cluster to run on ("auto", "ray://host:10001"); overrides ray.address in FILE.')
     p.add_argument("--plain", action="store_true", help="Print one line per stage transition instead of a live table.")
+    _add_verbose(p)
     p.add_argument("--detach", action="store_true",
                    help="Return when the pipeline ends, even if a serve stage is serving (it stops with Ray).")
 
@@ -72,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster to run on.")
     p.add_argument("--plain", action="store_true", help="Print transitions instead of a live table.")
+    _add_verbose(p)
     _add_tracking(p)
 
     p = sub.add_parser("cancel", help="Cancel a running pipeline run (or a submitted Ray job).",
@@ -188,23 +196,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runs import exit_code, prepare, start_run
+    from .runs import exit_code, new_run_logs, prepare, start_run
 
     prep = prepare(args.file, args.overrides)
-    record = start_run(prep, no_cache=args.no_cache, address=args.address, live=False if args.plain else None)
-    endpoints = [r.outputs["endpoint"] for r in record.stages.values()
-                 if r.kind == "serve" and r.state.done and r.outputs and r.outputs.get("endpoint")]
-    if endpoints and not args.detach:
-        _serve_until_interrupted(endpoints)
+    with new_run_logs(prep, quiet=not args.verbose) as logs:  # until serving ends: Serve logs too
+        record = start_run(prep, no_cache=args.no_cache, address=args.address, live=False if args.plain else None,
+                           logs=logs)
+        endpoints = [r.outputs["endpoint"] for r in record.stages.values()
+                     if r.kind == "serve" and r.state.done and r.outputs and r.outputs.get("endpoint")]
+        if endpoints and not args.detach:
+            _serve_until_interrupted(endpoints, logs.out)
     return exit_code(record)
 
 
-def _serve_until_interrupted(endpoints: list[str]) -> None:
+def _serve_until_interrupted(endpoints: list[str], out=None) -> None:
     """A serve stage's deployment lives in this driver's Ray: keep it up until Ctrl-C."""
     import time
 
     for url in endpoints:
-        print(f"serving at {url}/v1 (OpenAI-compatible). Ctrl-C to stop.", flush=True)
+        print(f"serving at {url}/v1 (OpenAI-compatible). Ctrl-C to stop.", file=out or sys.stdout, flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -218,7 +228,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from .runs import exit_code, resume_run
 
     record = resume_run(args.run_id, args.tracking_uri or _default_tracking(), address=args.address,
-                        live=False if args.plain else None)
+                        live=False if args.plain else None, quiet=not args.verbose)
     return exit_code(record)
 
 

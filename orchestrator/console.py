@@ -59,6 +59,42 @@ def stage_table(record: RunRecord, order: list[str]) -> Table:
     return t
 
 
+def traceback_tail(tb: str | None, lines: int = 6) -> str:
+    """The last lines of a stage's traceback: where it failed and why."""
+    rows = [l for l in (tb or "").rstrip().splitlines() if l.strip()]
+    return "\n".join("    " + l for l in rows[-lines:])
+
+
+def verdict(record: RunRecord, order: list[str]) -> tuple[Table, str] | None:
+    """The models an `evaluate` stage compared, side by side, and a line on its win rate's
+    judge and the KL estimate."""
+    for name in order:
+        out = record.stages[name].outputs or {}
+        comparison = out.get("comparison") if record.stages[name].kind == "evaluate" else None
+        if not comparison:
+            continue
+        metrics = list(dict.fromkeys(m for row in comparison.values() for m in row))
+        t = Table(title=f"{name}: the same held-out prompts, each model", title_justify="left")
+        t.add_column("metric")
+        for label in comparison:
+            t.add_column(label, justify="right")
+        for m in metrics:
+            t.add_row(m.removeprefix("check_") + (" (check)" if m.startswith("check_") else ""),
+                      *(f"{row[m]:.3g}" if m in row else "" for row in comparison.values()))
+        notes = []
+        if "win_rate" in out:
+            notes.append(f"win rate {out['win_rate']:.2f} over the baseline, judged by {out.get('win_rate_judge', 'the reward')}")
+        if "kl" in out:
+            notes.append(f"KL(evaluated || baseline) ~ {out['kl']:.3g} nats per completion")
+        return t, "; ".join(notes)
+    return None
+
+
+def warnings(record: RunRecord) -> list[str]:
+    return [f"{r.name}: {w}" for r in record.stages.values() for w in (r.outputs or {}).get("warnings") or []
+            if r.state.done]
+
+
 class StageDisplay:
     """Live table on a TTY; transition lines otherwise. Call ``update`` often, it is cheap."""
 
@@ -84,21 +120,34 @@ class StageDisplay:
             self._live.__exit__(*exc)
 
     def update(self) -> None:
+        for name in self.order:
+            r = self.record.stages[name]
+            key = f"{r.state.value}/{r.attempts}"
+            if self._last_states.get(name) == key:
+                continue
+            self._last_states[name] = key
+            failed = r.state.value in ("FAILED", "RETRYING")
+            if self._live is None:
+                extra = f" attempt {r.attempts}" if r.state.value in ("RUNNING", "RETRYING") else ""
+                err = f": {r.error}" if r.error and r.state.value in ("FAILED", "RETRYING", "SKIPPED") else ""
+                self.console.print(f"[{STYLE.get(r.state.value, '')}]{name:<16} {r.state.value}{extra}[/]{err}",
+                                   markup=True, soft_wrap=True)
+            elif failed:
+                self.console.print(f"[{STYLE[r.state.value]}]{name} {r.state.value}[/]: {r.error}", soft_wrap=True)
+            if failed and r.traceback:
+                self.console.print(traceback_tail(r.traceback), markup=False, highlight=False, soft_wrap=True)
         if self._live is not None:
             now = time.monotonic()
             if now - self._last_refresh > 0.25:
                 self._live.update(stage_table(self.record, self.order))
                 self._last_refresh = now
-            return
-        for name in self.order:
-            r = self.record.stages[name]
-            if self._last_states.get(name) != r.state.value:
-                self._last_states[name] = r.state.value
-                extra = f" attempt {r.attempts}" if r.state.value in ("RUNNING", "RETRYING") else ""
-                err = f": {r.error}" if r.error and r.state.value in ("FAILED", "RETRYING", "SKIPPED") else ""
-                self.console.print(f"[{STYLE.get(r.state.value, '')}]{name:<16} {r.state.value}{extra}[/]{err}",
-                                   markup=True, soft_wrap=True)
 
     def summary(self, ui_hint: str) -> None:
         self.console.print(stage_table(self.record, self.order))
+        if (v := verdict(self.record, self.order)) is not None:
+            self.console.print(v[0])
+            if v[1]:
+                self.console.print(v[1], soft_wrap=True)
+        for w in warnings(self.record):
+            self.console.print(f"[bold yellow]warning:[/] {w}", soft_wrap=True)
         self.console.print(ui_hint, soft_wrap=True)

@@ -16,6 +16,7 @@ from . import state as st
 from workers import storage
 from .console import StageDisplay
 from .errors import StageError
+from .logs import STAGE_ENV, RunLogs
 from .plan import Plan, PlannedStage
 from .runner import EventBus, RaySink, execute_stage
 from .state import RunRecord, RunState, StageRecord, StageState
@@ -45,8 +46,9 @@ def _scalable_nodes() -> list[dict]:
 class Executor:
     def __init__(self, plan: Plan, record: RunRecord, tracker: Tracker, display: StageDisplay,
                  sys_path: list[str] | None = None, no_cache: bool = False, connect: Any = None,
-                 forward_secrets: bool = False):
+                 forward_secrets: bool = False, logs: RunLogs | None = None):
         self.plan, self.record, self.tracker, self.display = plan, record, tracker, display
+        self.logs = logs
         self.sys_path = sys_path or []
         self.no_cache = no_cache
         self.forward_secrets = forward_secrets
@@ -73,6 +75,8 @@ class Executor:
 
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
             self._bus = EventBus.options(scheduling_strategy=here).remote()
+            if self.logs is not None:
+                self.logs.attach()
 
     # -- public ------------------------------------------------------------------------------
     def request_cancel(self) -> None:
@@ -91,7 +95,18 @@ class Executor:
             self._drain_events(force=True)
             if self._bus is not None:
                 ray.kill(self._bus)
+            self._log_stage_output()
         return self.record.state
+
+    def _log_stage_output(self) -> None:
+        """Each stage's output (every process of it) as the ``logs/output.log`` artifact of its run."""
+        if self.logs is None or self._bus is None:
+            return
+        self.logs.settle()
+        for name, folder in self.logs.stage_folders().items():
+            rec = self.record.stages.get(name)
+            if rec is not None and rec.child_run_id:
+                self.tracker.log_artifacts(rec.child_run_id, str(folder), "logs")
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -239,9 +254,10 @@ class Executor:
             opts.update(num_cpus=0, num_gpus=0)  # the kind's own workers ask for the resources
         else:
             opts.update(num_cpus=s.resources.cpus, num_gpus=s.resources.gpus)
-        # the store's endpoint and settings reach workers started earlier; secrets only by opt-in
-        if env := storage.client_env(self.forward_secrets):
-            opts["runtime_env"] = {"env_vars": env}
+        # The store's endpoint and settings reach workers started earlier (secrets only by opt-in);
+        # the stage's name lets every process of the stage announce itself, so its output is kept per stage.
+        env = {**storage.client_env(self.forward_secrets), STAGE_ENV: s.name}
+        opts["runtime_env"] = {"env_vars": env}
         ref = self._remote.options(**opts).remote(s.kind, s.config, ctx_fields, self.sys_path)
         self._running[ref] = (s.name, time.time())
         rec.history.append({"attempt": rec.attempts, "submitted": time.time(), "output_uri": ctx_fields["output_uri"]})

@@ -17,6 +17,7 @@ import ray
 
 from workers import storage
 from .errors import StageError
+from .logs import announce_process
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -66,6 +67,9 @@ def execute_stage(kind: str, config: dict[str, Any], ctx_fields: dict[str, Any],
 
     started = time.time()
     stage = ctx_fields["stage"]
+    # This process's output is the stage's (the processes it starts announce themselves from
+    # the worker setup hook, where the orchestrator started Ray).
+    announce_process(stage)
     art = Path(tempfile.mkdtemp(prefix=f"orch-{stage}-"))
     try:
         module = load_kind(kind)

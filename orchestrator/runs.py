@@ -14,6 +14,7 @@ from . import state as st
 from workers import storage
 from .console import StageDisplay
 from .errors import SpecError
+from .logs import SETUP_HOOK, RunLogs
 from .plan import Plan, build_plan
 from .state import RunRecord, RunState, StageRecord, StageState
 
@@ -67,12 +68,15 @@ def connect_ray(options: spec_mod.RayOptions, address: str | None = None) -> Non
     if ray.is_initialized():
         return
     addr = address if address is not None else options.address
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # Every worker process announces which stage it works for (orchestrator.logs), so each
+    # stage's output is kept apart from Ray's own.
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}, "worker_process_setup_hook": SETUP_HOOK}
     if addr:
-        ray.init(address=addr, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True)
     else:
         # "local": start one, as the spec promises, even if a `ray start` cluster runs on this machine
-        ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True)
 
 
 def cache_status(prep: Prepared) -> dict[str, str]:
@@ -109,14 +113,31 @@ def explain_cache(prep: Prepared) -> dict[str, tuple[str, list[str]]]:
     return out
 
 
-def _ui_hint(record: RunRecord) -> str:
+def _ui_hint(record: RunRecord, logs: RunLogs) -> str:
     uri = spec_mod.redact(record.tracking_uri)
     return (f"MLflow: run {record.run_id} in experiment {record.experiment!r} at {uri}\n"
-            f"  see it with: orchestrator ui --tracking-uri {uri}")
+            f"  see it with: orchestrator ui --tracking-uri {uri}\n"
+            f"Logs: {logs.folder} (Ray's own output in ray.log; each stage's in <stage>/output.log, "
+            "also on its MLflow run)")
+
+
+def new_run_logs(prep: Prepared, quiet: bool = False) -> RunLogs:
+    """A fresh log folder for a run of ``prep``: under the storage root when it is local."""
+    import tempfile
+
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    root = prep.pipeline.storage
+    base = Path(resolve_storage(root)) if storage.is_local(root) else Path(tempfile.gettempdir()) / "orchestrator"
+    return RunLogs(base / "_logs" / stamp, quiet=quiet)
 
 
 def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = None,
-              stream: TextIO | None = None, live: bool | None = None) -> RunRecord:
+              stream: TextIO | None = None, live: bool | None = None, logs: RunLogs | None = None) -> RunRecord:
+    """Run ``prep``. ``logs``: where Ray's and the stages' output go (an entered ``RunLogs``;
+    default: a fresh folder, the terminal left as Ray has it)."""
+    if logs is None:
+        with new_run_logs(prep) as logs:
+            return start_run(prep, no_cache=no_cache, address=address, stream=stream, live=live, logs=logs)
     from .tracking import Tracker
 
     p = prep.pipeline
@@ -134,21 +155,23 @@ def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = N
     record.save()
     tracker.set_state_uri(run_id, record.uri)
     # Early, so `orchestrator submit` can read it from the job's logs.
-    print(f"MLflow run id: {run_id}", file=stream or sys.stdout, flush=True)
-    return _execute(prep, record, tracker, no_cache=no_cache, address=address, stream=stream, live=live)
+    print(f"MLflow run id: {run_id}", file=stream or logs.out, flush=True)
+    print(f"Logs: {logs.folder}", file=stream or logs.terminal, flush=True)
+    return _execute(prep, record, tracker, no_cache=no_cache, address=address, stream=stream, live=live, logs=logs)
 
 
 def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool, address: str | None,
-             stream: TextIO | None, live: bool | None) -> RunRecord:
+             stream: TextIO | None, live: bool | None, logs: RunLogs) -> RunRecord:
     from .executor import Executor
 
+    stream = stream or logs.terminal
     display = StageDisplay(record, [s.name for s in prep.plan.stages], stream=stream, live=live)
     forward = os.environ.get(FORWARD_SECRETS_ENV) == "1"
     if forward:
         print(f"warning: {FORWARD_SECRETS_ENV}=1: secret storage credentials go into every stage task's "
               "runtime_env, readable by anyone with access to Ray's state API or dashboard", file=sys.stderr)
     ex = Executor(prep.plan, record, tracker, display, sys_path=[prep.base_dir, os.getcwd()], no_cache=no_cache,
-                  connect=lambda: connect_ray(prep.pipeline.ray, address), forward_secrets=forward)
+                  connect=lambda: connect_ray(prep.pipeline.ray, address), forward_secrets=forward, logs=logs)
     try:
         ex.run()
     finally:
@@ -156,12 +179,12 @@ def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool,
         tracker.end_pipeline(record)
         # Writes are spooled beside the run state: what the store cannot take now is sent on resume.
         if not tracker.flush(timeout=120):
-            print(f"warning: {tracker.pending} MLflow writes could not reach {record.tracking_uri}; they are kept "
-                  f"in {tracker.spool_dir} and sent by `orchestrator resume {record.run_id}`", file=sys.stderr)
+            print(f"warning: {tracker.pending} MLflow writes could not reach {spec_mod.redact(record.tracking_uri)}; "
+                  f"they are kept in {tracker.spool_dir} and sent by `orchestrator resume {record.run_id}`", file=stream)
         tracker.close()
         if tracker.resolve_ids(record):
             record.save()
-    display.summary(_ui_hint(record))
+    display.summary(_ui_hint(record, logs))
     return record
 
 
@@ -182,9 +205,9 @@ def load_record(run_id: str, tracking_uri: str) -> RunRecord:
 
 
 def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
-               stream: TextIO | None = None, live: bool | None = None) -> RunRecord:
+               stream: TextIO | None = None, live: bool | None = None, quiet: bool = False) -> RunRecord:
     """Continue a failed, cancelled or killed run: done stages are kept, the rest run again
-    under the same MLflow parent run."""
+    under the same MLflow parent run. ``quiet``: Ray's output to the log folder only."""
     from .tracking import Tracker
 
     record = load_record(run_id, tracking_uri)
@@ -222,7 +245,10 @@ def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
     tracker = Tracker(tracking_uri, record.experiment)
     tracker.spool_to(st.spool_dir(record.storage, run_id))  # first sends what the last driver could not
     tracker.reopen(run_id)
-    return _execute(prep, record, tracker, no_cache=record.no_cache, address=address, stream=stream, live=live)
+    with new_run_logs(prep, quiet=quiet) as logs:
+        print(f"Logs: {logs.folder}", file=stream or logs.terminal, flush=True)
+        return _execute(prep, record, tracker, no_cache=record.no_cache, address=address, stream=stream, live=live,
+                        logs=logs)
 
 
 def _what_changed(record: RunRecord, s: Any) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from orchestrator.cli import main
@@ -47,3 +49,78 @@ def test_generate_bad_arguments_exit_2(tmp_path, capsys):
                  f"sqlite:///{tmp_path / 'm.db'}"]) == 2
     assert main(["generate", str(tmp_path), "--prompt", "x" * 200, "--max-tokens", "10"]) == 2
     assert "context" in capsys.readouterr().err
+
+
+RAY_CHATTER = ("(raylet)", "(autoscaler)", "pid=", "INFO worker.py", "Started a local Ray instance",
+               "Token authentication", "PlacementGroupCleaner", "core_worker", "WARNING", "INFO")
+
+
+def test_run_terminal_reads_cleanly_and_a_print_reaches_the_stage_run(tmp_path):
+    """`orchestrator run` as a user runs it, output to a pipe (non-TTY): our lines only, no
+    control codes; Ray's chatter is in the run's ray.log; a `python` stage's print is in its
+    MLflow run's logs/output.log."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "talk.py").write_text(
+        "import sys\n\ndef speak(ctx):\n    print('hello from the stage')\n"
+        "    print('and from its stderr', file=sys.stderr)\n    return {'said': 2}\n")
+    (tmp_path / "talk.yaml").write_text(
+        "name: talk\nray: {num_cpus: 1}\nstages:\n  speak:\n    kind: python\n    config: {entrypoint: talk:speak}\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "run", "talk.yaml"], cwd=tmp_path, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    terminal = p.stdout + p.stderr
+    assert p.returncode == 0, terminal
+    assert "\x1b[" not in terminal  # no colours or cursor moves in a pipe
+    lines = [l for l in terminal.splitlines() if l.strip()]
+    chatter = [l for l in lines if any(c in l for c in RAY_CHATTER)]
+    assert not chatter, terminal
+    assert "speak            SUCCEEDED" in terminal and "hello from the stage" not in terminal
+    folder = Path(next(l for l in lines if l.startswith("Logs: ")).split()[1])
+    assert "Started a local Ray instance" in (folder / "ray.log").read_text()
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run_id = next(l for l in lines if l.startswith("MLflow run id: ")).split()[-1]
+    [child] = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    text = Path(client.download_artifacts(child.info.run_id, "logs/output.log", str(tmp_path))).read_text()
+    assert "hello from the stage" in text and "and from its stderr" in text
+    assert ":orchestrator_stage:" not in text
+
+
+def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
+    """No Ray: the transition lines a pipe gets, a failure's last traceback lines, and the
+    summary's side-by-side comparison with the judge named and the reward-hacking warning."""
+    import io
+
+    from orchestrator.console import StageDisplay
+    from orchestrator.state import RunRecord, RunState, StageRecord, StageState
+
+    train = StageRecord("train", "python", "f1", state=StageState.RUNNING, attempts=1)
+    ev = StageRecord("evaluate", "evaluate", "f2", state=StageState.SUCCEEDED, attempts=1, outputs={
+        "win_rate": 0.97, "win_rate_judge": "the reward the model was trained against", "kl": 3.2,
+        "comparison": {"pretrain": {"mean_reward": -1.0, "check_python_syntax": 0.1},
+                       "finetune (baseline)": {"mean_reward": 0.1, "check_python_syntax": 0.6},
+                       "rlhf (evaluated)": {"mean_reward": 0.9, "check_python_syntax": 0.2}},
+        "warnings": ["possible reward hacking: the reward rose (0.1 -> 0.9) but ..."]})
+    record = RunRecord("r1", "demo", RunState.RUNNING, {}, "demo.yaml", "/tmp", "sqlite://", "demo",
+                       {"train": train, "evaluate": ev})
+    out = io.StringIO()
+    display = StageDisplay(record, ["train", "evaluate"], stream=out)
+    display.update()
+    train.state, train.error = StageState.FAILED, "ValueError: bad batch"
+    train.traceback = "Traceback (most recent call last):\n" + "".join(f'  File "x.py", line {i}\n' for i in range(20)) \
+        + "ValueError: bad batch\n"
+    display.update()
+    display.summary("MLflow: ...")
+    text = out.getvalue()
+    assert "train            RUNNING attempt 1" in text and "train            FAILED: ValueError: bad batch" in text
+    assert '    File "x.py", line 19' in text and 'line 3\n' not in text  # the tail, not the whole traceback
+    assert "judged by the reward the model was trained against" in text
+    assert "python_syntax (check)" in text and "0.6" in text and "warning: evaluate: possible reward hacking" in text
+    assert "\x1b[" not in text

@@ -109,24 +109,59 @@ def test_perplexity_matches_direct_computation_and_self_win_rate_is_half(ray_ses
     assert out2["perplexity"] == pytest.approx(want, rel=1e-4)
 
 
+def variety(prompt: str, completion: str) -> float:
+    """An independent check the 'a' reward disagrees with: share of distinct characters."""
+    return len(set(completion)) / len(completion) if completion else 0.0
+
+
 @pytest.mark.slow
-def test_better_policy_wins(ray_session, tmp_path):
+def test_better_policy_wins_and_reward_hacking_is_called_out(ray_session, tmp_path):
+    """A policy trained towards the reward wins by that reward; the independent check that
+    disagrees with the reward fell, so the verdict warns of reward hacking and names the judge."""
     start = make_policy(tmp_path / "start")
     better = train_towards_a(start, tmp_path / "better")
-    ctx = local_context(tmp_path, "eval", inputs={"rlhf": {"checkpoint": str(better)},
+    ctx = local_context(tmp_path, "eval", inputs={"rlhf": {"checkpoint": str(better), "reward": f"function:{REWARD}"},
                                                   "sft": {"checkpoint": str(start)}})
     cfg = evaluate.Config(checkpoint="rlhf", baseline="sft", reward={"function": REWARD},
-                          prompts={"source": make_prompts(16, 9)}, samples_per_prompt=2, max_tokens=8)
+                          prompts={"source": make_prompts(16, 9)}, samples_per_prompt=2, max_tokens=8,
+                          checks=[f"{__name__}:variety", "degeneracy"], references=[str(start)])
     out = evaluate.run(ctx, cfg)
-    print({k: out[k] for k in ("win_rate", "mean_reward", "baseline_mean_reward")})
+    print({k: out[k] for k in ("win_rate", "mean_reward", "baseline_mean_reward", "kl", "warnings")})
     assert out["win_rate"] > 0.75
     assert out["mean_reward"] > out["baseline_mean_reward"] + 0.3
     assert out["wins"] + out["ties"] + out["losses"] == 32
     assert fraction_a("", "aab") == pytest.approx(2 / 3)
+    assert out["win_rate_judge"] == "the reward the model was trained against"
+    assert out["check_variety"] < out["baseline_check_variety"]
+    assert any("reward hacking" in w and "variety" in w for w in out["warnings"])
+    assert out["kl"] > 0.1  # the policy moved away from where it started
+    # the reference is the baseline's checkpoint: same seeded samples, same figures
+    assert out["start_check_variety"] == out["baseline_check_variety"]
+    assert list(out["comparison"]) == ["start", "sft (baseline)", "rlhf (evaluated)"]
+    assert ctx.sink.metrics("baseline_check_degeneracy") and ctx.sink.metrics("check_variety")
+
+
+def test_checks_fail_blank_docstring_only_and_looping_completions():
+    from workers.rl.checks import degeneracy, python_syntax, resolve_check
+
+    prompt = 'def add(a, b):\n    """Add two numbers."""\n'
+    assert python_syntax(prompt, "    return a + b\n") == 1.0
+    assert python_syntax(prompt, "    s = a + b\n    return s.to") == 1.0  # cut by max_tokens mid-line
+    for bad in ("\n" * 48, "    pass\n", '    """More docs."""\n    ...\n', "    return (a +\n",
+                "    self._._._._._._._._._._._._._._._._._._._._."):
+        assert python_syntax(prompt, bad) == 0.0, bad
+    assert degeneracy(prompt, "    self._._._._._._._._._._._._._._._._._._._._.") > 0.8
+    assert degeneracy(prompt, "\n" * 48) == 1.0
+    assert degeneracy(prompt, "    total = a + b\n    return total\n") == 0.0
+    assert resolve_check(f"{__name__}:variety").name == "variety"
+    with pytest.raises(ValueError, match="checks: got 'syntax'; allowed: python_syntax, degeneracy"):
+        resolve_check("syntax")
+    with pytest.raises(ValueError, match=r"checks\[1\]: cannot import 'no_such_mod:f'"):
+        evaluate.check(evaluate.Config(data="tok", checks=["degeneracy", "no_such_mod:f"]))
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="data / reward: got neither"):
+    with pytest.raises(ValueError, match="data / reward / checks: got none"):
         evaluate.check(evaluate.Config())
     with pytest.raises(ValueError, match="win rate needs a judge"):
         evaluate.check(evaluate.Config(data="tok", baseline="sft"))

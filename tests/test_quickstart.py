@@ -32,6 +32,8 @@ TINY = [
     "stages.tokenize.config.tokenizer.vocab_size=512",
     "stages.tokenize.config.shard_size_bytes=150000",
     "stages.tokenize.config.val_fraction=0.25",
+    "stages.pretrain.config.model=tiny",
+    "stages.pretrain.config.batch_size=16",
     "stages.pretrain.config.max_steps=12",
     "stages.pretrain.config.eval_every=6",
     "stages.pretrain.config.checkpoint_every=6",
@@ -82,6 +84,11 @@ def test_every_stage_runs_and_reward_trains_alongside_finetune(quickstart):
     assert ft["started"] < rw["ended"] and rw["started"] < ft["ended"], "independent branches must overlap"
     ev = rec.stages["evaluate"].outputs
     assert 0.0 <= ev["win_rate"] <= 1.0 and ev["perplexity"] > 1.0
+    # the honest verdict: independent checks for all three models, and the judge named
+    for prefix in ("", "baseline_", "pretrain_"):
+        assert 0.0 <= ev[f"{prefix}check_python_syntax"] <= 1.0 and 0.0 <= ev[f"{prefix}check_degeneracy"] <= 1.0
+    assert ev["win_rate_judge"] == "the reward the model was trained against"
+    assert list(ev["comparison"]) == ["pretrain", "finetune (baseline)", "rlhf (evaluated)"]
 
 
 def test_second_run_is_all_cache_hits_until_serve(quickstart):

@@ -12,8 +12,9 @@ become fixed-length token rows and step-indexed batches.
   docstring, ``response`` = the rest of the body (both dedented to the ``def``). Files and
   functions come in sorted, source order, so the data is deterministic for a given Python.
 - ``builtin:stdlib-preferences`` (reward-model demo data): the same functions as
-  ``{prompt, chosen, rejected}``: ``chosen`` is the real body, ``rejected`` a corrupted copy
-  (lines shuffled, the body truncated, or two lines swapped; chosen by a hash of the function).
+  ``{prompt, chosen, rejected, margin}``: ``chosen`` is the real body, ``rejected`` a corrupted
+  copy the way small code models fail (looping, stopping mid-line, a stub body; chosen by a hash
+  of the function; see ``corrupt``).
 
 **Record shapes.** SFT: ``{prompt, response}`` (field names configurable) or OpenAI-style
 ``{messages: [{role, content}, ...]}`` whose last message must be the assistant's reply (the
@@ -354,29 +355,33 @@ def stdlib_functions() -> Iterator[Record]:
         yield Record({"prompt": prompt, "response": body, "source": where}, f"{BUILTIN_SFT} #{n} ({where})")
 
 
+# What a small code model gets wrong, and what a reward model must learn to rank below the real
+# body: looping, stopping mid-line, and stubbing the body out.
+CORRUPTIONS = ("loop", "cut", "stub")
+PREFERENCE_MARGIN = 0.5  # r_chosen must beat r_rejected by this much (a clearer separation)
+
+
 def corrupt(body: str, key: str) -> str:
-    """A deterministic, plausible-looking but wrong version of a function body."""
-    lines = body.rstrip("\n").split("\n")
+    """A deterministic, realistic but wrong version of a function body (its kind chosen by a
+    hash of ``key``): ``loop`` keeps the first line then repeats a short piece of the body;
+    ``cut`` stops in the middle of a line; ``stub`` replaces the body with pass/.../raise."""
     rng = random.Random(hashlib.blake2b(key.encode(), digest_size=8).digest())
-    how = rng.randrange(3)
-    if len(lines) >= 2 and how == 0:
-        shuffled = lines[:]
-        while shuffled == lines and len(set(lines)) > 1:
-            rng.shuffle(shuffled)
-        if shuffled != lines:
-            return "\n".join(shuffled) + "\n"
-    if len(lines) >= 3 and how == 1:
-        i = rng.randrange(len(lines) - 1)
-        j = rng.randrange(i + 1, len(lines))
-        if lines[i] != lines[j]:
-            lines[i], lines[j] = lines[j], lines[i]
-            return "\n".join(lines) + "\n"
-    if len(lines) >= 2:
-        return "\n".join(lines[: max(1, len(lines) // 2)]) + "\n"
-    line = lines[0]  # one-line body: drop the second half of its words (or say `pass`)
-    indent = line[: len(line) - len(line.lstrip())]
-    words = line.split()
-    return indent + (" ".join(words[: len(words) // 2]) if len(words) > 1 else "pass") + "\n"
+    how = CORRUPTIONS[rng.randrange(len(CORRUPTIONS))]
+    lines = body.rstrip("\n").split("\n")
+    indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
+    if how == "loop":
+        text = body.strip()
+        i = rng.randrange(max(1, len(text) - 8))
+        piece = text[i:i + rng.randint(2, 8)]
+        return lines[0] + "\n" + indent + piece * max(4, len(body) // (2 * len(piece) or 1)) + "\n"
+    if how == "cut" and len(body.strip()) > 12:
+        lo = len(lines[0]) // 2 if len(lines) == 1 else len(lines[0]) + 1
+        # within the first 300 characters: long bodies are cut on the right to fit the context
+        cut = rng.randrange(lo, max(lo + 1, min(len(body.rstrip("\n")) - 2, lo + 300)))
+        while cut < len(body) and body[cut - 1] in " \n":  # end on a character, mid-line
+            cut += 1
+        return body[:cut]
+    return indent + rng.choice(("pass", "...", "raise NotImplementedError", "return None")) + "\n"
 
 
 def stdlib_preferences() -> Iterator[Record]:
@@ -385,8 +390,8 @@ def stdlib_preferences() -> Iterator[Record]:
         rejected = corrupt(body, where)
         if rejected == body:
             continue
-        yield Record({"prompt": prompt, "chosen": body, "rejected": rejected, "source": where},
-                     f"{BUILTIN_PREFERENCES} #{n} ({where})")
+        yield Record({"prompt": prompt, "chosen": body, "rejected": rejected, "margin": PREFERENCE_MARGIN,
+                      "source": where}, f"{BUILTIN_PREFERENCES} #{n} ({where})")
 
 
 # ----------------------------------------------------------------------------- synthetic (tests)

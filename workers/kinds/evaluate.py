@@ -1,4 +1,5 @@
-"""Stage kind `evaluate`: held-out perplexity, mean reward, and win rate against a baseline.
+"""Stage kind `evaluate`: held-out perplexity, mean reward, win rate against a baseline, a KL
+estimate, and independent checks of the completions.
 
 - perplexity: exp(mean NLL per token) of ``checkpoint`` (and ``baseline``) on held-out documents:
   a token dataset from a `tokenize` stage (each row a document; scored as EOS + document + EOS,
@@ -7,7 +8,16 @@
 - mean_reward: mean reward (model or function) of the checkpoint's samples on ``prompts``;
 - win_rate: on the same prompts, with the same seeded sampling for both models (so a checkpoint
   against itself ties everywhere), the share of samples the judge (``reward``) scores higher than
-  the baseline's; ties count half.
+  the baseline's; ties count half. When the judge is the reward the model was trained against
+  (an `rlhf` upstream's ``reward`` output), the win rate says so (``win_rate_judge``): it then
+  measures how well the policy pleases its judge, not that it got better;
+- kl: mean over the model's samples of log p_model - log p_baseline of the completion (a Monte
+  Carlo estimate of KL(model || baseline); exact in expectation at temperature 1, no top-k/p);
+- checks (``workers.rl.checks``): functions of (prompt, completion) no stage trained against,
+  logged as ``check_<name>`` for the model, ``baseline_check_<name>`` and ``<ref>_check_<name>``;
+  where the reward rose over the baseline but a check got worse, ``warnings`` says so;
+- references: more models sampled and scored on the same prompts (e.g. the pretrained model),
+  so ``comparison`` holds every model's figures side by side.
 
 Work is spread over rollout actors (``workers``, one model at a time) and the reward-ranking pool.
 """
@@ -22,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
+from workers.rl.checks import Check, resolve_check
 from workers.rl.ranking import RankingPool, RewardConfig, resolve_artifact, resolve_reward, reward_modules
 from workers.rl.rollout import PromptSource, RolloutPool, load_prompts
 
@@ -50,24 +61,33 @@ class Config(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     seed: int = Field(0, ge=0, description="Sampling seed, the same for both models.")
     workers: int | None = Field(None, ge=1, description="Actors per model; default: resources.workers or 1.")
+    checks: list[str] = Field(default_factory=list, description="Independent checks of each completion: "
+                              "python_syntax, degeneracy (workers.rl.checks) or module:function(prompt, "
+                              "completion) -> float (higher is better).")
+    references: list[str] = Field(default_factory=list, description="More models (upstream stage names or "
+                                  "paths) sampled and scored on the same prompts, e.g. the pretrained one; "
+                                  "metrics prefixed with their name.")
 
 
 def inputs(config: Config) -> list:
     return [config.checkpoint, config.baseline, config.data, config.reward and config.reward.model,
-            config.prompts.source]
+            config.prompts.source, *config.references]
 
 
 def modules(config: Config) -> list[str]:
-    return reward_modules(config.reward)
+    """User modules whose source joins the fingerprint: the reward function's and each custom check's."""
+    return reward_modules(config.reward) + [c.partition(":")[0] for c in config.checks if ":" in c]
 
 
 def check(config: Config) -> None:
-    if config.data is None and config.reward is None:
-        raise ValueError("data / reward: got neither; give `data` (perplexity) and/or `reward` "
-                         "(mean reward, win rate)")
+    if config.data is None and config.reward is None and not config.checks:
+        raise ValueError("data / reward / checks: got none; give `data` (perplexity), `reward` "
+                         "(mean reward, win rate) and/or `checks`")
     if config.baseline is not None and config.reward is None:
         raise ValueError(f"reward: not set but baseline is {config.baseline!r}; the win rate needs a "
                          "judge (reward.model or reward.function)")
+    for i, ref in enumerate(config.checks):
+        resolve_check(ref, f"checks[{i}]")
 
 
 # ----------------------------------------------------------------------------- perplexity data
@@ -149,6 +169,43 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> tuple[float, 
     return (wins + 0.5 * ties) / n, {"wins": wins, "ties": ties, "losses": n - wins - ties}
 
 
+# ----------------------------------------------------------------------------- verdict
+
+
+def _name(ref: str) -> str:
+    """A metric prefix for a reference model: its stage name, or its folder's name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_]+", "_", ref.rstrip("/").rsplit("/", 1)[-1]) or "reference"
+
+
+def reward_hacking(out: dict[str, Any], checks: list[Check]) -> list[str]:
+    """Plain-words warnings where the reward rose over the baseline but an independent check fell."""
+    if "baseline_mean_reward" not in out or out["mean_reward"] <= out["baseline_mean_reward"]:
+        return []
+    warnings = []
+    old_r, new_r = out["baseline_mean_reward"], out["mean_reward"]
+    for c in checks:
+        new, old = out[f"check_{c.name}"], out[f"baseline_check_{c.name}"]
+        if (new < old) if c.higher_is_better else (new > old):
+            direction = "" if c.higher_is_better else ", lower is better"
+            warnings.append(f"possible reward hacking: the reward rose ({old_r:.3g} -> {new_r:.3g}) but the "
+                            f"independent check {c.name} got worse ({old:.3g} -> {new:.3g}{direction}): the "
+                            "model learned to please its reward, not to do better")
+    return warnings
+
+
+def kl_estimate(model_groups, baseline_pool: RolloutPool) -> float:
+    """Mean over samples of log p_model(completion) - log p_baseline(completion), from the
+    model's sampling logprobs and the baseline's NLL of the same prompt + completion ids."""
+    samples = [(g.prompt_ids, s) for g in model_groups for s in g.samples]
+    with_completion, _ = baseline_pool.nll([p + s.token_ids for p, s in samples])
+    prompt_only, _ = baseline_pool.nll([p for p, _ in samples])
+    baseline_logp = prompt_only - with_completion
+    model_logp = sum(sum(s.logprobs) for _, s in samples)
+    return (model_logp - baseline_logp) / len(samples)
+
+
 # ----------------------------------------------------------------------------- the kind
 
 
@@ -160,43 +217,82 @@ def run(ctx, config: Config) -> dict[str, Any]:
     workers = config.workers or res.workers or 1
     out: dict[str, Any] = {"checkpoint": checkpoint}
     docs = perplexity_documents(ctx, config, checkpoint) if config.data is not None else None
-    prompts = load_prompts(ctx, config.prompts) if config.reward is not None else []
+    sampling = config.reward is not None or bool(config.checks)
+    prompts = load_prompts(ctx, config.prompts) if sampling else []
     source = resolve_reward(ctx, config.reward) if config.reward is not None else None
+    checks = [resolve_check(ref, f"checks[{i}]") for i, ref in enumerate(config.checks)]
 
-    models = {"model": checkpoint, **({"baseline": baseline} if baseline else {})}
+    # metric prefix -> checkpoint; the model first, then the baseline (the KL needs the model's samples)
+    models = {"": checkpoint, **({"baseline_": baseline} if baseline else {})}
+    for i, ref in enumerate(config.references):
+        models[f"{_name(ref)}_"] = resolve_artifact(ctx, ref, "checkpoint", f"references[{i}]")
     params = dict(n=config.samples_per_prompt, max_tokens=config.max_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, seed=config.seed)
     texts: dict[str, tuple[list[str], list[str]]] = {}
     scores: dict[str, list[float]] = {}
+    model_groups = None
     # started first: its actors load while the models' actors work
     ranking = RankingPool.from_config(source, config.reward) if source is not None else None
     try:
         # one model's actors at a time: the stage holds at most `workers` + the ranking actors
-        for name, uri in models.items():
+        for prefix, uri in models.items():
             pool = RolloutPool(uri, workers, cpus=res.cpus, gpus=res.gpus)
             try:
                 if docs is not None:
                     nll, count = pool.nll(docs)
-                    out["perplexity" if name == "model" else "baseline_perplexity"] = math.exp(nll / count)
+                    out[f"{prefix}perplexity"] = math.exp(nll / count)
                     out["perplexity_tokens"] = count
-                if ranking is not None:
+                if sampling:
                     groups = pool.rollout(prompts, params)
-                    texts[name] = ([g.prompt for g in groups for _ in g.samples],
-                                   [s.text for g in groups for s in g.samples])
+                    texts[prefix] = ([g.prompt for g in groups for _ in g.samples],
+                                     [s.text for g in groups for s in g.samples])
+                    model_groups = groups if prefix == "" else model_groups
+                    if prefix == "baseline_":
+                        out["kl"] = kl_estimate(model_groups, pool)
             finally:
                 pool.shutdown()
         if ranking is not None:
-            scores = {name: ranking.score(*pc) for name, pc in texts.items()}
+            scores = {prefix: ranking.score(*pc) for prefix, pc in texts.items()}
             out["ranking_completions_per_s"] = ranking.last.per_s
     finally:
         if ranking is not None:
             ranking.shutdown()
-    if scores:
-        out["mean_reward"] = sum(scores["model"]) / len(scores["model"])
-        if baseline:
-            out["baseline_mean_reward"] = sum(scores["baseline"]) / len(scores["baseline"])
-            out["win_rate"], counts = win_rate(scores["model"], scores["baseline"])
-            out.update(counts)
-    ctx.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float))})
+    for prefix, s in scores.items():
+        out[f"{prefix}mean_reward"] = sum(s) / len(s)
+    for prefix, (ps, cs) in texts.items():
+        for c in checks:
+            values = c(ps, cs)
+            out[f"{prefix}check_{c.name}"] = sum(values) / len(values)
+    if baseline and scores:
+        out["win_rate"], counts = win_rate(scores[""], scores["baseline_"])
+        out.update(counts)
+        trained_against = source is not None and any(
+            out_.get("checkpoint") == checkpoint and out_.get("reward") == source.describe()
+            for out_ in ctx.inputs.values())
+        out["win_rate_judge"] = ("the reward the model was trained against" if trained_against
+                                 else f"{source.describe()} (not trained against)")
+        ctx.set_tags({"win_rate_judge": out["win_rate_judge"]})
+    out["warnings"] = reward_hacking(out, checks)
+    out["comparison"] = _comparison(out, config, models)
+    ctx.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     (Path(ctx.artifact_dir) / "metrics.json").write_text(json.dumps(out, indent=2, sort_keys=True))
+    if texts:
+        samples = [{"model": prefix.rstrip("_") or "model", "prompt": p, "completion": c}
+                   for prefix, (ps, cs) in texts.items() for p, c in zip(ps, cs)]
+        (Path(ctx.artifact_dir) / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     return out
+
+
+def _comparison(out: dict[str, Any], config: Config, models: dict[str, str]) -> dict[str, dict[str, float]]:
+    """{model label: {metric: value}}: references first, then the baseline, then the model."""
+    labels = {f"{_name(r)}_": _name(r) for r in config.references}
+    if "baseline_" in models:
+        labels["baseline_"] = f"{config.baseline or 'baseline'} (baseline)"
+    labels[""] = f"{config.checkpoint or 'model'} (evaluated)"
+    metrics = ["perplexity", "mean_reward"] + [k for k in out if k.startswith("check_")]
+    table = {}
+    for prefix, label in labels.items():
+        row = {m: out[prefix + m] for m in metrics if isinstance(out.get(prefix + m), (int, float))}
+        if row:
+            table[label] = row
+    return table

@@ -515,6 +515,7 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         "kl": kl,
         "algorithm": config.algorithm,
         "iterations": config.iterations,
+        "reward": source.describe(),  # evaluate tells a win rate judged by this reward apart
     }
 
 
