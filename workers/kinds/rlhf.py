@@ -31,8 +31,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
-from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
-from workers.rl.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
+from workers.checkpoints import Checkpoint, copy_model_files, local_folder, open_checkpoint
+from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_reward
+from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
 
 DISTRIBUTED = True
 STATE_FILE = "state.json"
@@ -43,8 +44,9 @@ LATEST_FILE = "latest.json"
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: str | None = Field(None, description="The starting policy: an upstream stage with a `checkpoint` "
-                               "output, or a checkpoint path/URI. Default: the only upstream with a checkpoint.")
+    policy: str | None = Field(None, description="The starting policy (and the frozen reference): an upstream "
+                               "stage with a `checkpoint` output, or a checkpoint path/URI (ours or a Hugging Face "
+                               "folder). Default: the only upstream with a checkpoint.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward source and ranking actors.")
     prompts: PromptSource = Field(default_factory=PromptSource, description="Training prompts.")
     eval_prompts: int = Field(8, ge=0, description="Prompts held out (the last ones) to measure the mean "
@@ -229,22 +231,24 @@ class Learner:
     Ray actor so it gets the stage's GPU when there is one."""
 
     def __init__(self, checkpoint: str, config: dict, threads: int = 1):
+        import copy
+
         import torch
 
         from workers.model.transformer import autocast_context, default_device
-        from workers.rl.rollout import load_policy
         from workers.training.loop import resolve_precision
+        from workers.training.params import adamw
 
         torch.set_num_threads(max(1, threads))
         self.cfg = Config.model_validate(config)
         self.device = torch.device(default_device())
-        pol = load_policy(checkpoint, device=self.device)
-        self.policy, self.extra = pol.model, carried_config(pol.config)
-        self.reference = load_policy(checkpoint, device=self.device).model.eval()
+        pol = open_checkpoint(checkpoint, device=self.device, field="policy")
+        self.policy, self.extra = pol.model, pol.carried_config()
+        self.reference = copy.deepcopy(self.policy).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, betas=(0.9, 0.95),
-                                           weight_decay=self.cfg.weight_decay)
+        # decay matrices only, as the training loop does
+        self.optimizer = adamw(self.policy, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, device_type=self.device.type)
         self.autocast = lambda: autocast_context(self.device, resolve_precision(self.device, self.cfg.precision))
 
     # -- weights and checkpoints
@@ -273,10 +277,11 @@ class Learner:
 
         from workers.model.transformer import load_pretrained
 
-        local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="rlhf-resume-")))
-        self.policy.load_state_dict(load_pretrained(local, map_location=self.device).state_dict())
-        self.optimizer.load_state_dict(torch.load(local / OPTIMIZER_FILE, map_location=self.device, weights_only=True))
-        return json.loads((local / STATE_FILE).read_text())
+        with local_folder(uri) as local:
+            self.policy.load_state_dict(load_pretrained(local, map_location=self.device).state_dict())
+            self.optimizer.load_state_dict(torch.load(local / OPTIMIZER_FILE, map_location=self.device,
+                                                      weights_only=True))
+            return json.loads((local / STATE_FILE).read_text())
 
     # -- measuring
 
@@ -428,7 +433,8 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
     """Train; ``fault`` is a test hook (never set by the executor)."""
     import ray
 
-    policy_uri = resolve_artifact(ctx, config.policy, "checkpoint", "policy")
+    policy_uri = ctx.upstream("checkpoint", config.policy, field="policy")
+    policy = open_checkpoint(policy_uri, load=None, field="policy")  # checked before any actor starts
     source = resolve_reward(ctx, config.reward)
     prompts = load_prompts(ctx, config.prompts)
     held_out = prompts[len(prompts) - config.eval_prompts:] if config.eval_prompts else []
@@ -496,7 +502,7 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         kl = ray.get(learner.kl.remote(groups))
         ctx.log_metrics({"mean_reward_end": end, "final_kl": kl}, step=config.iterations)
         out = Path(ctx.artifact_dir) / "checkpoint"
-        _export(_iter_dir(root, latest_iteration(root)), policy_uri, out)
+        _export(_iter_dir(root, latest_iteration(root)), policy, out)
     finally:
         if learner is not None:
             ray.kill(learner)
@@ -515,12 +521,8 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
     }
 
 
-def _export(iter_uri: str, policy_uri: str, out: Path) -> None:
-    """The last iteration's weights + the starting checkpoint's tokenizer files: self-contained."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        (out / name).write_bytes(storage.read_bytes(storage.join(iter_uri, name)))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        src = storage.join(policy_uri, name)
-        if storage.exists(src):
-            (out / name).write_bytes(storage.read_bytes(src))
+def _export(iter_uri: str, policy: Checkpoint, out: Path) -> None:
+    """The last iteration's model files + the starting policy's tokenizer side: self-contained."""
+    with local_folder(iter_uri) as local:
+        copy_model_files(local, out)
+    policy.write_tokenizer(out)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workers import storage
+from workers.training.params import adamw
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
@@ -254,7 +255,7 @@ def _train_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = job.make_model().to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, device.type)
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=_BETAS, device_type=device.type)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
