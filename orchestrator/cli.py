@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="Prompt text (repeatable: one batch).")
     _add_sampling_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="Compute in this dtype (default: as the checkpoint stores its weights).")
     _add_tracking(p)
 
     p = sub.add_parser("serve", help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
@@ -331,7 +333,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params_for({})  # bad arguments fail before the checkpoint loads
     ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri or _default_tracking())
     try:
-        lm = open_checkpoint(ckpt, device=args.device)
+        import torch
+
+        lm = open_checkpoint(ckpt, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     except (FileNotFoundError, ValueError) as e:
         raise SpecError(str(e)) from None
     params = params_for(lm.generation.sampling_kwargs())

@@ -148,7 +148,7 @@ def test_config_errors_name_the_field(overrides, match):
 def test_bad_upstream_and_model_are_named(tmp_path):
     ds = make_dataset(tmp_path / "ds")
     ctx = local_context(tmp_path, "pretrain", inputs=dataset_inputs(ds))
-    with pytest.raises(ValueError, match=r"data: got 'nope'; not an upstream"):
+    with pytest.raises(ValueError, match=r"data: got 'nope'; neither an upstream"):
         pretrain.build_job(ctx, base_config(data="nope"))
     with pytest.raises(ValueError, match=r"unknown size 'huge'"):
         pretrain.build_job(ctx, base_config(model="huge"))
@@ -267,7 +267,8 @@ def test_final_checkpoint_is_self_contained(runs):
     ctx, outputs, _ = runs["one"]
     folder = Path(outputs["checkpoint"])
     assert folder == ctx.artifact_dir / "checkpoint"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                        "tokenizer_config.json"]
     assert outputs["tokenizer"] == str(folder / "tokenizer.json")
     model = load_pretrained(folder)
     ds = TokenDataset.open(str(runs["dataset"]))

@@ -138,7 +138,8 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
         truncated += len(ids) < len(p_ids) + len(r_ids) + 1
         rows.append(ids)
         n_prompt.append(kept)
-    ids, lengths = sft_data.pad_rows(rows, block + 1, eos_id)
+    width = max(len(r) for r in rows)  # padded to the longest example, not the (maybe huge) context
+    ids, lengths = sft_data.pad_rows(rows, width, eos_id)
     arrays = {"ids": ids, "lengths": lengths, "n_prompt": np.asarray(n_prompt, dtype=np.int32)}
     train, val = split_records(records, config)
     train_uri, val_uri = write_splits(ctx, "finetune", arrays, train, val)
@@ -156,7 +157,7 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
         loss_fn=sft_loss,
         save_model=functools.partial(save_policy, extra=config_extra(base, chat, prompt_template)),
         load_model=load_policy_state,
-        tokens_per_step=global_rows * block,
+        tokens_per_step=global_rows * (width - 1),
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,
     )

@@ -24,6 +24,7 @@ from workers import storage
 from workers.checkpoints import Checkpoint
 from workers.data import records as sft_data
 from workers.training.loop import FaultInjection, TrainJob, fit
+from workers.training.params import knob
 from workers.training.supervised import (RecordsConfig, config_extra, load_trainable, make_example_batches, open_base,
                                          publish, records_source, split_records, steps_for, templates, write_splits)
 
@@ -36,8 +37,8 @@ class Config(RecordsConfig):
     margin_field: str | None = Field("margin", description="The record field holding an optional margin "
                                      "(r_chosen must beat r_rejected by it); records without it use 0; "
                                      "null ignores margins.")
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate, reached after warmup_steps.")
-    min_lr: float = Field(5e-6, ge=0, description="Learning rate at the end of the cosine decay.")
+    lr: float = knob(RecordsConfig, "lr", 5e-5)
+    min_lr: float = knob(RecordsConfig, "min_lr", 5e-6)
 
 
 # ----------------------------------------------------------------------------- picklable pieces
@@ -117,8 +118,9 @@ def encode_pairs(base: Checkpoint, config: Config, chat: str, prompt_template: s
             sides[side].append(sft_data.encode_example(p_ids, r_ids, eos_id, T - 1)[0])
         margins.append(margin)
     arrays: dict[str, np.ndarray] = {"margin": np.asarray(margins, dtype=np.float32)}
+    width = max(len(r) for rows in sides.values() for r in rows)  # the longest row, not the (maybe huge) context
     for side, rows in sides.items():
-        arrays[side], arrays[f"{side}_len"] = sft_data.pad_rows(rows, T, eos_id)
+        arrays[side], arrays[f"{side}_len"] = sft_data.pad_rows(rows, width, eos_id)
     return arrays
 
 
@@ -146,7 +148,7 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None
         loss_fn=bt_loss,
         save_model=functools.partial(save_reward, extra=config_extra(base, chat, prompt_template)),
         load_model=load_reward_state,
-        tokens_per_step=2 * global_rows * base.context,
+        tokens_per_step=2 * global_rows * arrays["chosen"].shape[1],
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,
     )

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from workers import storage
 from workers.checkpoints import Checkpoint, copy_model_files, local_folder, open_checkpoint
 from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_reward
 from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
+from workers.training.params import OptimizerConfig, knob
 
 DISTRIBUTED = True
 STATE_FILE = "state.json"
@@ -41,8 +42,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest.json"
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Config(OptimizerConfig):
 
     policy: str | None = Field(None, description="The starting policy (and the frozen reference): an upstream "
                                "stage with a `checkpoint` output, or a checkpoint path/URI (ours or a Hugging Face "
@@ -59,19 +59,16 @@ class Config(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: off).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
-    lr: float = Field(5e-5, gt=0, description="Learning rate (AdamW, constant).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr: float = knob(OptimizerConfig, "lr", 5e-5)
+    weight_decay: float = knob(OptimizerConfig, "weight_decay", 0.0)
     epochs: int = Field(1, ge=1, description="Passes over each iteration's examples.")
     batch_size: int = Field(16, ge=1, description="Examples (sequences, or pairs for dpo) per optimizer step.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables.")
     beta: float = Field(0.1, ge=0, description="dpo: temperature of the implicit reward; grpo: weight of the "
                         "KL penalty to the reference policy.")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo: the ratio is clipped to [1 - eps, 1 + eps].")
     top_n: int = Field(1, ge=1, description="best_of_n: completions kept per prompt (the top-ranked).")
     rollout_workers: int | None = Field(None, ge=1, description="Rollout actors; default: resources.workers or 1.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Learner precision: auto = bf16 "
-                                                       "autocast on GPU, fp32 on CPU.")
-    seed: int = Field(0, ge=0, description="Seeds prompt order and sampling.")
+    seed: int = knob(OptimizerConfig, "seed", 0)
     keep_checkpoints: int = Field(2, ge=1, description="Iteration checkpoints kept in scratch storage.")
 
 

@@ -19,6 +19,7 @@ from workers import storage
 from workers.checkpoints import Checkpoint, copy_model_files, open_checkpoint
 from workers.data import records as sft_data
 from workers.training.loop import FitResult, TrainingConfig
+from workers.training.params import knob
 
 __all__ = ["RecordsConfig", "open_base", "records_source", "templates", "config_extra", "split_records",
            "write_splits", "steps_for", "make_example_batches", "load_trainable", "with_dropout", "publish"]
@@ -46,12 +47,10 @@ class RecordsConfig(TrainingConfig):
     epochs: float | None = Field(None, gt=0, description="Passes over the training records (rounded up to "
                                  "whole global batches); alternative to max_steps; default 1.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability while training.")
-    warmup_steps: int = Field(10, ge=0, description="Steps of linear warmup from 0 to lr; then cosine "
-                              "decay to min_lr at the last step.")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate, reached after warmup_steps.")
-    min_lr: float = Field(1e-5, ge=0, description="Learning rate at the end of the cosine decay.")
-    eval_every: int = Field(50, ge=1, description="Evaluate on the held-out records every this many steps "
-                            "(and at the end).")
+    warmup_steps: int = knob(TrainingConfig, "warmup_steps", 10)
+    lr: float = knob(TrainingConfig, "lr", 1e-4)
+    min_lr: float = knob(TrainingConfig, "min_lr", 1e-5)
+    eval_every: int = knob(TrainingConfig, "eval_every", 50)
 
     @model_validator(mode="after")
     def _check_records(self) -> "RecordsConfig":
@@ -153,12 +152,15 @@ def with_dropout(model, dropout: float):
 
 
 def load_trainable(checkpoint_uri: str, dropout: float = 0.0, lora: dict | None = None, reward: bool = False):
-    """The model a worker trains: the checkpoint's weights on CPU (the loop moves them), optional
-    dropout, optional LoRA adapters; ``reward``: a reward model (trained head kept, else a fresh one)."""
+    """The model a worker trains: the checkpoint's weights in fp32 on CPU (master weights; the loop
+    moves them and autocasts on GPU), optional dropout, optional LoRA adapters; ``reward``: a
+    reward model (its trained head kept, else a fresh one)."""
+    import torch
+
     from workers.model.lora import apply_lora
     from workers.model.reward_head import RewardModel
 
-    model = open_checkpoint(checkpoint_uri, load="reward" if reward else "lm", device="cpu").model
+    model = open_checkpoint(checkpoint_uri, load="reward" if reward else "lm", device="cpu", dtype=torch.float32).model
     if dropout > 0:
         if isinstance(model, RewardModel):
             trunk = RewardModel.from_gpt(with_dropout(model.gpt, dropout))
