@@ -223,16 +223,16 @@ def _read_json(path: Path, field_name: str, uri: str) -> dict:
 
 
 def _load_model(local: Path, *, load: str, device, dtype):
+    from workers.model.hf import load_model
     from workers.model.reward_head import RewardModel, load_reward_model
-    from workers.model.transformer import load_pretrained
 
     if load == "reward" and json.loads((local / CONFIG).read_text()).get("reward_model"):
         model = load_reward_model(local, map_location=device)
-    else:
-        model = load_pretrained(local, map_location=device)
-        if load == "reward":
-            model = RewardModel.from_gpt(model)
-    return model.to(dtype) if dtype is not None else model
+        return model.to(dtype) if dtype is not None else model
+    model = load_model(local, dtype=dtype, device=device)  # memory-mapped, straight into its dtype
+    if load == "reward":
+        model = RewardModel.from_gpt(model).to(device=device, dtype=next(model.parameters()).dtype)
+    return model
 
 
 def open_checkpoint(uri: str | Path, *, load: Literal["lm", "reward"] | None = "lm", device=None, dtype=None,

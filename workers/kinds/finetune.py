@@ -73,12 +73,12 @@ def save_policy(model, directory: Path, *, extra: dict) -> None:
     from safetensors.torch import save_file
 
     from workers.model.lora import lora_state_dict, merge_lora
-    from workers.model.transformer import save_pretrained
+    from workers.model.hf import save_model
 
     if _has_lora(model):
         save_file(lora_state_dict(model), str(Path(directory) / LORA_FILE), metadata={"format": "pt"})
         model = merge_lora(copy.deepcopy(model))
-    save_pretrained(model, directory, extra=extra)
+    save_model(model, directory, extra=extra)
 
 
 def load_policy_state(model, directory: Path) -> None:
@@ -86,12 +86,12 @@ def load_policy_state(model, directory: Path) -> None:
     from safetensors.torch import load_file
 
     from workers.model.lora import load_lora_state_dict
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_model
 
     if _has_lora(model):
         load_lora_state_dict(model, load_file(str(Path(directory) / LORA_FILE), device="cpu"))
     else:
-        model.load_state_dict(load_pretrained(directory, map_location="cpu").state_dict())
+        model.load_state_dict(load_model(directory).state_dict())
 
 
 def sft_batch(rows: dict[str, np.ndarray]):

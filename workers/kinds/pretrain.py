@@ -84,13 +84,13 @@ def lm_loss(model, batch):
 
 
 def _save_model(model, directory, *, extra: dict):
-    from workers.model.transformer import save_pretrained
-    save_pretrained(model, directory, extra=extra)
+    from workers.model.hf import save_model
+    save_model(model, directory, extra=extra)
 
 
 def _load_model(model, directory):
-    from workers.model.transformer import load_pretrained
-    model.load_state_dict(load_pretrained(directory, map_location="cpu").state_dict())
+    from workers.model.hf import load_model
+    model.load_state_dict(load_model(directory).state_dict())
 
 
 def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, "TokenDataset"]:

@@ -258,11 +258,11 @@ class Learner:
     def save(self, uri: str, state: dict) -> None:
         import torch
 
-        from workers.model.transformer import save_pretrained
+        from workers.model.hf import save_model
 
         tmp = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
         try:
-            save_pretrained(self.policy, tmp, extra=self.extra)
+            save_model(self.policy, tmp, extra=self.extra)
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
             storage.publish_dir(tmp, uri)
@@ -272,10 +272,10 @@ class Learner:
     def restore(self, uri: str) -> dict:
         import torch
 
-        from workers.model.transformer import load_pretrained
+        from workers.model.hf import load_model
 
         with local_folder(uri) as local:
-            self.policy.load_state_dict(load_pretrained(local, map_location=self.device).state_dict())
+            self.policy.load_state_dict(load_model(local, device=self.device).state_dict())
             self.optimizer.load_state_dict(torch.load(local / OPTIMIZER_FILE, map_location=self.device,
                                                       weights_only=True))
             return json.loads((local / STATE_FILE).read_text())
