@@ -259,11 +259,31 @@ def test_lora_finetune_from_the_folder_writes_what_transformers_loads(ray_sessio
                           warmup_steps=0, eval_steps=1, eval_every=2, checkpoint_every=2)
     out = finetune.run(ctx, cfg)
     folder = Path(out["checkpoint"])
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     assert model.config.model_type == family
+    assert model.dtype == (torch.bfloat16 if family == "llama" else torch.float32)  # the base's stored dtype
     tok = AutoTokenizer.from_pretrained(folder)
     template = LLAMA_TEMPLATE if family == "llama" else CHATML
     assert tok.chat_template == template
     assert tok("hello")["input_ids"] == AutoTokenizer.from_pretrained(folders[family])("hello")["input_ids"]
     again = open_checkpoint(folder, load=None)
     assert again.stop_token_ids[0] == open_checkpoint(folders[family], load=None).eos_token_id
+
+
+@torch.no_grad()
+def test_reward_head_on_a_llama_trunk_round_trips(folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from workers.model.reward_head import save_reward_model
+
+    fresh = open_checkpoint(folders["llama"], load="reward", device="cpu", dtype=torch.float32)
+    assert not fresh.is_reward_model
+    idx = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(idx)
+    mask[2, :4] = 0  # left padding
+    scores = fresh.model.score(idx, mask)
+    save_reward_model(fresh.model, tmp_path / "rm", extra=fresh.carried_config())
+    fresh.write_tokenizer(tmp_path / "rm")
+    again = open_checkpoint(tmp_path / "rm", load="reward", device="cpu")
+    assert again.is_reward_model and torch.equal(again.model.score(idx, mask), scores)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "rm").config.model_type == "llama"

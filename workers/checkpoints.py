@@ -125,6 +125,11 @@ class Checkpoint:
     def is_reward_model(self) -> bool:
         return bool(self.config.get("reward_model"))
 
+    @property
+    def stored_dtype(self) -> str | None:
+        """The weights' dtype as config.json names it ("bfloat16", "float32", ...), if it does."""
+        return self.config.get("dtype") or self.config.get("torch_dtype")
+
     def carried_config(self) -> dict[str, Any]:
         """config.json keys a checkpoint derived from this one keeps (ids, prompt template)."""
         out = {k: self.config[k] for k in CARRIED_CONFIG if self.config.get(k) is not None}
@@ -315,6 +320,20 @@ def write_tokenizer_files(folder: str | Path, tokenizer_json: str, *, tokenizer_
         storage.write_bytes(str(template), chat_template.encode())
     elif template.exists():
         template.unlink()
+
+
+def cast_model_files(folder: str | Path, dtype: str) -> None:
+    """Rewrite a (non-reward) model folder's weights in ``dtype`` ("bfloat16", ...), its other
+    config.json keys kept: a stage trains in fp32 and publishes in its base's stored dtype."""
+    import torch
+
+    from workers.model.hf import load_model, save_model
+
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG).read_text())
+    if config.get("reward_model") or (config.get("dtype") or config.get("torch_dtype")) == dtype:
+        return
+    save_model(load_model(folder, dtype=getattr(torch, dtype)), folder, extra=config)
 
 
 def copy_model_files(src: str | Path, dest: str | Path) -> None:

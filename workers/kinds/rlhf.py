@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from workers import storage
-from workers.checkpoints import Checkpoint, copy_model_files, local_folder, open_checkpoint
+from workers.checkpoints import Checkpoint, cast_model_files, copy_model_files, local_folder, open_checkpoint
 from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_reward
 from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
 from workers.training.params import OptimizerConfig, knob
@@ -239,7 +239,8 @@ class Learner:
         torch.set_num_threads(max(1, threads))
         self.cfg = Config.model_validate(config)
         self.device = torch.device(default_device())
-        pol = open_checkpoint(checkpoint, device=self.device, field="policy")
+        # fp32 master weights (autocast on GPU); the exported checkpoint is cast back to the stored dtype
+        pol = open_checkpoint(checkpoint, device=self.device, dtype=torch.float32, field="policy")
         self.policy, self.extra = pol.model, pol.carried_config()
         self.reference = copy.deepcopy(self.policy).eval()
         for p in self.reference.parameters():
@@ -519,7 +520,10 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
 
 
 def _export(iter_uri: str, policy: Checkpoint, out: Path) -> None:
-    """The last iteration's model files + the starting policy's tokenizer side: self-contained."""
+    """The last iteration's model files (in the policy's stored dtype) + the starting policy's
+    tokenizer side: self-contained."""
     with local_folder(iter_uri) as local:
         copy_model_files(local, out)
+    if policy.stored_dtype:
+        cast_model_files(out, policy.stored_dtype)
     policy.write_tokenizer(out)

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from workers import storage
-from workers.checkpoints import Checkpoint, copy_model_files, open_checkpoint
+from workers.checkpoints import Checkpoint, cast_model_files, copy_model_files, open_checkpoint
 from workers.data import records as sft_data
 from workers.training.loop import FitResult, TrainingConfig
 from workers.training.params import knob
@@ -174,12 +174,15 @@ def load_trainable(checkpoint_uri: str, dropout: float = 0.0, lora: dict | None 
 
 
 def publish(ctx, result: FitResult, name: str, base: Checkpoint, chat_template: str) -> str:
-    """The final checkpoint's model files, the base's tokenizer side and the stage's chat template
-    into ``<artifact_dir>/<name>``; returns its URI under ``ctx.output_uri``."""
+    """The final checkpoint's model files (in the base's stored dtype: trained in fp32), the base's
+    tokenizer side and the stage's chat template into ``<artifact_dir>/<name>``; returns its URI
+    under ``ctx.output_uri``."""
     out = Path(ctx.artifact_dir) / name
     try:
         copy_model_files(result.checkpoint_dir, out)
     finally:
         result.cleanup()
+    if base.stored_dtype:
+        cast_model_files(out, base.stored_dtype)
     base.write_tokenizer(out, chat_template=chat_template)
     return storage.join(ctx.output_uri, name)
