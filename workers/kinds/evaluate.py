@@ -55,7 +55,8 @@ class Config(BaseModel):
 
 
 def code_version(config: Config) -> str:
-    return code_digest(("kinds/evaluate.py", "rl/rollout.py", "rl/ranking.py", "model/transformer.py", "model/sampling.py", "data/tokens.py"),
+    return code_digest(("kinds/evaluate.py", "rl/rollout.py", "rl/ranking.py", "checkpoints.py", "model/hf.py",
+                        "model/transformer.py", "model/sampling.py", "data/tokens.py"),
                        config.reward)
 
 

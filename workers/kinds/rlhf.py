@@ -74,7 +74,8 @@ class Config(OptimizerConfig):
 
 def code_version(config: Config) -> str:
     """This kind and the modules its behaviour lives in (and a reward function's source)."""
-    return code_digest(("kinds/rlhf.py", "rl/rollout.py", "rl/ranking.py", "model/transformer.py", "model/sampling.py"), config.reward)
+    return code_digest(("kinds/rlhf.py", "rl/rollout.py", "rl/ranking.py", "checkpoints.py", "model/hf.py",
+                        "model/transformer.py", "model/sampling.py", "training/params.py"), config.reward)
 
 
 # ----------------------------------------------------------------------------- typed hand-offs
