@@ -254,6 +254,8 @@ def open_checkpoint(uri: str | Path, *, load: Literal["lm", "reward"] | None = "
     from workers.data import tokenizer as toks
 
     uri = str(uri)
+    if storage.is_local(uri):  # absolute: workers (Ray Train, actors) open it from other folders
+        uri = storage.resolve(uri)[1]
     if not storage.exists(storage.join(uri, CONFIG)):
         raise ValueError(f"{field}: got {uri!r}; no config.json there (expected a checkpoint folder: config.json, "
                          "safetensors weights, tokenizer.json)")

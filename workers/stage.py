@@ -109,7 +109,8 @@ class StageContext:
         if check_path and not storage.exists(ref):
             raise ValueError(f"{field}: got {ref!r}; neither an upstream of stage {self.stage!r} "
                              f"(upstreams: {sorted(self.inputs) or 'none'}) nor an existing path")
-        return ref
+        # a local path made absolute: the workers a kind starts may run in another folder
+        return storage.resolve(ref)[1] if check_path and storage.is_local(ref) else ref
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log numeric metrics to the stage's MLflow run (asynchronously, from any process)."""
