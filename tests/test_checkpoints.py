@@ -175,12 +175,14 @@ def test_remote_checkpoint_leaves_no_temporary_folder(folders, tmp_path, monkeyp
 # ----------------------------------------------------------------------------- the upstream lookup
 
 
-def test_upstream_takes_a_stage_output_or_a_path(tmp_path):
+def test_upstream_takes_a_stage_output_or_a_path(tmp_path, monkeypatch):
     ctx = local_context(tmp_path, "ft", inputs={"pre": {"checkpoint": "/ck/pre", "dataset": "/ds"},
                                                 "tok": {"dataset": "/ds2"}})
     assert ctx.upstream("checkpoint", field="checkpoint") == "/ck/pre"  # the only one with it
     assert ctx.upstream("dataset", "tok", field="data") == "/ds2"
     assert ctx.upstream("checkpoint", str(tmp_path), field="checkpoint") == str(tmp_path)  # a path
+    monkeypatch.chdir(tmp_path)  # a relative path comes back absolute (workers run elsewhere)
+    assert ctx.upstream("checkpoint", "./ft", field="checkpoint") == str(tmp_path / "ft")
     assert ctx.upstream("data", "builtin:x", field="data", check_path=False) == "builtin:x"
     with pytest.raises(ValueError, match=r"data: not set and stage 'ft' has 2 upstreams with a `dataset` output "
                                          r"\(\['pre', 'tok'\]\)"):
