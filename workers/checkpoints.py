@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 from workers import storage
 
-__all__ = ["Checkpoint", "GenerationDefaults", "open_checkpoint", "local_folder", "write_tokenizer_files",
-           "MODEL_FILES", "TRAINING_FILES"]
+__all__ = ["Checkpoint", "GenerationDefaults", "open_checkpoint", "local_folder", "context_length",
+           "write_tokenizer_files", "copy_model_files", "cast_model_files", "MODEL_FILES", "TRAINING_FILES"]
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
