@@ -7,8 +7,9 @@ in ``PreTrainedTokenizerFast`` with a chat template, saved by ``save_pretrained`
   post-processor, ``generation_config.json`` with two eos ids and greedy decoding;
 - ``qwen2``: ``Qwen2ForCausalLM`` (qkv biases, tied embeddings), fp32, ChatML template.
 
-``orchestrator generate`` (a real subprocess) must print transformers' greedy text; one real
-Ray Serve start answers the official ``openai`` client for both; a LoRA finetune stage starting
+``orchestrator generate`` (a real subprocess) must print transformers' greedy text; ``orchestrator
+serve`` (one real subprocess, its own Ray) answers the official ``openai`` client, rendering the
+folder's chat template as transformers does; a LoRA finetune stage starting
 from each folder writes a checkpoint ``AutoModelForCausalLM`` and ``AutoTokenizer`` load with the
 same family and chat template. Unit tests: ``open_checkpoint`` (the tokenizer side, a remote S3
 folder leaving no temporary folder) and ``StageContext.upstream``.
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -213,35 +216,64 @@ def test_cli_generate_gives_transformers_greedy_text(folders, family):
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, folders):
-    from ray import serve
-
-    from workers.kinds.serve import serve_checkpoint
+def served(folders, tmp_path_factory):
+    """`orchestrator serve` on the bf16 sharded Llama folder, as a user runs it (its own local Ray),
+    stopped with Ctrl-C (SIGINT) at the end."""
+    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    urls = {name: serve_checkpoint(str(folder), port=port, blocking=False, max_batch_size=2, max_queue=4,
-                                   num_cpus=0.5, app_name=f"byom-{name}", route_prefix=f"/{name}")
-            for name, folder in folders.items()}
-    yield urls
-    serve.shutdown()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(folders["llama"]), "--port",
+                                 str(port), "--max-batch-size", "2"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # no event to await across processes: poll its health endpoint
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.mark.slow
-def test_serve_answers_the_openai_client(served, folders):
+@torch.no_grad()
+def test_orchestrator_serve_answers_the_openai_client(served, folders):
     import openai
+    from transformers import AutoTokenizer
 
-    for name, url in served.items():
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list().data] == [folders[name].name]
-        done = client.completions.create(model=folders[name].name, prompt="the quick", max_tokens=8, temperature=0)
-        assert done.usage.completion_tokens >= 1
-    # fp32 weights: the chat answer (template from chat_template.jinja, stop at <|im_end|>) is transformers'
-    client = openai.OpenAI(base_url=f"{served['qwen2']}/v1", api_key="unused", max_retries=0, timeout=120)
-    chat = client.chat.completions.create(model="tiny-qwen2", messages=[{"role": "user", "content": "hello"}],
-                                          max_tokens=12, temperature=0)
-    assert chat.choices[0].message.content == hf_greedy(folders["qwen2"], "hello", 12, chat=True)
+    from workers.model.sampling import SamplingParams, generate
+
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    done = client.completions.create(model="tiny-llama", prompt="the quick", max_tokens=8, temperature=0)
+    assert done.usage.completion_tokens >= 1 and done.choices[0].finish_reason in ("stop", "length")
+    # the chat prompt is the folder's chat_template.jinja rendered as transformers renders it
+    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=10, temperature=0)
+    ids = AutoTokenizer.from_pretrained(folders["llama"]).apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    ck = open_checkpoint(folders["llama"], device="cpu")  # the same bf16 weights, in this process
+    want = generate(ck.model, [ids], SamplingParams(max_tokens=10, temperature=0), eos_token_id=ck.eos_token_id,
+                    decode=ck.tokenizer.decode)[0][0]
+    assert chat.choices[0].message.content == want.text
+    assert chat.usage.prompt_tokens == len(ids)
 
 
 # ----------------------------------------------------------------------------- a LoRA finetune stage
