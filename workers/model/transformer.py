@@ -378,13 +378,15 @@ class GPT(nn.Module):
             ln_f=NORMS[config.norm](config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         self.rope = RoPE(config) if config.position == "rope" else None
-        self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2 paper: scale residual projections by 1/sqrt(2 * n_layer)
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.tie_weights()  # after init: the same seed gives the same values in any layout
 
     @staticmethod
     def _init_weights(module):
@@ -408,8 +410,7 @@ class GPT(nn.Module):
         """
         for mod in self.modules():
             w = getattr(mod, "weight", None)
-            if (type(mod) is nn.Linear and mod.out_features > mod.in_features and w.is_contiguous()
-                    and w.device.type != "meta"):
+            if type(mod) is nn.Linear and mod.out_features > mod.in_features and w.is_contiguous():
                 with torch.no_grad():
                     mod.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
         if self.config.tie_embeddings:
