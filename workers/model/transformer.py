@@ -458,10 +458,10 @@ class GPT(nn.Module):
             else:
                 cos, sin = cos[position_ids], sin[position_ids]  # (B, T, hs)
             rope = (cos.unsqueeze(-2), sin.unsqueeze(-2))    # (B|1, T, 1, hs): broadcast over heads
+        elif position_ids is None:
+            x = x + self.transformer.wpe.weight[past:S]     # (T, C): a view, no lookup
         else:
-            if position_ids is None:
-                position_ids = torch.arange(past, S, device=idx.device)  # (T,)
-            x = x + self.transformer.wpe(position_ids)
+            x = x + self.transformer.wpe(position_ids)      # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, is_causal, kv_cache, i, rope)
