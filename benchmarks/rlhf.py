@@ -53,12 +53,13 @@ def prompts(n: int) -> list[str]:
 
 def plain_tokens_per_s(ck: Path, ps: list[str], k: int, max_tokens: int, reps: int = 3) -> float:
     """The reference: generate in this process, 1 thread, no Ray."""
-    from workers.rl.rollout import load_policy
+    from workers.checkpoints import open_checkpoint
     from workers.model.sampling import SamplingParams, generate
+    from workers.rl.rollout import encode_prompt
 
     torch.set_num_threads(1)
-    pol = load_policy(str(ck))
-    ids = [pol.encode_prompt(p, max_tokens) for p in ps]
+    pol = open_checkpoint(str(ck), device="cpu")
+    ids = [encode_prompt(pol, p, max_tokens) for p in ps]
     best = 0.0
     for _ in range(reps):
         t0 = time.perf_counter()

@@ -126,18 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking(p)
 
     p = sub.add_parser("generate", help="Generate text from a checkpoint.",
-                       description="Print completions of --prompt from CHECKPOINT_OR_RUN: a checkpoint folder "
-                                   "(config.json + model.safetensors + tokenizer.json), a pipeline run id (its "
-                                   "last stage with a checkpoint) or RUN_ID:STAGE.")
+                       description="Print completions of --prompt from CHECKPOINT_OR_RUN: a checkpoint folder, "
+                                   "ours or a Hugging Face one (config.json + safetensors + tokenizer.json), local "
+                                   "or a storage URI; a pipeline run id (its last stage with a checkpoint) or "
+                                   "RUN_ID:STAGE. Sampling options not given come from the checkpoint's "
+                                   "generation_config.json.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
     p.add_argument("--prompt", action="append", required=True, help="Prompt text (repeatable: one batch).")
     _add_sampling_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="Compute in this dtype (default: as the checkpoint stores its weights).")
     _add_tracking(p)
 
     p = sub.add_parser("serve", help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
-                       description="Serve CHECKPOINT_OR_RUN at /v1/completions, /v1/chat/completions, "
-                                   "/v1/models and /health until Ctrl-C.")
+                       description="Serve CHECKPOINT_OR_RUN (a checkpoint folder, ours or a Hugging Face one, "
+                                   "local or a storage URI; a run id; RUN_ID:STAGE) at /v1/completions, "
+                                   "/v1/chat/completions, /v1/models and /health until Ctrl-C.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
     p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
     p.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
@@ -154,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=64, help="Tokens to generate (default 64).")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0).")
-    g.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens (0 = off).")
-    g.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1] (default 1).")
+    g.add_argument("--max-tokens", type=int, default=None, help="Tokens to generate (default 64).")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0).")
+    g.add_argument("--top-k", type=int, default=None, help="Sample from the k most likely tokens (0 = off).")
+    g.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1] (default 1).")
     g.add_argument("--min-p", type=float, default=0.0, help="Drop tokens below min_p x the top probability.")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off).")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off).")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="In [-2, 2] (0 = off).")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="In [-2, 2] (0 = off).")
     g.add_argument("--num-beams", type=int, default=1, help="Beam search width (1 = no beam search).")
@@ -321,29 +326,40 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from workers.checkpoints import open_checkpoint
     from workers.model.sampling import SamplingParams, generate
-    from workers.kinds.serve import load_checkpoint
 
     from .runs import resolve_checkpoint
 
-    params = SamplingParams(
+    given = {k: v for k, v in dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, n=args.n, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed, logprobs=args.logprobs)
-    try:
-        params.validate()
-    except ValueError as e:
-        raise SpecError(str(e).replace("SamplingParams.", "--").replace("_", "-", 1)) from None
+        repetition_penalty=args.repetition_penalty).items() if v is not None}
+    fixed = dict(min_p=args.min_p, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                 n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty, stop=tuple(args.stop),
+                 seed=args.seed, logprobs=args.logprobs)
+
+    def params_for(defaults: dict) -> SamplingParams:
+        params = SamplingParams(**{"max_tokens": 64, **defaults, **given, **fixed})
+        try:
+            params.validate()
+        except ValueError as e:
+            raise SpecError(str(e).replace("SamplingParams.", "--").replace("_", "-", 1)) from None
+        return params
+
+    params_for({})  # bad arguments fail before the checkpoint loads
     ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri or _default_tracking())
     try:
-        lm = load_checkpoint(ckpt, device=args.device)
-    except FileNotFoundError as e:
+        import torch
+
+        lm = open_checkpoint(ckpt, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (FileNotFoundError, ValueError) as e:
         raise SpecError(str(e)) from None
+    params = params_for(lm.generation.sampling_kwargs())
+    params.stop_token_ids = lm.stop_token_ids
     prompts = [lm.tokenizer.encode(p).ids for p in args.prompt]
     for i, ids in enumerate(prompts):
-        if len(ids) + args.max_tokens > lm.context:
-            raise SpecError(f"--prompt #{i + 1} has {len(ids)} tokens; with --max-tokens {args.max_tokens} it "
+        if len(ids) + params.max_tokens > lm.context:
+            raise SpecError(f"--prompt #{i + 1} has {len(ids)} tokens; with --max-tokens {params.max_tokens} it "
                             f"exceeds the model's context of {lm.context} tokens")
     outs = generate(lm.model, prompts, params, eos_token_id=lm.eos_token_id,
                     decode=lambda t: lm.tokenizer.decode(t, skip_special_tokens=False), device=args.device)

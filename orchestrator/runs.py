@@ -309,10 +309,13 @@ def list_runs(tracking_uri: str, max_results: int = 20) -> list[dict[str, Any]]:
 
 
 def resolve_checkpoint(ref: str, tracking_uri: str) -> str:
-    """A checkpoint folder from a path/URI, a pipeline run id (its last stage with a
-    checkpoint) or ``RUN_ID:STAGE``."""
+    """A checkpoint folder (ours or a Hugging Face one) from a path/URI, a pipeline run id (its
+    last stage with a checkpoint) or ``RUN_ID:STAGE``."""
     if not storage.is_local(ref) or Path(ref).exists():
         return ref
+    if "/" in ref or ref.startswith((".", "~")):  # a path, not a run id
+        raise SpecError(f"checkpoint {ref!r}: no such folder (give a checkpoint folder, a storage URI, a run id "
+                        "or RUN_ID:STAGE)")
     run_id, _, stage = ref.partition(":")
     record = load_record(run_id, tracking_uri)
     names = [stage] if stage else list(reversed(list(record.stages)))

@@ -178,9 +178,11 @@ def test_record_errors_name_file_and_line(base, tmp_path):
         finetune.build_job(ctx, sft_config(data=str(tmp_path / "d.parquet")))
     with pytest.raises(sft_data.RecordError, match=r"unknown builtin data set 'builtin:nope'"):
         finetune.build_job(ctx, sft_config(data="builtin:nope"))
-    with pytest.raises(ValueError, match=r"checkpoint: got '/nowhere'; no config.json there"):
+    with pytest.raises(ValueError, match=r"checkpoint: got '/nowhere'; neither an upstream of stage 'ft'"):
         finetune.build_job(ctx, sft_config(data=str(data), checkpoint="/nowhere"))
-    with pytest.raises(ValueError, match=r"checkpoint: stage 'ft' has 0 upstreams"):
+    with pytest.raises(ValueError, match=rf"checkpoint: got '{tmp_path}'; no config.json there"):
+        finetune.build_job(ctx, sft_config(data=str(data), checkpoint=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"checkpoint: not set and stage 'ft' has 0 upstreams"):
         finetune.build_job(local_context(tmp_path, "ft"), sft_config(data=str(data)))
 
 
@@ -230,7 +232,7 @@ def test_full_finetuning_job_lowers_the_sft_loss(base, tmp_path):
     data = sft_data.write_jsonl(tmp_path / "plain.jsonl", sft_data.synthetic_sft(240, seed=1))
     ctx = local_context(tmp_path, "finetune", inputs={"pre": {"checkpoint": str(base)}})
     cfg = sft_config(data=data)
-    job, _, stats = finetune.build_job(ctx, cfg)
+    job, _, _, stats = finetune.build_job(ctx, cfg)
     assert stats["train_examples"] + stats["val_examples"] == 240 and 0 <= stats["truncated_examples"] < 24
     torch.manual_seed(cfg.seed)
     model = job.make_model()
@@ -267,7 +269,7 @@ def lora_run(ray_session, base, tmp_path_factory):
     ctx = local_context(tmp, "finetune", inputs={"pre": {"checkpoint": str(base)}},
                         resources=Resources(cpus=1, workers=2))
     cfg = sft_config(data=chats, lora={"rank": 8, "alpha": 16}, lr=1e-2, min_lr=1e-3, batch_size=4)
-    job, _, _ = finetune.build_job(ctx, cfg)
+    job, _, _, _ = finetune.build_job(ctx, cfg)
     before = mean_loss(load_pretrained(base), rows_of(job))
     return ctx, finetune.run(ctx, cfg), before, rows_of(job)
 
@@ -277,7 +279,8 @@ def test_lora_sft_loss_falls_and_checkpoint_is_self_contained(lora_run):
     ctx, outputs, before, val_rows = lora_run
     folder = Path(outputs["checkpoint"])
     assert folder == ctx.artifact_dir / "checkpoint"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert outputs["steps"] == 40 and outputs["train_examples"] + outputs["val_examples"] == 240
     assert outputs["final_val_loss"] < 0.6 * before, (outputs, before)
     # the merged weights alone reproduce the loop's val loss: the mean over the loop's micro-batches
@@ -287,8 +290,8 @@ def test_lora_sft_loss_falls_and_checkpoint_is_self_contained(lora_run):
     merged = np.mean([mean_loss(model, {n: a[i] for n, a in val_rows.items()}) for i in batches])
     assert merged == pytest.approx(outputs["final_val_loss"], rel=1e-4)
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["chat_template"] == DEFAULT_CHAT_TEMPLATE
-    assert cfg["prompt_template"].format(prompt="hi") == render_chat([{"role": "user", "content": "hi"}], cfg["chat_template"])
+    assert (folder / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
+    assert cfg["prompt_template"].format(prompt="hi") == render_chat([{"role": "user", "content": "hi"}], DEFAULT_CHAT_TEMPLATE)
     assert cfg["eos_token_id"] == toks.eos_id(toks.load(folder / "tokenizer.json"))
 
 

@@ -107,7 +107,7 @@ def test_pairs_encode_with_margins_and_masks(base, tmp_path):
     ] * 5)
     ctx = local_context(tmp_path, "rm", inputs={"sft": {"checkpoint": str(base)}})
     cfg = reward_config(data=data, prompt_field="q", chosen_field="good", rejected_field="bad", margin_field="m")
-    job, _, held_out, stats = reward.build_job(ctx, cfg)
+    job, _, _, held_out, stats = reward.build_job(ctx, cfg)
     train = sft_data.load_arrays(job.make_batches.keywords["train_uri"])
     assert stats["train_pairs"] + stats["val_pairs"] == 10 and stats["val_pairs"] >= 1
     assert sorted(set(np.concatenate([train["margin"], held_out["margin"]]).tolist())) == [0.0, 1.5]
@@ -146,7 +146,7 @@ def trained(ray_session, base, tmp_path_factory):
     data = sft_data.write_jsonl(tmp / "prefs.jsonl", sft_data.synthetic_preferences(240, seed=2))
     ctx = local_context(tmp, "reward", inputs={"sft": {"checkpoint": str(base)}}, resources=Resources(cpus=1, workers=1))
     cfg = reward_config(data=data)
-    _, _, held_out, _ = reward.build_job(ctx, cfg)
+    _, _, _, held_out, _ = reward.build_job(ctx, cfg)
     return ctx, reward.run(ctx, cfg), held_out
 
 
@@ -164,9 +164,14 @@ def test_published_reward_model_reloads_with_the_same_scores(trained):
     ctx, outputs, held_out = trained
     folder = Path(outputs["reward_model"])
     assert folder == ctx.artifact_dir / "reward_model"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "model.safetensors", HEAD_FILE, "tokenizer.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "model.safetensors", HEAD_FILE, "tokenizer.json",
+                                                               "tokenizer_config.json", "chat_template.jinja",
+                                                               "generation_config.json"])
     assert outputs["tokenizer"] == str(folder / "tokenizer.json")
     model = load_reward_model(folder)
     assert reward.pairwise_accuracy(model, held_out) == outputs["accuracy"]
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["reward_model"] is True and "chat_template" in cfg and "{prompt}" in cfg["prompt_template"]
+    assert cfg["reward_model"] is True and "{prompt}" in cfg["prompt_template"]
+    from workers.checkpoints import open_checkpoint
+    opened = open_checkpoint(folder, load="reward", device="cpu")
+    assert opened.is_reward_model and opened.chat_template and reward.pairwise_accuracy(opened.model, held_out) == outputs["accuracy"]

@@ -372,7 +372,7 @@ def test_serve_config_errors_name_the_field(tmp_path):
     ctx = local_context(tmp_path, inputs={"a": {"checkpoint": "x"}, "b": {"checkpoint": "y"}})
     with pytest.raises(ValueError, match="exactly one upstream"):
         kind.run(ctx, kind.Config())
-    with pytest.raises(ValueError, match="'nope' is not an upstream"):
+    with pytest.raises(ValueError, match="input: got 'nope'; neither an upstream"):
         kind.run(ctx, kind.Config(input="nope"))
 
 

@@ -5,7 +5,9 @@ A stage kind is one module in ``workers/kinds/`` with:
 - ``Config``: a pydantic model (``extra="forbid"``) validating the stage's ``config`` mapping;
 - ``run(ctx: StageContext, config: Config) -> dict``: does the work and returns a small
   JSON-serialisable dict of outputs (URIs, digests, numbers) that downstream stages receive
-  as ``ctx.inputs[upstream_name]``;
+  as ``ctx.inputs[upstream_name]`` and take with ``ctx.upstream(key, ref, field=...)``
+  (a stage name or a path/URI in their config; a checkpoint is then opened with
+  ``workers.checkpoints.open_checkpoint``);
 - optionally ``DISTRIBUTED = True`` when the kind spreads its work over Ray actors it starts
   itself (its runner then holds no CPU; ``ctx.resources`` says what each of its workers gets);
 - optionally ``inputs(config) -> list`` naming the external inputs the config points at (files,
@@ -84,6 +86,35 @@ class StageContext:
     scratch_uri: str = ""
     """A storage location that survives retries of this fingerprint (e.g. training checkpoints
     to resume from after a failed attempt); empty when the kind does not need one."""
+
+    def upstream(self, key: str, ref: str | None = None, *, field: str, check_path: bool = True) -> str:
+        """The one way a kind takes an upstream stage's output: the URI ``ref`` names.
+
+        ``ref`` is an upstream stage's name (its ``key`` output, e.g. ``checkpoint``, ``dataset``,
+        ``data``, ``reward_model``) or else a path/URI taken as given (checked to exist unless
+        ``check_path`` is False, for globs and ``builtin:`` names the caller resolves). With
+        ``ref`` None: the only upstream that has a ``key`` output. Errors name ``field`` (the
+        config field holding ``ref``), the bad value and what is allowed.
+        """
+        from workers import storage
+
+        if ref is None:
+            found = [name for name, out in self.inputs.items() if key in out]
+            if len(found) != 1:
+                raise ValueError(f"{field}: not set and stage {self.stage!r} has {len(found)} upstreams with a "
+                                 f"`{key}` output ({found}); it needs exactly one upstream with one, or set "
+                                 f"`{field}` to a stage name or a path")
+            return self.inputs[found[0]][key]
+        if ref in self.inputs:
+            if key not in self.inputs[ref]:
+                raise ValueError(f"{field}: upstream {ref!r} has no `{key}` output "
+                                 f"(its outputs: {sorted(self.inputs[ref])})")
+            return self.inputs[ref][key]
+        if check_path and not storage.exists(ref):
+            raise ValueError(f"{field}: got {ref!r}; neither an upstream of stage {self.stage!r} "
+                             f"(upstreams: {sorted(self.inputs) or 'none'}) nor an existing path")
+        # a local path made absolute: the workers a kind starts may run in another folder
+        return storage.resolve(ref)[1] if check_path and storage.is_local(ref) else ref
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log numeric metrics to the stage's MLflow run (asynchronously, from any process)."""

@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
 from workers.rl.checks import Check, resolve_check
-from workers.rl.ranking import RankingPool, RewardConfig, resolve_artifact, resolve_reward, reward_modules
+from workers.checkpoints import Checkpoint, open_checkpoint
+from workers.rl.ranking import RankingPool, RewardConfig, resolve_reward, reward_modules
 from workers.rl.rollout import PromptSource, RolloutPool, load_prompts
 
 DISTRIBUTED = True
@@ -43,7 +44,8 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(None, description="The model to evaluate: an upstream stage with a "
-                                   "`checkpoint` output or a checkpoint path/URI; default: the only such upstream.")
+                                   "`checkpoint` output or a checkpoint path/URI (ours or a Hugging Face folder); "
+                                   "default: the only such upstream.")
     baseline: str | None = Field(None, description="A model to compare against (upstream stage name or path): "
                                  "win_rate of `checkpoint` over it.")
     data: str | None = Field(None, description="Perplexity data: an upstream stage with a `dataset` output, a "
@@ -113,11 +115,7 @@ def _token_documents(ctx, uri: str, config: Config) -> tuple[list[list[int]], in
     return docs[:config.max_documents], ds.eos_id, ds.vocab_size
 
 
-def _text_documents(uri: str, config: Config, checkpoint: str) -> tuple[list[list[int]], int, int]:
-    from tokenizers import Tokenizer
-
-    from workers.data import tokenizer as toks
-
+def _text_documents(uri: str, config: Config, checkpoint: Checkpoint) -> tuple[list[list[int]], int, int]:
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
         fs, path = storage.resolve(uri)
@@ -133,22 +131,23 @@ def _text_documents(uri: str, config: Config, checkpoint: str) -> tuple[list[lis
                 if config.text_field not in rec:
                     raise ValueError(f"text_field: got {config.text_field!r}; line {n} of {uri!r} has fields {sorted(rec)}")
                 texts.append(str(rec[config.text_field]))
-    tok = Tokenizer.from_str(storage.read_bytes(storage.join(checkpoint, "tokenizer.json")).decode())
-    cfg = json.loads(storage.read_bytes(storage.join(checkpoint, "config.json")))
-    eos = cfg.get("eos_token_id")
-    eos = toks.eos_id(tok) if eos is None else eos
+    if checkpoint.eos_token_id is None:
+        raise ValueError(f"checkpoint: {checkpoint.uri!r} names no end-of-text token; documents are scored "
+                         "between two")
+    tok = checkpoint.tokenizer
     texts = texts[:config.max_documents]
-    return [tok.encode(t).ids for t in texts], eos, tok.get_vocab_size()
+    return ([tok.encode(t, add_special_tokens=False).ids for t in texts], checkpoint.eos_token_id,
+            tok.get_vocab_size())
 
 
-def perplexity_documents(ctx, config: Config, checkpoint: str) -> list[list[int]]:
+def perplexity_documents(ctx, config: Config, checkpoint: Checkpoint) -> list[list[int]]:
     """The scored sequences: EOS + document + EOS for each held-out document."""
-    uri = resolve_artifact(ctx, config.data, "dataset", "data")
+    uri = ctx.upstream("dataset", config.data, field="data")
     if storage.exists(storage.join(uri, "manifest.json")):
         docs, eos, vocab = _token_documents(ctx, uri, config)
     else:
         docs, eos, vocab = _text_documents(uri, config, checkpoint)
-    model_vocab = json.loads(storage.read_bytes(storage.join(checkpoint, "config.json")))["vocab_size"]
+    model_vocab = checkpoint.config["vocab_size"]
     if vocab > model_vocab:
         raise ValueError(f"data: {uri!r} has vocab_size {vocab} but the checkpoint's is {model_vocab}; "
                          "evaluate on data tokenized with the checkpoint's tokenizer")
@@ -211,12 +210,12 @@ def kl_estimate(model_groups, baseline_pool: RolloutPool) -> float:
 
 def run(ctx, config: Config) -> dict[str, Any]:
     check(config)
-    checkpoint = resolve_artifact(ctx, config.checkpoint, "checkpoint", "checkpoint")
-    baseline = resolve_artifact(ctx, config.baseline, "checkpoint", "baseline") if config.baseline else None
+    checkpoint = ctx.upstream("checkpoint", config.checkpoint, field="checkpoint")
+    baseline = ctx.upstream("checkpoint", config.baseline, field="baseline") if config.baseline else None
     res = ctx.resources
     workers = config.workers or res.workers or 1
     out: dict[str, Any] = {"checkpoint": checkpoint}
-    docs = perplexity_documents(ctx, config, checkpoint) if config.data is not None else None
+    docs = perplexity_documents(ctx, config, open_checkpoint(checkpoint, load=None)) if config.data is not None else None
     sampling = config.reward is not None or bool(config.checks)
     prompts = load_prompts(ctx, config.prompts) if sampling else []
     source = resolve_reward(ctx, config.reward) if config.reward is not None else None
@@ -225,7 +224,7 @@ def run(ctx, config: Config) -> dict[str, Any]:
     # metric prefix -> checkpoint; the model first, then the baseline (the KL needs the model's samples)
     models = {"": checkpoint, **({"baseline_": baseline} if baseline else {})}
     for i, ref in enumerate(config.references):
-        models[f"{_name(ref)}_"] = resolve_artifact(ctx, ref, "checkpoint", f"references[{i}]")
+        models[f"{_name(ref)}_"] = ctx.upstream("checkpoint", ref, field=f"references[{i}]")
     params = dict(n=config.samples_per_prompt, max_tokens=config.max_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, seed=config.seed)
     texts: dict[str, tuple[list[str], list[str]]] = {}

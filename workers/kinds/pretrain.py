@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,26 @@ class ModelFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: str | None = Field(None, description="Base size from workers.model.transformer.SIZES (tiny, small, gpt2-124m, ...).")
+    size: str | None = Field(None, description="Base size from workers.model.transformer.SIZES: GPT-2 family (tiny, "
+                             "small, medium, gpt2-124m, ...) or Llama family (llama-tiny, llama-small, llama-medium, "
+                             "smollm-135m, llama-3.2-1b).")
     n_layer: int | None = Field(None, ge=1, description="Transformer blocks.")
     n_head: int | None = Field(None, ge=1, description="Attention heads per block.")
     n_embd: int | None = Field(None, ge=1, description="Embedding width (divisible by n_head).")
     block_size: int | None = Field(None, ge=1, description="Context length in tokens.")
     dropout: float | None = Field(None, ge=0, lt=1, description="Dropout probability (0 for pretraining).")
+    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (divides n_head): fewer than n_head is "
+                                  "grouped-query attention, 1 multi-query. Default n_head.")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP hidden width; default 4 * n_embd.")
+    rope_theta: float | None = Field(None, gt=0, description="RoPE base (Llama-family sizes only).")
+    tie_embeddings: bool | None = Field(None, description="Share the token embedding with the output layer.")
 
 
 class Config(TrainingConfig):
-    model: str | ModelFields = Field("small", description="A size name (tiny, small, medium, gpt2-124m, ...) "
-                                     "or explicit fields n_layer/n_head/n_embd/block_size/dropout.")
-    data: str | None = Field(None, description="The upstream stage whose token dataset to train on; "
-                             "default: the only upstream with a `dataset` output.")
+    model: str | ModelFields = Field("small", description="A size name (tiny, small, medium, gpt2-124m, ..., "
+                                     "llama-tiny, llama-small, ...) or explicit fields over a `size`.")
+    data: str | None = Field(None, description="The token dataset to train on: an upstream stage (its `dataset` "
+                             "output) or a dataset folder path/URI; default: the only upstream with a `dataset` output.")
     max_tokens: int | None = Field(None, ge=1, description="Train until this many tokens have been seen "
                                    "(rounded up to whole global batches); alternative to max_steps.")
 
@@ -56,23 +62,6 @@ def model_spec(config: Config) -> str | dict:
     if isinstance(config.model, str):
         return config.model
     return config.model.model_dump(exclude_none=True)
-
-
-def dataset_input(ctx, config: Config) -> tuple[str, dict]:
-    """(upstream name, its outputs) of the token dataset to train on."""
-    if config.data is not None:
-        if config.data not in ctx.inputs:
-            raise ValueError(f"data: got {config.data!r}; not an upstream of stage {ctx.stage!r} "
-                             f"(upstreams: {sorted(ctx.inputs) or 'none'}); add it to `needs`")
-        if "dataset" not in ctx.inputs[config.data]:
-            raise ValueError(f"data: upstream {config.data!r} has no `dataset` output "
-                             f"(its outputs: {sorted(ctx.inputs[config.data])})")
-        return config.data, ctx.inputs[config.data]
-    candidates = [name for name, out in ctx.inputs.items() if "dataset" in out]
-    if len(candidates) != 1:
-        raise ValueError(f"data: stage {ctx.stage!r} has {len(candidates)} upstreams with a `dataset` output "
-                         f"({candidates}); set `data:` to the one to train on")
-    return candidates[0], ctx.inputs[candidates[0]]
 
 
 # Module-level (picklable) pieces of the TrainJob.
@@ -95,22 +84,21 @@ def lm_loss(model, batch):
 
 
 def _save_model(model, directory, *, extra: dict):
-    from workers.model.transformer import save_pretrained
-    save_pretrained(model, directory, extra=extra)
+    from workers.model.hf import save_model
+    save_model(model, directory, extra=extra)
 
 
 def _load_model(model, directory):
-    from workers.model.transformer import load_pretrained
-    model.load_state_dict(load_pretrained(directory, map_location="cpu").state_dict())
+    from workers.model.hf import load_model
+    model.load_state_dict(load_model(directory).state_dict())
 
 
-def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, dict]:
-    """The TrainJob for this stage and the dataset's upstream outputs."""
+def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, "TokenDataset"]:
+    """The TrainJob for this stage and the token dataset it trains on."""
     from workers.model.transformer import config_for
     from workers.data.tokens import TokenDataset
 
-    _, upstream = dataset_input(ctx, config)
-    dataset = TokenDataset.open(upstream["dataset"])
+    dataset = TokenDataset.open(ctx.upstream("dataset", config.data, field="data"))
     try:
         gpt_config = config_for(model_spec(config), dataset.vocab_size)
     except ValueError as e:
@@ -133,24 +121,26 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,
     )
-    return job, upstream
+    return job, dataset
 
 
 def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str, Any]:
     """Pretrain; ``fault`` is a test hook (never set by the executor)."""
-    job, upstream = build_job(ctx, config, fault)
-    tokenizer = upstream.get("tokenizer") or storage.join(upstream["dataset"], "tokenizer.json")
+    from workers.checkpoints import copy_model_files, write_tokenizer_files
+
+    job, dataset = build_job(ctx, config, fault)
+    tokenizer = dataset.tokenizer_uri or storage.join(dataset.uri, "tokenizer.json")
     if not storage.exists(tokenizer):  # checked first: the checkpoint must be servable
-        raise FileNotFoundError(f"data: upstream tokenizer {tokenizer!r} not found")
+        raise FileNotFoundError(f"data: the dataset's tokenizer {tokenizer!r} not found")
+    tok_config_uri = tokenizer.rsplit("/", 1)[0] + "/tokenizer_config.json"  # written beside it by `tokenize`
     result = fit(ctx, job)
+    out = Path(ctx.artifact_dir) / "checkpoint"
     try:
-        out = Path(ctx.artifact_dir) / "checkpoint"
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
-            shutil.copy2(result.checkpoint_dir / name, out / name)
+        copy_model_files(result.checkpoint_dir, out)
     finally:
         result.cleanup()
-    (out / "tokenizer.json").write_bytes(storage.read_bytes(tokenizer))
+    write_tokenizer_files(out, storage.read_bytes(tokenizer).decode(),
+                          tokenizer_config=storage.read_json(tok_config_uri) if storage.exists(tok_config_uri) else None)
     checkpoint_uri = storage.join(ctx.output_uri, "checkpoint")
     state = result.state
     return {

@@ -6,7 +6,8 @@ records, optionally with a ``margin`` (JSONL, Parquet, ``builtin:stdlib-preferen
 in `finetune`); the loss is Bradley-Terry, ``-logsigmoid(r_chosen - r_rejected - margin)``.
 After training, the held-out pairwise accuracy (fraction of pairs with r_chosen > r_rejected)
 is measured on the final model. Output: ``<output_uri>/reward_model`` (see
-``workers.model.reward_head``: HF-layout trunk + ``reward_head.safetensors`` + tokenizer.json).
+``workers.model.reward_head``: HF-layout trunk + ``reward_head.safetensors`` + the tokenizer side).
+The trunk is any checkpoint ``workers.checkpoints`` opens (a reward model's head is kept).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from workers import storage
+from workers.checkpoints import Checkpoint
 from workers.data import records as sft_data
-from workers.kinds.finetune import inputs  # noqa: F401 - the same inputs as finetune: checkpoint, data
-from workers.kinds.finetune import (Base, RecordsConfig, data_source, local_checkpoint, make_example_batches, open_base,
-                              publish, split_records, steps_for, template_extra, templates, write_splits)
 from workers.training.loop import FaultInjection, TrainJob, fit
+from workers.training.params import knob
+from workers.training.supervised import inputs  # noqa: F401 - the stage contract's external inputs
+from workers.training.supervised import (RecordsConfig, config_extra, load_trainable, make_example_batches, open_base,
+                                         publish, records_source, split_records, steps_for, templates, write_splits)
 
 DISTRIBUTED = True
-FILES = ("config.json", "model.safetensors", "reward_head.safetensors")
 
 
 class Config(RecordsConfig):
@@ -36,36 +38,11 @@ class Config(RecordsConfig):
     margin_field: str | None = Field("margin", description="The record field holding an optional margin "
                                      "(r_chosen must beat r_rejected by it); records without it use 0; "
                                      "null ignores margins.")
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate, reached after warmup_steps.")
-    min_lr: float = Field(5e-6, ge=0, description="Learning rate at the end of the cosine decay.")
+    lr: float = knob(RecordsConfig, "lr", 5e-5)
+    min_lr: float = knob(RecordsConfig, "min_lr", 5e-6)
 
 
 # ----------------------------------------------------------------------------- picklable pieces
-
-
-def load_reward_trunk(checkpoint_uri: str, dropout: float = 0.0):
-    """A RewardModel from a reward model folder (head kept) or a policy checkpoint (fresh head)."""
-    from workers.kinds.finetune import load_policy
-    from workers.model.reward_head import RewardModel, is_reward_model, load_reward_model
-
-    local = local_checkpoint(checkpoint_uri)
-    if is_reward_model(local):
-        model = load_reward_model(local)
-        return _with_dropout(model, dropout) if dropout > 0 else model
-    return RewardModel.from_gpt(load_policy(str(local), dropout))
-
-
-def _with_dropout(model, dropout: float):
-    from dataclasses import replace
-
-    from workers.model.transformer import GPT
-    from workers.model.reward_head import RewardModel
-
-    gpt = GPT(replace(model.config, dropout=dropout))
-    gpt.load_state_dict(model.gpt.state_dict())
-    out = RewardModel(gpt.config, gpt)
-    out.head.load_state_dict(model.head.state_dict())
-    return out
 
 
 def save_reward(model, directory, *, extra: dict) -> None:
@@ -123,10 +100,11 @@ def pairwise_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int = 32
 # ----------------------------------------------------------------------------- the kind
 
 
-def encode_pairs(base: Base, config: Config, chat: str, prompt_template: str | None, records: list) -> dict[str, np.ndarray]:
-    tok = base.tokenizer
-    eos_token = tok.id_to_token(base.eos_id) or ""
-    T = base.block_size
+def encode_pairs(base: Checkpoint, config: Config, chat: str, prompt_template: str | None,
+                 records: list) -> dict[str, np.ndarray]:
+    tok, eos_id = base.tokenizer, base.eos_token_id
+    eos_token = base.eos_token or ""
+    T = base.context
     sides: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
     margins = []
     for r in records:
@@ -137,19 +115,23 @@ def encode_pairs(base: Base, config: Config, chat: str, prompt_template: str | N
                                                   eos_token=eos_token)).ids
         for side, text in (("chosen", chosen), ("rejected", rejected)):
             # rows of at most T tokens: nothing is shifted for a reward model
-            sides[side].append(sft_data.encode_example(p_ids, tok.encode(text).ids, base.eos_id, T - 1)[0])
+            r_ids = tok.encode(text, add_special_tokens=False).ids
+            sides[side].append(sft_data.encode_example(p_ids, r_ids, eos_id, T - 1)[0])
         margins.append(margin)
     arrays: dict[str, np.ndarray] = {"margin": np.asarray(margins, dtype=np.float32)}
+    width = max(len(r) for rows in sides.values() for r in rows)  # the longest row, not the (maybe huge) context
     for side, rows in sides.items():
-        arrays[side], arrays[f"{side}_len"] = sft_data.pad_rows(rows, T, base.eos_id)
+        arrays[side], arrays[f"{side}_len"] = sft_data.pad_rows(rows, width, eos_id)
     return arrays
 
 
-def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, Base, dict, dict]:
-    """The TrainJob, the base checkpoint, the held-out rows (for accuracy) and data statistics."""
+def build_job(ctx, config: Config, fault: FaultInjection | None = None
+              ) -> tuple[TrainJob, Checkpoint, str, dict, dict]:
+    """The TrainJob, the base checkpoint, the chat template, the held-out rows (for accuracy) and
+    data statistics."""
     base = open_base(ctx, config)
     chat, prompt_template = templates(base, config)
-    records = list(sft_data.read_records(data_source(ctx, config), config.max_records))
+    records = list(sft_data.read_records(records_source(ctx, config), config.max_records))
     if not records:
         raise ValueError(f"data: {config.data!r} holds no records")
     arrays = encode_pairs(base, config, chat, prompt_template, records)
@@ -161,36 +143,35 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
         name="reward",
         config=config,
         max_steps=steps_for(config, len(train), global_rows),
-        make_model=functools.partial(load_reward_trunk, base.uri, config.dropout),
+        make_model=functools.partial(load_trainable, base.uri, config.dropout, None, True),
         make_batches=functools.partial(make_example_batches, train_uri=train_uri, val_uri=val_uri, config=config,
                                        to_batch=pair_batch),
         loss_fn=bt_loss,
-        save_model=functools.partial(save_reward, extra=template_extra(base, chat, prompt_template)),
+        save_model=functools.partial(save_reward, extra=config_extra(base, chat, prompt_template)),
         load_model=load_reward_state,
-        tokens_per_step=2 * global_rows * base.block_size,
+        tokens_per_step=2 * global_rows * arrays["chosen"].shape[1],
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,
     )
     held_out = {k: a[val] for k, a in arrays.items()}
     # pairs that truncation to the block made identical teach nothing: worth seeing in the metrics
     same = (arrays["chosen"] == arrays["rejected"]).all(1) & (arrays["chosen_len"] == arrays["rejected_len"])
-    return job, base, held_out, {"train_pairs": len(train), "val_pairs": len(val), "identical_pairs": int(same.sum())}
+    return job, base, chat, held_out, {"train_pairs": len(train), "val_pairs": len(val), "identical_pairs": int(same.sum())}
 
 
 def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str, Any]:
     """Train the reward model; ``fault`` is a test hook (never set by the executor)."""
-    from workers.model.transformer import default_device
-    from workers.model.reward_head import load_reward_model
+    from workers.checkpoints import open_checkpoint
 
-    job, base, held_out, stats = build_job(ctx, config, fault)
+    job, base, chat, held_out, stats = build_job(ctx, config, fault)
     ctx.log_metrics(stats)
     result = fit(ctx, job)
     state = result.state
-    uri = publish(ctx, result, "reward_model", FILES, base.tokenizer_uri)
+    uri = publish(ctx, result, "reward_model", base, chat)
     accuracy = None
     if stats["val_pairs"]:
-        model = load_reward_model(ctx.artifact_dir / "reward_model")
-        accuracy = pairwise_accuracy(model, held_out, device=default_device())
+        model = open_checkpoint(ctx.artifact_dir / "reward_model", load="reward").model
+        accuracy = pairwise_accuracy(model, held_out, device=next(model.parameters()).device)
         ctx.log_metrics({"val_accuracy": accuracy}, step=int(state["step"]))
     return {
         "reward_model": uri,

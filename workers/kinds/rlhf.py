@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from workers import storage
-from workers.rl.ranking import Ranking, RankingPool, RewardConfig, resolve_artifact, resolve_reward, reward_modules
-from workers.rl.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
+from workers.checkpoints import Checkpoint, cast_model_files, copy_model_files, local_folder, open_checkpoint
+from workers.rl.ranking import Ranking, RankingPool, RewardConfig, resolve_reward, reward_modules
+from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
+from workers.training.params import OptimizerConfig, knob
 
 DISTRIBUTED = True
 STATE_FILE = "state.json"
@@ -40,11 +42,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest.json"
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Config(OptimizerConfig):
 
-    policy: str | None = Field(None, description="The starting policy: an upstream stage with a `checkpoint` "
-                               "output, or a checkpoint path/URI. Default: the only upstream with a checkpoint.")
+    policy: str | None = Field(None, description="The starting policy (and the frozen reference): an upstream "
+                               "stage with a `checkpoint` output, or a checkpoint path/URI (ours or a Hugging Face "
+                               "folder). Default: the only upstream with a checkpoint.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward source and ranking actors.")
     prompts: PromptSource = Field(default_factory=PromptSource, description="Training prompts.")
     eval_prompts: int = Field(8, ge=0, description="Prompts held out (the last ones) to measure the mean "
@@ -57,19 +59,16 @@ class Config(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: off).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
-    lr: float = Field(5e-5, gt=0, description="Learning rate (AdamW, constant).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr: float = knob(OptimizerConfig, "lr", 5e-5)
+    weight_decay: float = knob(OptimizerConfig, "weight_decay", 0.0)
     epochs: int = Field(1, ge=1, description="Passes over each iteration's examples.")
     batch_size: int = Field(16, ge=1, description="Examples (sequences, or pairs for dpo) per optimizer step.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables.")
     beta: float = Field(0.1, ge=0, description="dpo: temperature of the implicit reward; grpo: weight of the "
                         "KL penalty to the reference policy.")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo: the ratio is clipped to [1 - eps, 1 + eps].")
     top_n: int = Field(1, ge=1, description="best_of_n: completions kept per prompt (the top-ranked).")
     rollout_workers: int | None = Field(None, ge=1, description="Rollout actors; default: resources.workers or 1.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Learner precision: auto = bf16 "
-                                                       "autocast on GPU, fp32 on CPU.")
-    seed: int = Field(0, ge=0, description="Seeds prompt order and sampling.")
+    seed: int = knob(OptimizerConfig, "seed", 0)
     keep_checkpoints: int = Field(2, ge=1, description="Iteration checkpoints kept in scratch storage.")
 
 
@@ -232,22 +231,25 @@ class Learner:
     Ray actor so it gets the stage's GPU when there is one."""
 
     def __init__(self, checkpoint: str, config: dict, threads: int = 1):
+        import copy
+
         import torch
 
         from workers.model.transformer import autocast_context, default_device
-        from workers.rl.rollout import load_policy
         from workers.training.loop import resolve_precision
+        from workers.training.params import adamw
 
         torch.set_num_threads(max(1, threads))
         self.cfg = Config.model_validate(config)
         self.device = torch.device(default_device())
-        pol = load_policy(checkpoint, device=self.device)
-        self.policy, self.extra = pol.model, carried_config(pol.config)
-        self.reference = load_policy(checkpoint, device=self.device).model.eval()
+        # fp32 master weights (autocast on GPU); the exported checkpoint is cast back to the stored dtype
+        pol = open_checkpoint(checkpoint, device=self.device, dtype=torch.float32, field="policy")
+        self.policy, self.extra = pol.model, pol.carried_config()
+        self.reference = copy.deepcopy(self.policy).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, betas=(0.9, 0.95),
-                                           weight_decay=self.cfg.weight_decay)
+        # decay matrices only, as the training loop does
+        self.optimizer = adamw(self.policy, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, device_type=self.device.type)
         self.autocast = lambda: autocast_context(self.device, resolve_precision(self.device, self.cfg.precision))
 
     # -- weights and checkpoints
@@ -260,11 +262,11 @@ class Learner:
     def save(self, uri: str, state: dict) -> None:
         import torch
 
-        from workers.model.transformer import save_pretrained
+        from workers.model.hf import save_model
 
         tmp = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
         try:
-            save_pretrained(self.policy, tmp, extra=self.extra)
+            save_model(self.policy, tmp, extra=self.extra)
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
             storage.publish_dir(tmp, uri)
@@ -274,12 +276,13 @@ class Learner:
     def restore(self, uri: str) -> dict:
         import torch
 
-        from workers.model.transformer import load_pretrained
+        from workers.model.hf import load_model
 
-        local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="rlhf-resume-")))
-        self.policy.load_state_dict(load_pretrained(local, map_location=self.device).state_dict())
-        self.optimizer.load_state_dict(torch.load(local / OPTIMIZER_FILE, map_location=self.device, weights_only=True))
-        return json.loads((local / STATE_FILE).read_text())
+        with local_folder(uri) as local:
+            self.policy.load_state_dict(load_model(local, device=self.device).state_dict())
+            self.optimizer.load_state_dict(torch.load(local / OPTIMIZER_FILE, map_location=self.device,
+                                                      weights_only=True))
+            return json.loads((local / STATE_FILE).read_text())
 
     # -- measuring
 
@@ -431,7 +434,8 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
     """Train; ``fault`` is a test hook (never set by the executor)."""
     import ray
 
-    policy_uri = resolve_artifact(ctx, config.policy, "checkpoint", "policy")
+    policy_uri = ctx.upstream("checkpoint", config.policy, field="policy")
+    policy = open_checkpoint(policy_uri, load=None, field="policy")  # checked before any actor starts
     source = resolve_reward(ctx, config.reward)
     prompts = load_prompts(ctx, config.prompts)
     held_out = prompts[len(prompts) - config.eval_prompts:] if config.eval_prompts else []
@@ -499,7 +503,7 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         kl = ray.get(learner.kl.remote(groups))
         ctx.log_metrics({"mean_reward_end": end, "final_kl": kl}, step=config.iterations)
         out = Path(ctx.artifact_dir) / "checkpoint"
-        _export(_iter_dir(root, latest_iteration(root)), policy_uri, out)
+        _export(_iter_dir(root, latest_iteration(root)), policy, out)
     finally:
         if learner is not None:
             ray.kill(learner)
@@ -519,12 +523,11 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
     }
 
 
-def _export(iter_uri: str, policy_uri: str, out: Path) -> None:
-    """The last iteration's weights + the starting checkpoint's tokenizer files: self-contained."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        (out / name).write_bytes(storage.read_bytes(storage.join(iter_uri, name)))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        src = storage.join(policy_uri, name)
-        if storage.exists(src):
-            (out / name).write_bytes(storage.read_bytes(src))
+def _export(iter_uri: str, policy: Checkpoint, out: Path) -> None:
+    """The last iteration's model files (in the policy's stored dtype) + the starting policy's
+    tokenizer side: self-contained."""
+    with local_folder(iter_uri) as local:
+        copy_model_files(local, out)
+    if policy.stored_dtype:
+        cast_model_files(out, policy.stored_dtype)
+    policy.write_tokenizer(out)

@@ -21,7 +21,6 @@ import asyncio
 import collections
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,7 +67,8 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     input: str | None = None
-    """Upstream stage whose ``checkpoint`` output is served; None: the only upstream with one."""
+    """Upstream stage whose ``checkpoint`` output is served, or a checkpoint path/URI (ours or a
+    Hugging Face folder); None: the only upstream with a ``checkpoint`` output."""
     replicas: int = Field(1, ge=1)
     """Fixed number of replicas (ignored when ``autoscaling`` is set)."""
     autoscaling: Autoscaling | None = None
@@ -546,55 +546,6 @@ class Engine:
 
 
 # ============================================================================================
-# Loading a checkpoint
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    eos_token_id: int | None
-    chat_template: str | None
-    context: int
-    name: str
-    created: int
-    local_dir: Path = field(default_factory=Path)
-
-
-def load_checkpoint(checkpoint: str, *, model_name: str | None = None, device=None) -> LoadedModel:
-    """Model, tokenizer, EOS id and chat template of a checkpoint folder (local path or storage URI)."""
-    import json
-
-    from workers import storage
-    from workers.data import tokenizer as toks
-    from workers.model.transformer import default_device, load_pretrained
-
-    local = Path(checkpoint)
-    if not storage.is_local(checkpoint):
-        local = storage.download_dir(checkpoint, Path(tempfile.mkdtemp(prefix="serve-ckpt-")))
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (local / name).is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint!r} has no {name}; a servable checkpoint holds "
-                                    "config.json, model.safetensors and tokenizer.json")
-    device = device or default_device()
-    model = load_pretrained(local, map_location=device).eval()
-    tok = toks.load(local / "tokenizer.json")
-    cfg = getattr(model, "hf_config", None) or json.loads((local / "config.json").read_text())
-    eos = cfg.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    if eos is None:
-        eos = tok.token_to_id(toks.EOS_TOKEN)
-    template = cfg.get("chat_template")
-    tok_cfg = local / "tokenizer_config.json"
-    if template is None and tok_cfg.is_file():
-        template = json.loads(tok_cfg.read_text()).get("chat_template")
-    name = model_name or Path(str(checkpoint).rstrip("/")).name or "model"
-    created = int((local / "model.safetensors").stat().st_mtime)
-    return LoadedModel(model, tok, eos, template, model.config.block_size, name, created, local)
-
-
-# ============================================================================================
 # HTTP: the Ray Serve deployment
 
 
@@ -625,7 +576,10 @@ def _build_app():
     class OpenAIServer:
         def __init__(self, checkpoint: str, *, model_name: str | None, api_key: str | None,
                      max_batch_size: int, max_queue: int):
-            self.loaded = load_checkpoint(checkpoint, model_name=model_name)
+            from workers.checkpoints import open_checkpoint
+
+            self.loaded = open_checkpoint(checkpoint)
+            self.loaded.name = model_name or self.loaded.name
             self.api_key = api_key
             self.max_batch_size = max_batch_size
             lm = self.loaded
@@ -949,26 +903,9 @@ def shutdown(app_name: str | None = None) -> None:
 # The stage kind
 
 
-def _checkpoint_input(ctx, config: Config) -> str:
-    if config.input is not None:
-        if config.input not in ctx.inputs:
-            raise ValueError(f"serve.config.input: {config.input!r} is not an upstream stage; upstreams: "
-                             f"{sorted(ctx.inputs)}")
-        out = ctx.inputs[config.input]
-        if "checkpoint" not in out:
-            raise ValueError(f"serve.config.input: stage {config.input!r} has no 'checkpoint' output "
-                             f"(its outputs: {sorted(out)})")
-        return out["checkpoint"]
-    found = [name for name, out in ctx.inputs.items() if "checkpoint" in out]
-    if len(found) != 1:
-        raise ValueError(f"serve needs exactly one upstream stage with a 'checkpoint' output, found {found}; "
-                         "list it in needs, or choose one with config.input")
-    return ctx.inputs[found[0]]["checkpoint"]
-
-
 def run(ctx, config: Config) -> dict:
     """Deploy the upstream checkpoint and return once it answers; it keeps serving after."""
-    checkpoint = _checkpoint_input(ctx, config)
+    checkpoint = ctx.upstream("checkpoint", config.input, field="serve.config.input")
     name = config.model_name or Path(str(checkpoint).rstrip("/")).name
     if not config.enabled:
         return {"endpoint": "", "model": name}
@@ -989,5 +926,4 @@ def run(ctx, config: Config) -> dict:
     return {"endpoint": url, "model": name}
 
 
-__all__ = ["Config", "Autoscaling", "DISTRIBUTED", "Engine", "load_checkpoint", "run", "serve_checkpoint",
-           "shutdown"]
+__all__ = ["Config", "Autoscaling", "DISTRIBUTED", "Engine", "run", "serve_checkpoint", "shutdown"]

@@ -20,11 +20,10 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers import storage
 
 __all__ = [
     "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
-    "resolve_reward", "resolve_artifact", "order_of", "make_scorer", "format_prompt", "reward_modules",
+    "resolve_reward", "order_of", "make_scorer", "reward_modules",
 ]
 
 ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -100,25 +99,6 @@ def order_of(scores: list[float]) -> list[int]:
 # ----------------------------------------------------------------------------- resolving sources
 
 
-def resolve_artifact(ctx, ref: str | None, key: str, field: str) -> str:
-    """The URI named by ``ref``: an upstream stage's ``key`` output, or a path/URI. With ``ref``
-    None, the only upstream that has a ``key`` output. Errors name ``field`` and what is allowed."""
-    if ref is None:
-        found = [name for name, out in ctx.inputs.items() if key in out]
-        if len(found) != 1:
-            raise ValueError(f"{field}: not set and stage {ctx.stage!r} has {len(found)} upstreams with a "
-                             f"`{key}` output ({found}); name one, or give a path")
-        return ctx.inputs[found[0]][key]
-    if ref in ctx.inputs:
-        if key not in ctx.inputs[ref]:
-            raise ValueError(f"{field}: upstream {ref!r} has no `{key}` output (its outputs: {sorted(ctx.inputs[ref])})")
-        return ctx.inputs[ref][key]
-    if storage.exists(ref):
-        return ref
-    raise ValueError(f"{field}: got {ref!r}; neither an upstream of stage {ctx.stage!r} "
-                     f"(upstreams: {sorted(ctx.inputs) or 'none'}) nor an existing path")
-
-
 def _import_root(module_name: str) -> str | None:
     """The sys.path entry the module was found under (so actors can import it too)."""
     spec = importlib.util.find_spec(module_name)
@@ -152,22 +132,11 @@ def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSo
             raise ValueError(f"{field}.function: cannot import {config.function!r}: {type(e).__name__}: {e}") from None
         root = _import_root(config.function.partition(":")[0])
         return RewardSource("function", config.function, (root,) if root else ())
-    uri = resolve_artifact(ctx, config.model, "reward_model", f"{field}.model")
+    uri = ctx.upstream("reward_model", config.model, field=f"{field}.model")
     return RewardSource("model", uri)
 
 
 # ----------------------------------------------------------------------------- scorers
-
-
-def format_prompt(model_config: dict, prompt: str, eos_token: str = "") -> str:
-    """The text a fine-tuned model expects before its answer, as `finetune`/`reward` trained it
-    (``workers.data.records.format_prompt`` with the checkpoint's ``prompt_template`` /
-    ``chat_template``); a checkpoint with neither (pretrained only) gets the bare prompt."""
-    pt, ct = model_config.get("prompt_template"), model_config.get("chat_template")
-    if pt is None and ct is None:
-        return prompt
-    from workers.data.records import format_prompt as render
-    return render(prompt, prompt_template=pt, chat_template=ct, eos_token=eos_token)
 
 
 class FunctionScorer:
@@ -192,34 +161,25 @@ class RewardModelScorer:
     batched by equal length, so no padding is needed."""
 
     def __init__(self, uri: str, batch_size: int = 32, device: str | None = None):
-        import json
-        import tempfile
+        from workers.checkpoints import open_checkpoint
 
-        import torch
-
-        from workers.data import tokenizer as toks
-        from workers.model.transformer import default_device
-        from workers.model.reward_head import load_reward_model
-
-        local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="reward-model-")))
-        self.device = torch.device(device or default_device())
-        self.model = load_reward_model(local, map_location=self.device).eval()
-        self.tokenizer = toks.load(local / "tokenizer.json")
-        self.config = json.loads((local / "config.json").read_text())
-        self.block_size = self.model.gpt.config.block_size
+        self.checkpoint = open_checkpoint(uri, load="reward", device=device, field="reward.model")
+        if not self.checkpoint.is_reward_model:
+            raise ValueError(f"reward.model: {uri!r} is not a reward model (its config.json lacks "
+                             "\"reward_model\": true); give a `reward` stage's output")
+        self.model = self.checkpoint.model
+        self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
-        eos = self.config.get("eos_token_id")
-        self.eos_id = toks.eos_id(self.tokenizer) if eos is None else int(eos)
-        self.eos_token = self.tokenizer.id_to_token(self.eos_id) or ""
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         import torch
 
         from workers.data.records import encode_example
 
-        enc = self.tokenizer.encode
-        ids = [encode_example(enc(format_prompt(self.config, p, self.eos_token)).ids, enc(c).ids, self.eos_id,
-                              self.block_size - 1)[0] for p, c in zip(prompts, completions)]
+        ck = self.checkpoint
+        enc = ck.tokenizer.encode
+        ids = [encode_example(enc(ck.format_prompt(p)).ids, enc(c, add_special_tokens=False).ids, ck.eos_token_id,
+                              ck.context - 1)[0] for p, c in zip(prompts, completions)]
         scores = [0.0] * len(ids)
         by_len: dict[int, list[int]] = {}
         for i, seq in enumerate(ids):

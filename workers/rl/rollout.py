@@ -20,11 +20,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
-from workers.rl.ranking import format_prompt
 
 __all__ = [
     "PromptSource", "load_prompts", "BUILTIN_PROMPTS", "Sample", "Group", "RolloutStats",
-    "Policy", "load_policy", "RolloutActor", "RolloutPool", "carried_config",
+    "encode_prompt", "RolloutActor", "RolloutPool",
 ]
 
 # Small demo prompts (no download): Python questions in the style of the stdlib docstring data.
@@ -155,57 +154,12 @@ class RolloutStats:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-# ----------------------------------------------------------------------------- loading a policy
-
-# config.json keys describing the architecture (rewritten by save_pretrained); others are carried.
-_ARCH_KEYS = {"model_type", "architectures", "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer",
-              "n_head", "n_inner", "activation_function", "layer_norm_epsilon", "resid_pdrop", "embd_pdrop",
-              "attn_pdrop", "initializer_range", "scale_attn_weights", "tie_word_embeddings", "torch_dtype"}
-
-
-def carried_config(config: dict) -> dict:
-    """The non-architecture keys of a checkpoint's config.json (eos/bos ids, templates, ...)."""
-    return {k: v for k, v in config.items() if k not in _ARCH_KEYS}
-
-
-@dataclass
-class Policy:
-    model: Any
-    tokenizer: Any
-    eos_token_id: int | None
-    config: dict
-    local_dir: Path
-
-    def encode_prompt(self, prompt: str, room: int) -> list[int]:
-        """Token ids of the formatted prompt, cut from the left so ``room`` new tokens fit."""
-        eos_token = self.tokenizer.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
-        ids = self.tokenizer.encode(format_prompt(self.config, prompt, eos_token or "")).ids
-        keep = max(1, self.model.config.block_size - room + 1)
-        ids = ids[-keep:]
-        return ids or [self.eos_token_id or 0]
-
-
-def load_policy(uri: str, device=None) -> Policy:
-    """A checkpoint folder (config.json + model.safetensors + tokenizer.json), local or stored."""
-    import tempfile
-
-    from workers.data import tokenizer as toks
-    from workers.model.transformer import default_device, load_pretrained
-
-    local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="policy-")))
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (local / name).is_file():
-            raise FileNotFoundError(f"checkpoint {uri!r} has no {name}; a checkpoint holds config.json, "
-                                    "model.safetensors and tokenizer.json")
-    model = load_pretrained(local, map_location=device or default_device())
-    tok = toks.load(local / "tokenizer.json")
-    cfg = model.hf_config
-    eos = cfg.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    if eos is None:
-        eos = tok.token_to_id(toks.EOS_TOKEN)
-    return Policy(model, tok, eos, cfg, local)
+def encode_prompt(policy, prompt: str, room: int) -> list[int]:
+    """Token ids of the policy's formatted prompt (a ``workers.checkpoints.Checkpoint``), cut from
+    the left so ``room`` new tokens fit in its context."""
+    ids = policy.tokenizer.encode(policy.format_prompt(prompt)).ids
+    keep = max(1, policy.context - room + 1)
+    return ids[-keep:] or [policy.eos_token_id or 0]
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -216,9 +170,10 @@ class RolloutActor:
 
     def __init__(self, checkpoint: str, threads: int = 1):
         import torch
+        from workers.checkpoints import open_checkpoint
+
         torch.set_num_threads(max(1, threads))
-        self.policy = load_policy(checkpoint)
-        self.policy.model.eval()
+        self.policy = open_checkpoint(checkpoint)
         self.version = 0
 
     def set_weights(self, state_dict: dict, version: int) -> int:
@@ -235,7 +190,8 @@ class RolloutActor:
         if seed is not None and sp.seed is None:
             torch.manual_seed(seed)
         pol = self.policy
-        ids = [pol.encode_prompt(p, sp.max_tokens) for p in prompts]
+        sp.stop_token_ids = tuple(dict.fromkeys((*sp.stop_token_ids, *pol.stop_token_ids)))
+        ids = [encode_prompt(pol, p, sp.max_tokens) for p in prompts]
         out = generate(pol.model, ids, sp, eos_token_id=pol.eos_token_id,
                        decode=lambda t: pol.tokenizer.decode(t))
         return [Group(p, i, [Sample(c.token_ids, c.text, c.logprobs or []) for c in comps])
@@ -247,9 +203,9 @@ class RolloutActor:
         import torch
         from torch.nn import functional as F
 
-        model, block = self.policy.model, self.policy.model.config.block_size
+        model, block = self.policy.model, self.policy.context
         total, count = 0.0, 0
-        device = model.lm_head.weight.device
+        device = next(model.parameters()).device
         with torch.inference_mode():
             for seq in sequences:
                 for lo in range(0, len(seq) - 1, block):

@@ -26,41 +26,34 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from workers import storage
+from workers.training.params import OptimizerConfig, adamw
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 _BETAS = (0.9, 0.95)
 
 
-class TrainingConfig(BaseModel):
-    """Options every training kind shares; a kind's ``Config`` subclasses it."""
-
-    model_config = ConfigDict(extra="forbid")
+class TrainingConfig(OptimizerConfig):
+    """Options every kind trained by this loop shares; a kind's ``Config`` subclasses it."""
 
     batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step; "
                             "global batch = batch_size x workers x grad_accum.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for.")
-    lr: float = Field(6e-4, gt=0, description="Peak learning rate, reached after warmup_steps.")
     min_lr: float = Field(6e-5, ge=0, description="Learning rate at the end of the cosine decay.")
     warmup_steps: int = Field(100, ge=0, description="Steps of linear warmup from 0 to lr; then "
                               "cosine decay to min_lr at the last step.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every this many steps "
                             "(and at the end).")
     eval_steps: int = Field(10, ge=0, description="Global batches in the fixed validation set; 0 disables eval.")
     checkpoint_every: int = Field(500, ge=1, description="Checkpoint every this many steps (and at the end).")
-    seed: int = Field(1337, ge=0, description="Seeds initialisation, data order and dropout.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16 (GPU only, fp32 on CPU).")
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps on GPU).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts (from the latest checkpoint) "
                               "before the attempt fails.")
@@ -254,7 +247,7 @@ def _train_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = job.make_model().to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, device.type)
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=_BETAS, device_type=device.type)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
