@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from workers.data import tokenizer as toks
+from tests.conftest import SERVE_CHAT_TEMPLATE
 from workers.data.chat import render_chat
-from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
+from workers.model.transformer import load_pretrained
 from workers.model.sampling import SamplingParams, generate
 
 # Starting Serve with two replicas takes ~30-60 s of a loaded 2-core machine; kept in the default run.
@@ -26,8 +27,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny-test"
 API_KEY = "sk-test-123"
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-TEXT = "the quick brown fox jumps over the lazy dog. hello world! user: assistant: 0123456789\n"
 
 
 def _free_port() -> int:
@@ -37,29 +36,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ckpt") / MODEL
-    tok = toks.train_char([TEXT])
-    model = GPT(config_for({"size": "tiny", "block_size": 256}, tok.get_vocab_size()))
-    # a few steps on TEXT, so greedy text varies with the prompt instead of repeating one char
-    ids = torch.tensor([tok.encode(TEXT * 2).ids])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(15):
-        _, loss = model(ids[:, :-1], ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_pretrained(model, d, extra={"eos_token_id": toks.eos_id(tok), "chat_template": CHAT_TEMPLATE})
-    toks.save(tok, d)
-    return d
+def checkpoint(serve_checkpoint_dir):
+    return serve_checkpoint_dir
 
 
 @pytest.fixture(scope="module")
 def server(ray_session, checkpoint):
     from ray import serve
 
-    from workers.kinds.serve import serve_checkpoint
+    from workers.serving.app import serve_checkpoint
 
     port = _free_port()
     main = serve_checkpoint(str(checkpoint), port=port, blocking=False, max_batch_size=8, max_queue=16,
@@ -170,7 +155,7 @@ def test_chat_renders_the_checkpoint_template(server, reference):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     res = client(server["main"]).chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
                                                          temperature=0)
-    prompt = render_chat(messages, CHAT_TEMPLATE)
+    prompt = render_chat(messages, SERVE_CHAT_TEMPLATE)
     assert prompt == "system: be brief\nuser: hello\nassistant:"
     ref = run(prompt, max_tokens=10, temperature=0)[0]
     assert res.object == "chat.completion"
@@ -355,7 +340,7 @@ def test_serve_stage_deploys_upstream_checkpoint(server, checkpoint, tmp_path):
         res = client(out["endpoint"]).completions.create(model="staged", prompt="hi", max_tokens=3)
         assert res.model == "staged" and res.usage.completion_tokens >= 1
     finally:
-        serve.delete(kind.APP_NAME)
+        serve.delete(kind.app_name("serve"))
     assert kind.DISTRIBUTED is True
 
 
@@ -374,43 +359,3 @@ def test_serve_config_errors_name_the_field(tmp_path):
         kind.run(ctx, kind.Config())
     with pytest.raises(ValueError, match="'nope' is not an upstream"):
         kind.run(ctx, kind.Config(input="nope"))
-
-
-# ------------------------------------------------------------------------------ the engine alone
-
-
-def test_engine_admitting_mid_batch_matches_one_batch_generate(checkpoint, reference):
-    """Continuous batching (requests joining a running batch, each with its own params and seed)
-    gives exactly what workers.model.sampling.generate gives for each request on its own."""
-    from workers.kinds.serve import Engine, _flush, _Request
-
-    run, tok = reference
-    model = load_pretrained(checkpoint).eval()
-    engine = Engine(model, tok, eos_token_id=toks.eos_id(tok), max_batch_size=6, max_queue=8)
-    cases = [("hello", dict(max_tokens=30, temperature=0)),
-             ("the quick brown fox", dict(max_tokens=12, temperature=0.8, top_k=10, seed=1, n=2)),
-             ("0", dict(max_tokens=25, temperature=1.2, top_p=0.9, seed=2, repetition_penalty=1.3)),
-             ("lazy", dict(max_tokens=20, temperature=0.7, seed=3, presence_penalty=1.0, frequency_penalty=0.5,
-                           min_p=0.05)),
-             ("jumps over the", dict(max_tokens=9, temperature=0, stop=("e",)))]
-    done: list[int] = []
-    reqs = [_Request(tok.encode(p).ids, SamplingParams(**kw), tag=i, top_logprobs=None,
-                     emit=lambda ev: done.append(ev[1]) if ev[0] == "done" else None, loop=None)
-            for i, (p, kw) in enumerate(cases)]
-    engine.submit(reqs[:2])
-    for step in range(400):  # drive the loop by hand; newcomers arrive while others decode
-        if step in (3, 7, 8):
-            engine.submit([reqs[{3: 2, 7: 3, 8: 4}[step]]])
-        engine._step()
-        outbox, engine._outbox = engine._outbox, []
-        _flush(outbox)
-        if len(done) == len(reqs):
-            break
-    assert sorted(done) == list(range(len(reqs)))
-    for req, (p, kw) in zip(reqs, cases):
-        ref = run(p, **kw)
-        assert [s.token_ids for s in req.seqs] == [c.token_ids for c in ref], p
-        assert [s.text for s in req.seqs] == [c.text for c in ref], p
-        assert [s.finish for s in req.seqs] == [c.finish_reason for c in ref], p
-    assert engine.stats.max_batch_seen == 6  # 1 + 2 + 1 + 1 + 1 sequences at the peak
-    assert engine.stats.in_flight == 0

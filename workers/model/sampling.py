@@ -40,7 +40,7 @@ from workers.model.transformer import GPT, KVCache
 __all__ = [
     "SamplingParams", "Completion", "StepOutput", "generate", "stream",
     "apply_penalties", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p",
-    "process_logits",
+    "process_logits", "GenerationCancelled", "sample", "find_stop", "partial_stop", "StopCheck", "apply_stops",
 ]
 
 
@@ -198,7 +198,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, counts=None, se
     return apply_min_p(logits, params.min_p)
 
 
-def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One draw per row, (B, V) -> (B,), by the exponential race argmax(p / E), E ~ Exp(1):
     equivalent to multinomial, and lets each row use its own generator."""
     q = torch.empty_like(probs)
@@ -212,12 +212,13 @@ def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> to
 
 # ----------------------------------------------------------------------------- helpers
 
-def _find_stop(text: str, stops) -> int | None:
+def find_stop(text: str, stops) -> int | None:
+    """Where the first of ``stops`` starts in ``text`` (None: none occurs)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 
-def _partial_stop(text: str, stops) -> int:
+def partial_stop(text: str, stops) -> int:
     """Length of the longest suffix of text that could still grow into a stop string."""
     best = 0
     for s in stops:
@@ -226,6 +227,33 @@ def _partial_stop(text: str, stops) -> int:
                 best = k
                 break
     return best
+
+
+@dataclass
+class StopCheck:
+    """A sequence's decoded text after applying stop strings (see :func:`apply_stops`)."""
+    text: str                 # the text so far, cut before a stop string
+    finish: str | None        # "stop" | "length" | None (still running)
+    stop_at: int | None       # where a stop string cut the text
+    stable: str               # the prefix that is safe to stream now
+
+
+def apply_stops(text: str, stops, finish: str | None, last: bool) -> StopCheck:
+    """Stop strings and stream hold-back for one sequence after a step. ``text``: its decoded
+    output (without a stop token); ``finish``: "stop" when a stop token just ended it; ``last``:
+    it reached its length limit. While it runs, what may still grow into a stop string and
+    incomplete characters (U+FFFD) are held back."""
+    cut = find_stop(text, stops) if stops else None
+    if cut is not None:
+        text, finish = text[:cut], "stop"
+    elif finish is None and last:
+        finish = "length"
+    if finish is None:
+        stable = text.rstrip("\ufffd")
+        stable = stable[:len(stable) - partial_stop(stable, stops)]
+    else:
+        stable = text
+    return StopCheck(text, finish, cut, stable)
 
 
 def _prepare(model: GPT, prompts, params: SamplingParams, decode, device):
@@ -362,7 +390,7 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
         for step in range(params.max_tokens):
             with torch.inference_mode():
                 proc = process_logits(logits, params, pen.counts, pen.seen)
-                tokens = proc.argmax(-1) if greedy else _sample(proc.softmax(-1), generators)  # (rows,)
+                tokens = proc.argmax(-1) if greedy else sample(proc.softmax(-1), generators)  # (rows,)
                 # raw-model log-prob of the chosen token (vLLM V1 "raw_logprobs")
                 lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
                 pen.add(tokens)
@@ -381,19 +409,14 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
                 delta = ""
                 if text_every_step:
                     body = s.token_ids[:-1] if s.finish else s.token_ids
-                    text = decode(body)
-                    cut = _find_stop(text, stops) if stops else None
-                    if cut is not None:
-                        text, s.finish, s.stop_at = text[:cut], "stop", cut
-                    elif s.finish is None and last:
-                        s.finish = "length"
-                    if s.finish is None:  # hold back what may still become a stop string / a char
-                        stable = text.rstrip("\ufffd")
-                        stable = stable[:len(stable) - _partial_stop(stable, stops)]
-                    else:
-                        stable = s.text = text
-                    delta = stable[s.emitted:]
-                    s.emitted = max(s.emitted, len(stable))
+                    chk = apply_stops(decode(body), stops, s.finish, last)
+                    s.finish = chk.finish
+                    if chk.stop_at is not None:
+                        s.stop_at = chk.stop_at
+                    if s.finish is not None:
+                        s.text = chk.text
+                    delta = chk.stable[s.emitted:]
+                    s.emitted = max(s.emitted, len(chk.stable))
                 elif s.finish is None and last:
                     s.finish = "length"
                 outs.append(StepOutput(
@@ -419,10 +442,11 @@ def _final_text(s: _Seq, decode, stop_ids) -> str:
 
 def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *,
              eos_token_id: int | None = None, decode: Callable[[list[int]], str] | None = None,
-             device=None) -> list[list[Completion]]:
-    """One list of params.n completions per prompt (the n best beams with num_beams > 1)."""
+             device=None, should_stop: Callable[[], bool] | None = None) -> list[list[Completion]]:
+    """One list of params.n completions per prompt (the n best beams with num_beams > 1).
+    ``should_stop`` (beam search) is asked before every step; True raises GenerationCancelled."""
     if params.num_beams > 1:
-        return _beam_search(model, prompts, params, eos_token_id, decode, device)
+        return _beam_search(model, prompts, params, eos_token_id, decode, device, should_stop)
     seqs: list[_Seq] = []
     for seqs, _ in _run(model, prompts, params, eos_token_id, decode, device, stream_text=False):
         pass
@@ -459,7 +483,11 @@ class _Hyp:
     finish: str = field(compare=False)
 
 
-def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, device):
+class GenerationCancelled(Exception):
+    """``should_stop`` said stop (e.g. the client of a server went away)."""
+
+
+def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, device, should_stop=None):
     device, Tp = _prepare(model, prompts, params, decode, device)
     W, P, lp_pow = params.num_beams, len(prompts), params.length_penalty
     rows = P * W
@@ -484,6 +512,8 @@ def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, deco
         hyps: list[list[_Hyp]] = [[] for _ in range(P)]
         done = [False] * P
         for step in range(params.max_tokens):
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"beam search stopped after {step} steps")
             last = step == params.max_tokens - 1
             with torch.inference_mode():
                 logp = F.log_softmax(apply_penalties(
@@ -551,7 +581,7 @@ def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, deco
             if decode is not None:
                 body = h.token_ids[:-1] if finish == "stop" else h.token_ids
                 text = decode(body)
-                cut = _find_stop(text, params.stop) if params.stop else None
+                cut = find_stop(text, params.stop) if params.stop else None
                 if cut is not None:
                     text, finish = text[:cut], "stop"
             comps.append(Completion(token_ids=h.token_ids, text=text, finish_reason=finish,
