@@ -13,8 +13,6 @@ The API key itself never leaves the process that holds it: replicas get its SHA-
 digests, so it is not in Serve's deployment config, logs or the command line.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hashlib
 import hmac
@@ -196,10 +194,11 @@ class _Choice:
     finish: str | None = None
 
 
-def build_app(loaded: LoadedModel, engine: Engine, *, key_digest: str | None = None, max_queue: int = 64,
+def build_app(loaded: LoadedModel, engine: "Engine", *, key_digest: str | None = None, max_queue: int = 64,
               stream_interval_s: float = STREAM_INTERVAL_S, max_body_bytes: int = oa.MAX_BODY_BYTES):
     """The OpenAI-compatible ASGI app (FastAPI behind :class:`Guard`) over a running ``engine``."""
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
@@ -208,12 +207,16 @@ def build_app(loaded: LoadedModel, engine: Engine, *, key_digest: str | None = N
     from workers.serving.engine import Done, GenerationRequest, Step
 
     app = FastAPI(title="genai-orchestrator OpenAI-compatible API", docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, redirect_slashes=False)
     vocab = loaded.model.config.vocab_size
 
     @app.exception_handler(oa.APIError)
     async def _api_error(request: Request, exc: oa.APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse(oa.validation_error(list(exc.errors())).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -231,7 +234,7 @@ def build_app(loaded: LoadedModel, engine: Engine, *, key_digest: str | None = N
             raise oa.APIError(f"The model {name!r} does not exist; this server serves {loaded.name!r} "
                               "(see GET /v1/models)", param="model", code="model_not_found")
 
-    def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list[GenerationRequest]:
+    def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list:
         check_model(body.model)
         body.check(max_batch_size=engine.max_batch_size, vocab_size=vocab)
         if not engine.admissible(len(prompts)):

@@ -81,10 +81,6 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     return APIError(f"{where}: {e.get('msg', 'invalid value')}{got_s}", param=param)
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number this API accepts")
-
-
 def _check_strings(value: Any, param: str | None) -> None:
     """Refuse lone surrogates (JSON can carry them as \\ud800 escapes; no tokenizer can)."""
     stack = [value]
@@ -111,7 +107,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     except UnicodeDecodeError as e:
         raise APIError(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_json") from None
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = json.loads(text)  # NaN/Infinity parse, and the models refuse them naming the field
     except (ValueError, RecursionError) as e:
         raise APIError(f"request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(obj, dict):
