@@ -362,3 +362,97 @@ def test_serve_config_errors_name_the_field(tmp_path):
         kind.run(ctx, kind.Config())
     with pytest.raises(ValueError, match="'nope' is not an upstream"):
         kind.run(ctx, kind.Config(input="nope"))
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+def test_a_timed_out_serve_stage_leaves_no_serve_application(server, tmp_path, tracking_uri):
+    """The stage times out while its replica cannot start (a folder that is no checkpoint):
+    the executor kills the attempt and the kind's cleanup removes the Serve application."""
+    import io
+
+    from ray import serve
+
+    from orchestrator import runs
+    from orchestrator.state import StageState
+    from workers.kinds import serve as kind
+
+    (tmp_path / "upfuncs.py").write_text("def ckpt(ctx, path):\n    return {'checkpoint': path}\n")
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    path = tmp_path / "servetimeout.yaml"
+    path.write_text(f"""name: servetimeout
+storage: {tmp_path / 'artifacts'}
+tracking: {{uri: "{tracking_uri}"}}
+defaults: {{retries: 0}}
+stages:
+  up: {{kind: python, config: {{entrypoint: "upfuncs:ckpt", params: {{path: "{empty}"}}}}}}
+  web: {{kind: serve, needs: [up], timeout_s: 10, resources: {{cpus: 0.25}}, config: {{port: {server['port']}}}}}
+""")
+    seen = threading.Event()
+    stop = threading.Event()
+
+    def watch():  # the application did exist while the stage ran
+        while not stop.is_set():
+            if kind.app_name("web") in serve.status().applications:
+                seen.set()
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        rec = runs.start_run(runs.prepare(str(path), []), stream=io.StringIO(), live=False)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert rec.stages["web"].state == StageState.FAILED and "timed out" in rec.stages["web"].error
+    assert seen.is_set()
+    assert kind.app_name("web") not in serve.status().applications
+
+
+def test_api_key_comes_from_a_file_or_an_env_var_never_the_config(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from workers.kinds import serve as kind
+    from workers.serving.app import api_key_from
+
+    f = tmp_path / "key"
+    f.write_text("sk-file\n")
+    assert api_key_from(file=f) == "sk-file"
+    monkeypatch.setenv("MY_KEY", "sk-env")
+    assert api_key_from(env="MY_KEY") == "sk-env"
+    with pytest.raises(ValueError, match="'UNSET_KEY'"):
+        api_key_from(env="UNSET_KEY")
+    with pytest.raises(ValidationError, match="api_key"):
+        kind.Config(api_key="sk-in-the-yaml")
+    with pytest.raises(ValidationError, match="not both"):
+        kind.Config(api_key_env="MY_KEY", api_key_file=str(f))
+
+
+def test_cli_serve_takes_no_key_argument():
+    from orchestrator.cli import build_parser
+
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["serve", "ckpt", "--api-key", "sk-visible-in-ps"])
+    assert p.parse_args(["serve", "ckpt", "--api-key-file", "/run/secrets/key"]).api_key_file == "/run/secrets/key"
+
+
+def test_beam_search_over_http_stops_when_its_client_leaves(server):
+    url = server["main"]
+    before = health(url)["aborted"]
+    body = json.dumps({"model": MODEL, "prompt": "the lazy", "max_tokens": 240, "num_beams": 8,
+                       "ignore_eos": True}).encode()
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port))) as sock:  # a client that hangs up mid-request
+        sock.sendall(b"POST /main/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while health(url)["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while health(url)["aborted"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    h = health(url)
+    assert h["aborted"] == before + 1 and h["in_flight"] == 0
