@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     _add_tracking(p)
 
-    p = sub.add_parser("serve", help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
+    # allow_abbrev=False: "--api-key KEY" must not pass as an abbreviation of --api-key-file
+    p = sub.add_parser("serve", allow_abbrev=False,
+                       help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
                        description="Serve CHECKPOINT_OR_RUN at /v1/completions, /v1/chat/completions, "
                                    "/v1/models and /health until Ctrl-C.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
