@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the engine needs torch; importing this module (to validate 
 log = logging.getLogger(__name__)
 
 APP_NAME = "orchestrator-serve"
-STREAM_INTERVAL_S = 0.02
+STREAM_INTERVAL_S = 0.05
 """Least time between two SSE chunks of one stream after the first: tokens of the steps in
 between are coalesced, so a busy replica sends fewer, bigger chunks through the proxy."""
 
