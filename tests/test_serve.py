@@ -456,3 +456,20 @@ def test_beam_search_over_http_stops_when_its_client_leaves(server):
         time.sleep(0.1)
     h = health(url)
     assert h["aborted"] == before + 1 and h["in_flight"] == 0
+
+
+def test_the_api_key_reaches_no_log_and_no_deployment_config(server):
+    """Run after the guarded server answered requests with the key (right and wrong ones)."""
+    import ray
+    from pathlib import Path
+
+    from ray import serve
+
+    ok = client(server["guarded"], key=API_KEY).models.list()
+    assert ok.data
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    leaked = [p for p in session.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000
+              and API_KEY.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    status = serve.status().applications["test-guarded"]
+    assert API_KEY not in repr(status)
