@@ -97,6 +97,13 @@ def moto_s3(bucket: str):
         server.stop()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def still_alive(pid: int, within: float = 15.0) -> bool:
     """Whether process ``pid`` is still running after waiting up to ``within`` s for it to die."""
     deadline = time.time() + within

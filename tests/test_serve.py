@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from workers.data import tokenizer as toks
-from tests.conftest import SERVE_CHAT_TEMPLATE
+from tests.conftest import SERVE_CHAT_TEMPLATE, free_port
 from workers.data.chat import render_chat
 from workers.model.transformer import load_pretrained
 from workers.model.sampling import SamplingParams, generate
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny-test"
 API_KEY = "sk-test-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def server(ray_session, checkpoint):
 
     from workers.serving.app import serve_checkpoint
 
-    port = _free_port()
+    port = free_port()
     main = serve_checkpoint(str(checkpoint), port=port, blocking=False, max_batch_size=8, max_queue=16,
                             num_cpus=0.5, app_name="test-main", route_prefix="/main")
     guarded = serve_checkpoint(str(checkpoint), port=port, blocking=False, max_batch_size=1, max_queue=1,

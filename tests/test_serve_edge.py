@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from workers.data import tokenizer as toks
 from workers.serving.app import build_app, key_digest, load_checkpoint
 from workers.serving.engine import Engine
@@ -27,12 +27,6 @@ BODY_LIMIT = 64 * 1024
 MAX_BATCH, MAX_QUEUE = 8, 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(serve_checkpoint_dir, one_thread):
     import uvicorn
@@ -41,7 +35,7 @@ def server(serve_checkpoint_dir, one_thread):
     engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, max_batch_size=MAX_BATCH,
                     max_queue=MAX_QUEUE, device="cpu").start()
     app = build_app(lm, engine, key_digest=key_digest(KEY), max_body_bytes=BODY_LIMIT)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

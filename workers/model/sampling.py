@@ -40,7 +40,7 @@ from workers.model.transformer import GPT, KVCache
 __all__ = [
     "SamplingParams", "Completion", "StepOutput", "generate", "stream",
     "apply_penalties", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p",
-    "process_logits", "GenerationCancelled", "sample", "find_stop", "partial_stop", "StopCheck", "apply_stops",
+    "process_logits", "penalty_counts", "GenerationCancelled", "sample", "find_stop", "partial_stop", "StopCheck", "apply_stops",
 ]
 
 
@@ -321,6 +321,19 @@ def _forward_step(model: GPT, tokens: torch.Tensor, cache: KVCache, mask, pos):
     return logits[:, -1].float()
 
 
+def penalty_counts(seen_ids: list[list[int]], generated: list[list[int]] | None, V: int, device):
+    """The state penalties read (see apply_penalties): counts (rows, V) float of each row's
+    ``generated`` tokens, seen (rows, V) bool of its ``seen_ids`` (prompt + generated)."""
+    rows = len(seen_ids)
+    counts = torch.zeros((rows, V), dtype=torch.float32)
+    seen = torch.zeros((rows, V), dtype=torch.bool)
+    for i, ids in enumerate(seen_ids):
+        seen[i, torch.tensor(ids, dtype=torch.long)] = True
+        if generated is not None and generated[i]:
+            counts[i].index_add_(0, torch.tensor(generated[i], dtype=torch.long), torch.ones(len(generated[i])))
+    return counts.to(device), seen.to(device)
+
+
 class _PenaltyState:
     """counts (rows, V) of generated tokens and seen (rows, V) prompt+generated, on device."""
 
@@ -330,11 +343,7 @@ class _PenaltyState:
         self.counts = self.seen = None
         if not self.active:
             return
-        rows = len(prompts_per_row)
-        self.counts = torch.zeros((rows, V), dtype=torch.float32, device=device)
-        self.seen = torch.zeros((rows, V), dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts_per_row):
-            self.seen[i, torch.tensor(p, device=device)] = True
+        self.counts, self.seen = penalty_counts(prompts_per_row, None, V, device)
 
     def add(self, tokens: torch.Tensor) -> None:
         if self.active:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from workers.model.sampling import (Completion, GenerationCancelled, SamplingParams, apply_stops, generate,
-                                    process_logits, sample)
+                                    penalty_counts, process_logits, sample)
 from workers.model.transformer import KVCache, autocast_context, default_device
 from workers.serving.protocol import APIError, server_error
 
@@ -442,14 +441,7 @@ class Engine:
         return cache, mask
 
     def _penalty_rows(self, seqs: list[Seq]):
-        b = len(seqs)
-        counts = torch.zeros((b, self.vocab_size), dtype=torch.float32)
-        seen = torch.zeros((b, self.vocab_size), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            seen[i, torch.tensor(s.tokens, dtype=torch.long)] = True
-            if s.token_ids:
-                counts[i].index_add_(0, torch.tensor(s.token_ids), torch.ones(len(s.token_ids)))
-        return counts.to(self.device), seen.to(self.device)
+        return penalty_counts([s.tokens for s in seqs], [s.token_ids for s in seqs], self.vocab_size, self.device)
 
     def _rebuild(self, seqs: list[Seq]) -> None:
         """Lay every row out afresh (first batch, a newcomer longer than the cache, or a full cache)."""
