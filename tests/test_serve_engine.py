@@ -179,3 +179,20 @@ def test_beam_search_runs_beside_the_batch_and_stops_when_aborted(loaded):
         assert engine.snapshot()["aborted"] == 1 and engine.snapshot()["in_flight"] == 0
     finally:
         engine.stop()
+
+
+def test_stopping_the_engine_gives_every_request_its_final_event(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, eos_token_id=toks.eos_id(tok), max_batch_size=2, max_queue=8).start()
+    sink = Collector(5)
+    reqs = make(loaded, [("the lazy", dict(max_tokens=240, num_beams=4)), ("fox", dict(max_tokens=240, num_beams=2)),
+                         ("hello", dict(max_tokens=240, temperature=1.0)), ("a", dict(max_tokens=240, temperature=0)),
+                         ("b", dict(max_tokens=240, temperature=0))], sink)  # the last one waits for a slot
+    for r in reqs:
+        r.ignore_eos = True
+    engine.submit(reqs)
+    while not any(r.seqs and r.seqs[0].token_ids for r in reqs):
+        sink._all.wait(0.01)
+    engine.stop()
+    sink.wait(30)
+    assert engine.snapshot()["in_flight"] == 0

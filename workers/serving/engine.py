@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 
 
+def _shutting_down() -> APIError:
+    return APIError("server shutting down", status=503, type="server_error", code="shutdown")
+
+
 # ----------------------------------------------------------------------------- events
 
 
@@ -216,6 +220,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._beam_pool.shutdown(wait=False, cancel_futures=True)
+        # beam searches that never started get their final event here (a running one stops
+        # at its next step and finds itself done)
+        outbox: list = []
+        for req in list(self._beams):
+            self._finish(req, outbox, error=_shutting_down())
+        flush(outbox)
 
     def admissible(self, count: int) -> bool:
         """Whether ``count`` requests could ever be admitted together (else a 400, not a 503)."""
@@ -270,7 +280,7 @@ class Engine:
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        self._fail_all(APIError("server shutting down", status=503, type="server_error", code="shutdown"))
+        self._fail_all(_shutting_down())
         self.drain()
 
     def drain(self) -> None:
@@ -285,11 +295,11 @@ class Engine:
 
     def _finish(self, req: GenerationRequest, outbox: list, *, aborted: bool = False,
                 error: APIError | None = None) -> None:
-        if req.done:
-            return
-        req.done = True
-        req.error = error
-        with self._lock:
+        with self._lock:  # the engine and the beam-search thread may both try
+            if req.done:
+                return
+            req.done = True
+            req.error = error
             self.stats.in_flight -= 1
             if error is not None:
                 self.stats.failed += 1
@@ -557,7 +567,7 @@ class Engine:
             lp = logp.gather(1, tokens[:, None]).squeeze(1)
             self._counts.scatter_add_(1, tokens[:, None], torch.ones((B, 1), device=logits.device))
             self._seen.scatter_(1, tokens[:, None], True)
-            k = max((s.req.top_logprobs or 0) for s in rows)
+            k = min(max((s.req.top_logprobs or 0) for s in rows), logits.size(-1))
             top = logp.topk(k, dim=-1) if k > 0 else None
             host_tok, host_lp = tokens.tolist(), lp.tolist()
             host_top = (top.values.tolist(), top.indices.tolist()) if top is not None else None
