@@ -343,6 +343,8 @@ def test_hostile_clients_beside_well_formed_streams(server, caplog):
             assert set(body["error"]) == {"message", "type", "param", "code"}, body
             if status == 503:
                 assert body["error"]["code"] == "overloaded"
+    print(f"hostile storm: {len(storm)} requests, statuses {dict(sorted(statuses.items()))}, slowest answer "
+          f"{max(r[2] for r in results):.2f}s")
     assert statuses.get(400, 0) > 100 and statuses.get(200, 0) > 10, statuses
     # nothing left running, and the engine is alive
     deadline = time.monotonic() + 30
