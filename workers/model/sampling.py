@@ -40,7 +40,7 @@ from workers.model.transformer import GPT, KVCache
 __all__ = [
     "SamplingParams", "Completion", "StepOutput", "generate", "stream",
     "apply_penalties", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p",
-    "process_logits", "penalty_counts", "GenerationCancelled", "sample", "find_stop", "partial_stop", "StopCheck", "apply_stops",
+    "process_logits", "penalty_counts", "prefill", "GenerationCancelled", "sample", "find_stop", "partial_stop", "StopCheck", "apply_stops",
 ]
 
 
@@ -279,33 +279,47 @@ def _prepare(model: GPT, prompts, params: SamplingParams, decode, device):
 
 
 @torch.inference_mode()
+def prefill(model: GPT, prompts, width: int, max_len: int, device, *, mask: bool = False):
+    """Run ``prompts`` (lists of ids, at most ``width`` long, left-padded to it) once into a fresh
+    KV cache of ``max_len`` columns. Returns (last-position logits (P, V) or None when width is
+    0, cache, attention mask (P, max_len) marking each row's real columns, or None when no row
+    is padded and ``mask`` is False)."""
+    P = len(prompts)
+    cache = KVCache.empty(model, P, max_len, device=device)
+    padded = mask or any(len(p) != width for p in prompts)
+    if width == 0:
+        return None, cache, torch.zeros((P, max_len), dtype=torch.bool, device=device) if padded else None
+    idx = torch.zeros((P, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            idx[i, width - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding
+    idx = idx.to(device)
+    if not padded:
+        logits, _ = model(idx, kv_cache=cache)
+        return logits[:, -1], cache, None
+    attn = torch.zeros((P, max_len), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        attn[i, width - len(p):width] = True
+    attn = attn.to(device)
+    logits, _ = model(idx, attention_mask=attn[:, :width], kv_cache=cache)
+    return logits[:, -1], cache, attn
+
+
+@torch.inference_mode()
 def _prefill(model: GPT, prompts, Tp: int, rows: int, expand: torch.Tensor, max_len: int, device):
     """Run the prompts once, then copy the cache for the samples/beams of each prompt.
 
     Returns (last-position logits (rows, V), cache, attention mask (rows, max_len) or None,
     next position ids (rows, 1) or None)."""
-    P = len(prompts)
-    padded = any(len(p) != Tp for p in prompts)
-    idx = torch.zeros((P, Tp), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, Tp - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding
-    idx = idx.to(device)
-    cache = KVCache.empty(model, P, max_len, device=device)
-    mask = pos = None
-    if padded:
-        mask = torch.zeros((P, max_len), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            mask[i, Tp - len(p):Tp] = True
-        mask = mask.to(device)
-        logits, _ = model(idx, attention_mask=mask[:, :Tp], kv_cache=cache)
+    logits, cache, mask = prefill(model, prompts, Tp, max_len, device)
+    pos = None
+    if mask is not None:
         pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=device)  # (P, 1)
         mask = mask.index_select(0, expand)
         pos = pos.index_select(0, expand)
-    else:
-        logits, _ = model(idx, kv_cache=cache)
-    if rows != P:
+    if rows != len(prompts):
         cache.reorder(expand)
-    return logits[:, -1].float().index_select(0, expand), cache, mask, pos  # (rows, V)
+    return logits.float().index_select(0, expand), cache, mask, pos  # (rows, V)
 
 
 @torch.inference_mode()

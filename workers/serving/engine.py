@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from workers.model.sampling import (Completion, GenerationCancelled, SamplingParams, apply_stops, generate,
-                                    penalty_counts, process_logits, sample)
+                                    penalty_counts, prefill, process_logits, sample)
 from workers.model.transformer import KVCache, autocast_context, default_device
 from workers.serving.protocol import APIError, server_error
 
@@ -271,7 +271,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             try:
-                busy = self._step()
+                busy = self.step()
             except Exception:  # a bug outside any one request: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(server_error())
@@ -325,7 +325,8 @@ class Engine:
 
     def step(self) -> bool:
         """One decode step for the whole batch; False when there was nothing to do."""
-        return self._step()
+        with torch.inference_mode():  # every tensor of the batch state is an inference tensor
+            return self._step()
 
     def _step(self) -> bool:
         # 1. drop finished, failed and abandoned rows
@@ -433,21 +434,9 @@ class Engine:
     def _prefill(self, seqs: list[Seq], width: int, max_len: int):
         """A cache for ``seqs`` holding each row's tokens but the last, right-aligned at
         ``width``; returns (cache, mask (b, max_len))."""
-        b = len(seqs)
-        cache = KVCache.empty(self.model, b, max_len, device=self.device)
-        mask = torch.zeros((b, max_len), dtype=torch.bool)
-        if width > 0:
-            idx = torch.zeros((b, width), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                hist = s.tokens[:-1]
-                if hist:
-                    idx[i, width - len(hist):] = torch.tensor(hist, dtype=torch.long)
-                    mask[i, width - len(hist):width] = True
-            mask = mask.to(self.device)
-            with torch.inference_mode(), autocast_context(self.device):
-                self.model(idx.to(self.device), attention_mask=mask[:, :width], kv_cache=cache)
-        else:
-            mask = mask.to(self.device)
+        with autocast_context(self.device):
+            _, cache, mask = prefill(self.model, [s.tokens[:-1] for s in seqs], width, max_len, self.device,
+                                     mask=True)
         return cache, mask
 
     def _penalty_rows(self, seqs: list[Seq]):
