@@ -1,15 +1,18 @@
-"""Serving benchmark: the metrics vLLM's ``benchmark_serving.py`` reports, at several concurrencies.
+"""Serving benchmark: the server over HTTP vs the same requests through the engine in-process.
 
-For each concurrency level, a bounded number of streamed ``/v1/completions`` requests is sent
-with at most that many in flight; per request we time the first token (TTFT), the mean time per
-later output token (TPOT) and the end-to-end latency, and overall the output tokens/s and
-requests/s. The reference is the same server at concurrency 1 (one request at a time): the
-ratio of output tokens/s at the highest concurrency to that shows what batching buys. When it
-starts its own server, the in-process static batch (``workers.model.sampling.generate`` on all the
-highest level's prompts at once) is printed as a ceiling.
+For each concurrency level, ``--requests`` streamed ``/v1/completions`` requests are sent with
+at most that many in flight (closed loop, as vLLM's ``benchmark_serving.py --max-concurrency``).
+Per request: time to first token (TTFT), mean time per later output token (TPOT) and end-to-end
+latency; overall: output tokens/s. The reference does the same work with no HTTP at all: the
+same prompts, sampling parameters and concurrency submitted straight to a
+``workers.serving.engine.Engine`` in this process (one torch thread, as the one-CPU replica).
+This process is the load generator; the server runs in its own Ray Serve replica (and proxy).
 
-    python -m benchmarks.serve                      # starts a server on 127.0.0.1 (small random model)
-    python -m benchmarks.serve --base-url http://127.0.0.1:8000 --model NAME
+Server and engine runs alternate, ``--runs`` times after a warm-up; figures are the median over
+runs (with min-max of tokens/s). The load average is printed before and after.
+
+    python -m benchmarks.serve                      # small random model, concurrency 1,8,32, 3 runs
+    python -m benchmarks.serve --concurrency 32 --runs 5 --requests 96
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import argparse
 import asyncio
 import json
 import os
+import queue
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +53,27 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def _summary(results: list[dict], wall: float, concurrency: int) -> dict:
+    ok = [r for r in results if r["ok"]]
+    toks = sum(r["tokens"] for r in ok)
+    out = {"concurrency": concurrency, "requests": len(ok), "failed": len(results) - len(ok),
+           "out_tok_s": toks / wall, "wall_s": wall}
+    for m in ("ttft", "tpot", "e2e"):
+        for q in (50, 99):
+            out[f"{m}_p{q}_ms"] = 1e3 * _pct([r[m] for r in ok], q / 100)
+    return out
+
+
+def _timing(t0: float, ttft: float | None, tokens: int) -> dict:
+    e2e = time.perf_counter() - t0
+    ttft = e2e if ttft is None else ttft
+    return {"ok": True, "ttft": ttft, "e2e": e2e, "tokens": tokens,
+            "tpot": (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0}
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+
 async def _one(client: httpx.AsyncClient, url: str, model: str | None, prompt: str, max_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
@@ -67,117 +93,163 @@ async def _one(client: httpx.AsyncClient, url: str, model: str | None, prompt: s
                 ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    e2e = time.perf_counter() - t0
-    ttft = e2e if ttft is None else ttft
-    return {"ok": True, "ttft": ttft, "e2e": e2e, "tokens": tokens,
-            "tpot": (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0}
+    return _timing(t0, ttft, tokens)
 
 
-async def run_level(url: str, model: str | None, concurrency: int, requests: int, max_tokens: int,
-                    prompt_words: int) -> dict:
+async def _server_level(url: str, model: str | None, concurrency: int, prompts: list[str], max_tokens: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def task(i):
+        async def task(p):
             async with sem:
-                return await _one(client, url, model, _prompt(i, prompt_words), max_tokens)
+                return await _one(client, url, model, p, max_tokens)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(task(i) for i in range(requests)))
+        results = await asyncio.gather(*(task(p) for p in prompts))
         wall = time.perf_counter() - t0
-    ok = [r for r in results if r["ok"]]
-    toks = sum(r["tokens"] for r in ok)
-    return {
-        "concurrency": concurrency, "requests": len(ok), "failed": len(results) - len(ok), "wall_s": wall,
-        "out_tok_s": toks / wall, "req_s": len(ok) / wall,
-        "ttft_p50_ms": 1e3 * _pct([r["ttft"] for r in ok], 0.5), "ttft_p99_ms": 1e3 * _pct([r["ttft"] for r in ok], 0.99),
-        "tpot_p50_ms": 1e3 * _pct([r["tpot"] for r in ok], 0.5), "tpot_p99_ms": 1e3 * _pct([r["tpot"] for r in ok], 0.99),
-        "e2e_p50_ms": 1e3 * _pct([r["e2e"] for r in ok], 0.5), "e2e_p99_ms": 1e3 * _pct([r["e2e"] for r in ok], 0.99),
-    }
+    return _summary(results, wall, concurrency)
 
 
-def _start_server(size: str, max_batch_size: int, port: int) -> tuple[str, str, Path]:
-    import ray
+def server_level(url, model, concurrency, prompts, max_tokens) -> dict:
+    return asyncio.run(_server_level(url, model, concurrency, prompts, max_tokens))
+
+
+# ----------------------------------------------------------------------------- in-process engine
+
+
+def engine_level(engine, tokenizer, concurrency: int, prompts: list[str], max_tokens: int) -> dict:
+    """The same requests, at the same concurrency, submitted straight to ``engine``."""
+    from workers.model.sampling import SamplingParams
+    from workers.serving.engine import Done, GenerationRequest, Step
+
+    finished: queue.Queue = queue.Queue()
+    results: list[dict] = []
+
+    def submit(i: int) -> None:
+        t0 = time.perf_counter()
+        state = {"ttft": None, "tokens": 0}
+
+        def emit(events):
+            for ev in events:
+                if isinstance(ev, Step):
+                    if state["ttft"] is None:
+                        state["ttft"] = time.perf_counter() - t0
+                    state["tokens"] += len(ev.deltas)
+                elif isinstance(ev, Done):
+                    finished.put(_timing(t0, state["ttft"], state["tokens"]))
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0)
+        engine.submit([GenerationRequest(tokenizer.encode(prompts[i]).ids, params, emit=emit, ignore_eos=True)])
+
+    t0 = time.perf_counter()
+    nxt = 0
+    while nxt < min(concurrency, len(prompts)):
+        submit(nxt)
+        nxt += 1
+    while len(results) < len(prompts):
+        results.append(finished.get())
+        if nxt < len(prompts):
+            submit(nxt)
+            nxt += 1
+    return _summary(results, time.perf_counter() - t0, concurrency)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _checkpoint(size: str) -> Path:
     import torch
 
     from workers.data import tokenizer as toks
     from workers.model.transformer import GPT, config_for, save_pretrained
-    from workers.kinds.serve import serve_checkpoint
 
     torch.manual_seed(0)
     ckpt = Path(tempfile.mkdtemp(prefix="bench-serve-")) / f"random-{size}"
     tok = toks.train_char([" ".join(WORDS) + ".,!?0123456789\n"])
     save_pretrained(GPT(config_for(size, tok.get_vocab_size())), ckpt, extra={"eos_token_id": toks.eos_id(tok)})
     toks.save(tok, ckpt)
+    return ckpt
+
+
+def _start_server(ckpt: Path, max_batch_size: int, port: int, stream_interval_s: float) -> str:
+    import ray
+
+    from workers.serving.app import serve_checkpoint
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-    url = serve_checkpoint(str(ckpt), port=port, max_batch_size=max_batch_size, max_queue=4 * max_batch_size,
-                           blocking=False)
-    return url, ckpt.name, ckpt
-
-
-def _static_batch(ckpt: Path, prompts: list[str], max_tokens: int) -> float:
-    """Output tokens/s of one in-process ``generate`` call over all prompts (no HTTP, no arrivals)."""
-    import torch
-
-    from workers.data import tokenizer as toks
-    from workers.model.transformer import load_pretrained
-    from workers.model.sampling import SamplingParams, generate
-
-    torch.set_num_threads(1)  # as the replica (one CPU)
-    model = load_pretrained(ckpt).eval()
-    tok = toks.load(ckpt / "tokenizer.json")
-    ids = [tok.encode(p).ids for p in prompts]
-    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0)
-    t0 = time.perf_counter()
-    out = generate(model, ids, params, decode=tok.decode)
-    return sum(len(c[0].token_ids) for c in out) / (time.perf_counter() - t0)
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    return serve_checkpoint(str(ckpt), port=port, max_batch_size=max_batch_size, max_queue=4 * max_batch_size,
+                            blocking=False, stream_interval_s=stream_interval_s)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base-url", help="a running server (default: start one on 127.0.0.1)")
-    ap.add_argument("--model", help="model id (default: the server's)")
-    ap.add_argument("--size", default="small", help="model size when starting a server (workers.model.transformer.SIZES)")
+    ap.add_argument("--size", default="small", help="model size (workers.model.transformer.SIZES)")
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(8, 2 x concurrency)")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level and run (default: max(8, 2 x c))")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-words", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="the server's least time between two chunks of a stream (default: its own)")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    ckpt = None
-    if args.base_url:
-        url, model = args.base_url.rstrip("/"), args.model
-    else:
-        url, model, ckpt = _start_server(args.size, max(levels), args.port)
-    print(f"server {url}  model {model}  max_tokens {args.max_tokens}  prompt ~{args.prompt_words} words")
-    asyncio.run(run_level(url, model, 2, 4, 8, args.prompt_words))  # warm-up
+    import torch
 
-    rows = []
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import load_pretrained
+    from workers.serving.app import shutdown
+    from workers.serving.engine import Engine
+
+    load_before = os.getloadavg()
+    ckpt = _checkpoint(args.size)
+    from workers.serving.app import STREAM_INTERVAL_S
+
+    interval = STREAM_INTERVAL_S if args.stream_interval_ms is None else args.stream_interval_ms / 1000
+    url = _start_server(ckpt, max(levels), args.port, interval)
+    torch.set_num_threads(1)  # as the one-CPU replica
+    tok = toks.load(ckpt / "tokenizer.json")
+    engine = Engine(load_pretrained(ckpt).eval(), tok, eos_token_id=toks.eos_id(tok), max_batch_size=max(levels),
+                    max_queue=4 * max(levels), device="cpu").start()
+    model = ckpt.name
+    print(f"server {url}  model {model} ({args.size})  max_tokens {args.max_tokens}  prompt ~{args.prompt_words} "
+          f"words  runs {args.runs}  stream interval {1000 * interval:g} ms  load average before {load_before[0]:.1f}")
+    if load_before[0] > 0.5:
+        print(f"WARNING: the machine is not idle (load {load_before[0]:.1f}); figures are indicative only")
+
+    # warm-up both
+    warm = [_prompt(i, args.prompt_words) for i in range(4)]
+    server_level(url, model, 2, warm, 8)
+    engine_level(engine, tok, 2, warm, 8)
+
+    cols = [("where", "{:>6s}"), ("concurrency", "{:>5d}"), ("out_tok_s", "{:>9.1f}"), ("ttft_p50_ms", "{:>8.1f}"),
+            ("ttft_p99_ms", "{:>8.1f}"), ("tpot_p50_ms", "{:>8.2f}"), ("tpot_p99_ms", "{:>8.2f}"),
+            ("e2e_p50_ms", "{:>8.0f}"), ("e2e_p99_ms", "{:>8.0f}"), ("failed", "{:>3d}")]
+    print(" | ".join(name for name, _ in cols) + " | tok/s min-max")
+    ratios = {}
     for c in levels:
-        n = args.requests_per_level or max(8, 2 * c)
-        rows.append(asyncio.run(run_level(url, model, c, n, args.max_tokens, args.prompt_words)))
-    cols = [("concurrency", "{:>5d}"), ("requests", "{:>5d}"), ("failed", "{:>3d}"), ("out_tok_s", "{:>9.1f}"),
-            ("req_s", "{:>7.2f}"), ("ttft_p50_ms", "{:>8.1f}"), ("ttft_p99_ms", "{:>8.1f}"),
-            ("tpot_p50_ms", "{:>8.1f}"), ("tpot_p99_ms", "{:>8.1f}"), ("e2e_p50_ms", "{:>8.0f}"),
-            ("e2e_p99_ms", "{:>8.0f}")]
-    print(" | ".join(name for name, _ in cols))
-    for r in rows:
-        print(" | ".join(fmt.format(r[name]).rjust(len(name)) for name, fmt in cols))
-    base = rows[0]["out_tok_s"]
-    top = rows[-1]
-    print(f"output tokens/s at concurrency {top['concurrency']} vs {rows[0]['concurrency']}: "
-          f"{top['out_tok_s'] / base:.2f}x (target >= 4x)")
-    if ckpt is not None:
-        n = args.requests_per_level or max(8, 2 * max(levels))
-        static = _static_batch(ckpt, [_prompt(i, args.prompt_words) for i in range(max(levels))], args.max_tokens)
-        print(f"in-process static batch of {max(levels)} (workers.model.sampling.generate): {static:.1f} tok/s; "
-              f"server at concurrency {top['concurrency']} reaches {top['out_tok_s'] / static:.2f}x of it")
-        from workers.kinds.serve import shutdown
-
-        shutdown()
+        n = args.requests or max(8, 2 * c)
+        prompts = [_prompt(i, args.prompt_words) for i in range(n)]
+        runs: dict[str, list[dict]] = {"server": [], "engine": []}
+        for _ in range(args.runs):  # interleaved: the machine's load drifts
+            runs["server"].append(server_level(url, model, c, prompts, args.max_tokens))
+            runs["engine"].append(engine_level(engine, tok, c, prompts, args.max_tokens))
+        for where, rs in runs.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "concurrency"}
+            med.update(where=where, concurrency=c, failed=int(sum(r["failed"] for r in rs)))
+            tps = [r["out_tok_s"] for r in rs]
+            print(" | ".join(fmt.format(med[name]).rjust(len(name)) for name, fmt in cols)
+                  + f" | {min(tps):.0f}-{max(tps):.0f}")
+        ratios[c] = statistics.median(s["out_tok_s"] / e["out_tok_s"] for s, e in zip(runs["server"], runs["engine"]))
+    for c, r in ratios.items():
+        print(f"server / in-process engine, output tokens/s at concurrency {c}: {r:.2f}x (median of {args.runs} "
+              f"paired runs; target >= 0.6x at 32)")
+    print(f"load average after {os.getloadavg()[0]:.1f}")
+    engine.stop()
+    shutdown()
 
 
 if __name__ == "__main__":

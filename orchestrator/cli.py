@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Compute in this dtype (default: as the checkpoint stores its weights).")
     _add_tracking(p)
 
-    p = sub.add_parser("serve", help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
+    # allow_abbrev=False: "--api-key KEY" must not pass as an abbreviation of --api-key-file
+    p = sub.add_parser("serve", allow_abbrev=False,
+                       help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
                        description="Serve CHECKPOINT_OR_RUN (a checkpoint folder, ours or a Hugging Face one, "
                                    "local or a storage URI; a run id; RUN_ID:STAGE) at /v1/completions, "
                                    "/v1/chat/completions, /v1/models and /health until Ctrl-C.")
@@ -149,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1).")
     p.add_argument("--max-batch-size", type=int, default=8, help="Sequences decoded together per replica.")
     p.add_argument("--max-queue", type=int, default=64, help="Requests waiting per replica before 503.")
-    p.add_argument("--api-key", default=None,
-                   help="Require this bearer key (default: $ORCHESTRATOR_API_KEY; none: open).")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="Require the bearer key in this file (first line); default: $ORCHESTRATOR_API_KEY; "
+                        "neither: open. The key itself is never an argument (ps would show it).")
     p.add_argument("--model-name", default=None, help="Model name in the API (default: the folder name).")
     p.add_argument("--address", default=None, help="Ray cluster to deploy on (default: a local Ray).")
     _add_tracking(p)
@@ -375,11 +378,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from workers.kinds import serve as serving
+    from workers.serving import app as serving
 
     from .runs import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri or _default_tracking())
+    try:
+        api_key = serving.api_key_from(file=args.api_key_file) if args.api_key_file else \
+            os.environ.get("ORCHESTRATOR_API_KEY", "").strip() or None
+    except (OSError, ValueError) as e:
+        raise SpecError(f"--api-key-file: {e}") from None
     if args.address:
         import ray
 
@@ -387,7 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,
                                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                       api_key=args.api_key or os.environ.get("ORCHESTRATOR_API_KEY"),
+                                       api_key=api_key,
                                        model_name=args.model_name, blocking=False)
     except KeyboardInterrupt:  # Ctrl-C while deploying: leave nothing half-deployed
         serving.shutdown()

@@ -321,6 +321,7 @@ class Executor:
             if s.policy.timeout_s is not None and now - submitted > s.policy.timeout_s:
                 del self._running[ref]
                 self._kill([ref])
+                self._cleanup(s)
                 self._attempt_failed(s, self.record.stages[name],
                                      f"timed out after {s.policy.timeout_s:g}s (stages.{name}.timeout_s)", "", True)
 
@@ -343,12 +344,26 @@ class Executor:
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=10)
 
+    def _cleanup(self, s: PlannedStage) -> None:
+        """Let the kind remove what a killed attempt left outside its process (stage contract)."""
+        from workers import load_kind
+
+        module = load_kind(s.kind)
+        hook = getattr(module, "cleanup", None)
+        if hook is None:
+            return
+        try:
+            hook(s.name, module.Config.model_validate(s.config))
+        except Exception as e:  # noqa: BLE001 - cleanup is best effort; the cancel goes on
+            log.warning("stage %s: cleanup after cancel failed: %s: %s", s.name, type(e).__name__, e)
+
     def _cancel_all(self) -> None:
         refs = list(self._running)
         if refs:
             self._kill(refs)
         for ref in refs:
             name, _ = self._running.pop(ref)
+            self._cleanup(self.plan[name])
             rec = self.record.stages[name]
             rec.error, rec.ended = "cancelled", time.time()
             self._transition(self.plan[name], rec, StageState.CANCELLED)

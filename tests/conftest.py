@@ -104,6 +104,13 @@ def moto_s3(bucket: str):
         server.stop()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def still_alive(pid: int, within: float = 15.0) -> bool:
     """Whether process ``pid`` is still running after waiting up to ``within`` s for it to die."""
     deadline = time.time() + within
@@ -114,3 +121,32 @@ def still_alive(pid: int, within: float = 15.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+SERVE_TEXT = "the quick brown fox jumps over the lazy dog. hello world! user: assistant: 0123456789\n"
+SERVE_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint_dir(tmp_path_factory):
+    """A tiny servable checkpoint (char tokenizer, chat template), trained a few steps so greedy
+    text varies with the prompt; shared by the serving tests."""
+    import torch
+
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import GPT, config_for, save_pretrained
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt") / "tiny-test"
+    tok = toks.train_char([SERVE_TEXT])
+    model = GPT(config_for({"size": "tiny", "block_size": 256}, tok.get_vocab_size()))
+    ids = torch.tensor([tok.encode(SERVE_TEXT * 2).ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_pretrained(model, d, extra={"eos_token_id": toks.eos_id(tok), "chat_template": SERVE_CHAT_TEMPLATE})
+    toks.save(tok, d)
+    return d

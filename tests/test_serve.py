@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from workers.data import tokenizer as toks
+from tests.conftest import SERVE_CHAT_TEMPLATE, free_port
 from workers.data.chat import render_chat
-from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
+from workers.model.transformer import load_pretrained
 from workers.model.sampling import SamplingParams, generate
 
 # Starting Serve with two replicas takes ~30-60 s of a loaded 2-core machine; kept in the default run.
@@ -26,42 +27,20 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny-test"
 API_KEY = "sk-test-123"
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-TEXT = "the quick brown fox jumps over the lazy dog. hello world! user: assistant: 0123456789\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ckpt") / MODEL
-    tok = toks.train_char([TEXT])
-    model = GPT(config_for({"size": "tiny", "block_size": 256}, tok.get_vocab_size()))
-    # a few steps on TEXT, so greedy text varies with the prompt instead of repeating one char
-    ids = torch.tensor([tok.encode(TEXT * 2).ids])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(15):
-        _, loss = model(ids[:, :-1], ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_pretrained(model, d, extra={"eos_token_id": toks.eos_id(tok), "chat_template": CHAT_TEMPLATE})
-    toks.save(tok, d)
-    return d
+def checkpoint(serve_checkpoint_dir):
+    return serve_checkpoint_dir
 
 
 @pytest.fixture(scope="module")
 def server(ray_session, checkpoint):
     from ray import serve
 
-    from workers.kinds.serve import serve_checkpoint
+    from workers.serving.app import serve_checkpoint
 
-    port = _free_port()
+    port = free_port()
     main = serve_checkpoint(str(checkpoint), port=port, blocking=False, max_batch_size=8, max_queue=16,
                             num_cpus=0.5, app_name="test-main", route_prefix="/main")
     guarded = serve_checkpoint(str(checkpoint), port=port, blocking=False, max_batch_size=1, max_queue=1,
@@ -89,8 +68,10 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def health(url: str) -> dict:
-    return httpx.get(f"{url}/health", timeout=10).json()
+def health(url: str, key: str | None = None) -> dict:
+    """The replica's engine counters (/v1/stats)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(f"{url}/v1/stats", timeout=10, headers=headers).json()
 
 
 # ------------------------------------------------------------------------------ completions
@@ -170,7 +151,7 @@ def test_chat_renders_the_checkpoint_template(server, reference):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     res = client(server["main"]).chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
                                                          temperature=0)
-    prompt = render_chat(messages, CHAT_TEMPLATE)
+    prompt = render_chat(messages, SERVE_CHAT_TEMPLATE)
     assert prompt == "system: be brief\nuser: hello\nassistant:"
     ref = run(prompt, max_tokens=10, temperature=0)[0]
     assert res.object == "chat.completion"
@@ -221,7 +202,8 @@ def test_models_and_health(server):
     models = client(server["main"]).models.list()
     assert [m.id for m in models.data] == [MODEL]
     h = health(server["main"])
-    assert h["status"] == "ok" and h["model"] == MODEL and h["alive"]
+    assert h["model"] == MODEL and h["alive"]
+    assert httpx.get(f"{server['main']}/health", timeout=10).json() == {"status": "ok"}
 
 
 # ------------------------------------------------------------------------------ errors
@@ -295,7 +277,7 @@ def test_past_the_queue_limit_requests_get_503_with_retry_after(server):
     # the replica's own answer (Serve's bound in front of it is looser and carries no JSON body)
     assert any(r.headers["content-type"].startswith("application/json") and
                r.json()["error"]["code"] == "overloaded" for r in rejected)
-    assert health(url)["in_flight"] == 0
+    assert health(url, API_KEY)["in_flight"] == 0
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server):
@@ -355,7 +337,7 @@ def test_serve_stage_deploys_upstream_checkpoint(server, checkpoint, tmp_path):
         res = client(out["endpoint"]).completions.create(model="staged", prompt="hi", max_tokens=3)
         assert res.model == "staged" and res.usage.completion_tokens >= 1
     finally:
-        serve.delete(kind.APP_NAME)
+        serve.delete(kind.app_name("serve"))
     assert kind.DISTRIBUTED is True
 
 
@@ -376,41 +358,112 @@ def test_serve_config_errors_name_the_field(tmp_path):
         kind.run(ctx, kind.Config(input="nope"))
 
 
-# ------------------------------------------------------------------------------ the engine alone
+# ------------------------------------------------------------------------------ lifecycle
 
 
-def test_engine_admitting_mid_batch_matches_one_batch_generate(checkpoint, reference):
-    """Continuous batching (requests joining a running batch, each with its own params and seed)
-    gives exactly what workers.model.sampling.generate gives for each request on its own."""
-    from workers.kinds.serve import Engine, _flush, _Request
+def test_a_timed_out_serve_stage_leaves_no_serve_application(server, tmp_path, tracking_uri):
+    """The stage times out while its replica cannot start (a folder that is no checkpoint):
+    the executor kills the attempt and the kind's cleanup removes the Serve application."""
+    import io
 
-    run, tok = reference
-    model = load_pretrained(checkpoint).eval()
-    engine = Engine(model, tok, eos_token_id=toks.eos_id(tok), max_batch_size=6, max_queue=8)
-    cases = [("hello", dict(max_tokens=30, temperature=0)),
-             ("the quick brown fox", dict(max_tokens=12, temperature=0.8, top_k=10, seed=1, n=2)),
-             ("0", dict(max_tokens=25, temperature=1.2, top_p=0.9, seed=2, repetition_penalty=1.3)),
-             ("lazy", dict(max_tokens=20, temperature=0.7, seed=3, presence_penalty=1.0, frequency_penalty=0.5,
-                           min_p=0.05)),
-             ("jumps over the", dict(max_tokens=9, temperature=0, stop=("e",)))]
-    done: list[int] = []
-    reqs = [_Request(tok.encode(p).ids, SamplingParams(**kw), tag=i, top_logprobs=None,
-                     emit=lambda ev: done.append(ev[1]) if ev[0] == "done" else None, loop=None)
-            for i, (p, kw) in enumerate(cases)]
-    engine.submit(reqs[:2])
-    for step in range(400):  # drive the loop by hand; newcomers arrive while others decode
-        if step in (3, 7, 8):
-            engine.submit([reqs[{3: 2, 7: 3, 8: 4}[step]]])
-        engine._step()
-        outbox, engine._outbox = engine._outbox, []
-        _flush(outbox)
-        if len(done) == len(reqs):
-            break
-    assert sorted(done) == list(range(len(reqs)))
-    for req, (p, kw) in zip(reqs, cases):
-        ref = run(p, **kw)
-        assert [s.token_ids for s in req.seqs] == [c.token_ids for c in ref], p
-        assert [s.text for s in req.seqs] == [c.text for c in ref], p
-        assert [s.finish for s in req.seqs] == [c.finish_reason for c in ref], p
-    assert engine.stats.max_batch_seen == 6  # 1 + 2 + 1 + 1 + 1 sequences at the peak
-    assert engine.stats.in_flight == 0
+    from ray import serve
+
+    from orchestrator import runs
+    from orchestrator.state import StageState
+    from workers.kinds import serve as kind
+
+    (tmp_path / "upfuncs.py").write_text("def ckpt(ctx, path):\n    return {'checkpoint': path}\n")
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    path = tmp_path / "servetimeout.yaml"
+    path.write_text(f"""name: servetimeout
+storage: {tmp_path / 'artifacts'}
+tracking: {{uri: "{tracking_uri}"}}
+defaults: {{retries: 0}}
+stages:
+  up: {{kind: python, config: {{entrypoint: "upfuncs:ckpt", params: {{path: "{empty}"}}}}}}
+  web: {{kind: serve, needs: [up], timeout_s: 10, resources: {{cpus: 0.25}}, config: {{port: {server['port']}}}}}
+""")
+    seen = threading.Event()
+    stop = threading.Event()
+
+    def watch():  # the application did exist while the stage ran
+        while not stop.is_set():
+            if kind.app_name("web") in serve.status().applications:
+                seen.set()
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        rec = runs.start_run(runs.prepare(str(path), []), stream=io.StringIO(), live=False)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert rec.stages["web"].state == StageState.FAILED and "timed out" in rec.stages["web"].error
+    assert seen.is_set()
+    assert kind.app_name("web") not in serve.status().applications
+
+
+def test_api_key_comes_from_a_file_or_an_env_var_never_the_config(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from workers.kinds import serve as kind
+    from workers.serving.app import api_key_from
+
+    f = tmp_path / "key"
+    f.write_text("sk-file\n")
+    assert api_key_from(file=f) == "sk-file"
+    monkeypatch.setenv("MY_KEY", "sk-env")
+    assert api_key_from(env="MY_KEY") == "sk-env"
+    with pytest.raises(ValueError, match="'UNSET_KEY'"):
+        api_key_from(env="UNSET_KEY")
+    with pytest.raises(ValidationError, match="api_key"):
+        kind.Config(api_key="sk-in-the-yaml")
+    with pytest.raises(ValidationError, match="not both"):
+        kind.Config(api_key_env="MY_KEY", api_key_file=str(f))
+
+
+def test_cli_serve_takes_no_key_argument():
+    from orchestrator.cli import build_parser
+
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["serve", "ckpt", "--api-key", "sk-visible-in-ps"])
+    assert p.parse_args(["serve", "ckpt", "--api-key-file", "/run/secrets/key"]).api_key_file == "/run/secrets/key"
+
+
+def test_beam_search_over_http_stops_when_its_client_leaves(server):
+    url = server["main"]
+    before = health(url)["aborted"]
+    body = json.dumps({"model": MODEL, "prompt": "the lazy", "max_tokens": 240, "num_beams": 8,
+                       "ignore_eos": True}).encode()
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port))) as sock:  # a client that hangs up mid-request
+        sock.sendall(b"POST /main/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while health(url)["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while health(url)["aborted"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    h = health(url)
+    assert h["aborted"] == before + 1 and h["in_flight"] == 0
+
+
+def test_the_api_key_reaches_no_log_and_no_deployment_config(server):
+    """Run after the guarded server answered requests with the key (right and wrong ones)."""
+    import ray
+    from pathlib import Path
+
+    from ray import serve
+
+    ok = client(server["guarded"], key=API_KEY).models.list()
+    assert ok.data
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    leaked = [p for p in session.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000
+              and API_KEY.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    status = serve.status().applications["test-guarded"]
+    assert API_KEY not in repr(status)

@@ -20,6 +20,10 @@ A stage kind is one module in ``workers/kinds/`` with:
   cannot reuse;
 - optionally ``check(config)`` raising ``ValueError("field: message")`` for problems found at
   validation time (before anything starts).
+- optionally ``cleanup(stage: str, config: Config) -> None``: called on the driver after an
+  attempt was cancelled or timed out (its process killed), to remove what it left running
+  outside that process (e.g. a Ray Serve application). It must be safe to call when the attempt
+  left nothing behind.
 
 Kinds know nothing of MLflow or the scheduler: they report through ``ctx``. A ``StageContext``
 pickles, so it can be shipped into Ray Train workers or actors the kind starts; its

@@ -40,7 +40,7 @@ from workers.model.transformer import GPT, KVCache
 __all__ = [
     "SamplingParams", "Completion", "StepOutput", "generate", "stream",
     "apply_penalties", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p",
-    "process_logits",
+    "process_logits", "penalty_counts", "prefill", "GenerationCancelled", "sample", "find_stop", "partial_stop", "StopCheck", "apply_stops",
 ]
 
 
@@ -198,7 +198,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, counts=None, se
     return apply_min_p(logits, params.min_p)
 
 
-def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One draw per row, (B, V) -> (B,), by the exponential race argmax(p / E), E ~ Exp(1):
     equivalent to multinomial, and lets each row use its own generator."""
     q = torch.empty_like(probs)
@@ -212,12 +212,13 @@ def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> to
 
 # ----------------------------------------------------------------------------- helpers
 
-def _find_stop(text: str, stops) -> int | None:
+def find_stop(text: str, stops) -> int | None:
+    """Where the first of ``stops`` starts in ``text`` (None: none occurs)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 
-def _partial_stop(text: str, stops) -> int:
+def partial_stop(text: str, stops) -> int:
     """Length of the longest suffix of text that could still grow into a stop string."""
     best = 0
     for s in stops:
@@ -226,6 +227,33 @@ def _partial_stop(text: str, stops) -> int:
                 best = k
                 break
     return best
+
+
+@dataclass
+class StopCheck:
+    """A sequence's decoded text after applying stop strings (see :func:`apply_stops`)."""
+    text: str                 # the text so far, cut before a stop string
+    finish: str | None        # "stop" | "length" | None (still running)
+    stop_at: int | None       # where a stop string cut the text
+    stable: str               # the prefix that is safe to stream now
+
+
+def apply_stops(text: str, stops, finish: str | None, last: bool) -> StopCheck:
+    """Stop strings and stream hold-back for one sequence after a step. ``text``: its decoded
+    output (without a stop token); ``finish``: "stop" when a stop token just ended it; ``last``:
+    it reached its length limit. While it runs, what may still grow into a stop string and
+    incomplete characters (U+FFFD) are held back."""
+    cut = find_stop(text, stops) if stops else None
+    if cut is not None:
+        text, finish = text[:cut], "stop"
+    elif finish is None and last:
+        finish = "length"
+    if finish is None:
+        stable = text.rstrip("\ufffd")
+        stable = stable[:len(stable) - partial_stop(stable, stops)]
+    else:
+        stable = text
+    return StopCheck(text, finish, cut, stable)
 
 
 def _prepare(model: GPT, prompts, params: SamplingParams, decode, device):
@@ -251,33 +279,47 @@ def _prepare(model: GPT, prompts, params: SamplingParams, decode, device):
 
 
 @torch.inference_mode()
+def prefill(model: GPT, prompts, width: int, max_len: int, device, *, mask: bool = False):
+    """Run ``prompts`` (lists of ids, at most ``width`` long, left-padded to it) once into a fresh
+    KV cache of ``max_len`` columns. Returns (last-position logits (P, V) or None when width is
+    0, cache, attention mask (P, max_len) marking each row's real columns, or None when no row
+    is padded and ``mask`` is False)."""
+    P = len(prompts)
+    cache = KVCache.empty(model, P, max_len, device=device)
+    padded = mask or any(len(p) != width for p in prompts)
+    if width == 0:
+        return None, cache, torch.zeros((P, max_len), dtype=torch.bool, device=device) if padded else None
+    idx = torch.zeros((P, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            idx[i, width - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding
+    idx = idx.to(device)
+    if not padded:
+        logits, _ = model(idx, kv_cache=cache)
+        return logits[:, -1], cache, None
+    attn = torch.zeros((P, max_len), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        attn[i, width - len(p):width] = True
+    attn = attn.to(device)
+    logits, _ = model(idx, attention_mask=attn[:, :width], kv_cache=cache)
+    return logits[:, -1], cache, attn
+
+
+@torch.inference_mode()
 def _prefill(model: GPT, prompts, Tp: int, rows: int, expand: torch.Tensor, max_len: int, device):
     """Run the prompts once, then copy the cache for the samples/beams of each prompt.
 
     Returns (last-position logits (rows, V), cache, attention mask (rows, max_len) or None,
     next position ids (rows, 1) or None)."""
-    P = len(prompts)
-    padded = any(len(p) != Tp for p in prompts)
-    idx = torch.zeros((P, Tp), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, Tp - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding
-    idx = idx.to(device)
-    cache = KVCache.empty(model, P, max_len, device=device)
-    mask = pos = None
-    if padded:
-        mask = torch.zeros((P, max_len), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            mask[i, Tp - len(p):Tp] = True
-        mask = mask.to(device)
-        logits, _ = model(idx, attention_mask=mask[:, :Tp], kv_cache=cache)
+    logits, cache, mask = prefill(model, prompts, Tp, max_len, device)
+    pos = None
+    if mask is not None:
         pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=device)  # (P, 1)
         mask = mask.index_select(0, expand)
         pos = pos.index_select(0, expand)
-    else:
-        logits, _ = model(idx, kv_cache=cache)
-    if rows != P:
+    if rows != len(prompts):
         cache.reorder(expand)
-    return logits[:, -1].float().index_select(0, expand), cache, mask, pos  # (rows, V)
+    return logits.float().index_select(0, expand), cache, mask, pos  # (rows, V)
 
 
 @torch.inference_mode()
@@ -293,6 +335,19 @@ def _forward_step(model: GPT, tokens: torch.Tensor, cache: KVCache, mask, pos):
     return logits[:, -1].float()
 
 
+def penalty_counts(seen_ids: list[list[int]], generated: list[list[int]] | None, V: int, device):
+    """The state penalties read (see apply_penalties): counts (rows, V) float of each row's
+    ``generated`` tokens, seen (rows, V) bool of its ``seen_ids`` (prompt + generated)."""
+    rows = len(seen_ids)
+    counts = torch.zeros((rows, V), dtype=torch.float32)
+    seen = torch.zeros((rows, V), dtype=torch.bool)
+    for i, ids in enumerate(seen_ids):
+        seen[i, torch.tensor(ids, dtype=torch.long)] = True
+        if generated is not None and generated[i]:
+            counts[i].index_add_(0, torch.tensor(generated[i], dtype=torch.long), torch.ones(len(generated[i])))
+    return counts.to(device), seen.to(device)
+
+
 class _PenaltyState:
     """counts (rows, V) of generated tokens and seen (rows, V) prompt+generated, on device."""
 
@@ -302,11 +357,7 @@ class _PenaltyState:
         self.counts = self.seen = None
         if not self.active:
             return
-        rows = len(prompts_per_row)
-        self.counts = torch.zeros((rows, V), dtype=torch.float32, device=device)
-        self.seen = torch.zeros((rows, V), dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts_per_row):
-            self.seen[i, torch.tensor(p, device=device)] = True
+        self.counts, self.seen = penalty_counts(prompts_per_row, None, V, device)
 
     def add(self, tokens: torch.Tensor) -> None:
         if self.active:
@@ -362,7 +413,7 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
         for step in range(params.max_tokens):
             with torch.inference_mode():
                 proc = process_logits(logits, params, pen.counts, pen.seen)
-                tokens = proc.argmax(-1) if greedy else _sample(proc.softmax(-1), generators)  # (rows,)
+                tokens = proc.argmax(-1) if greedy else sample(proc.softmax(-1), generators)  # (rows,)
                 # raw-model log-prob of the chosen token (vLLM V1 "raw_logprobs")
                 lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
                 pen.add(tokens)
@@ -381,19 +432,14 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
                 delta = ""
                 if text_every_step:
                     body = s.token_ids[:-1] if s.finish else s.token_ids
-                    text = decode(body)
-                    cut = _find_stop(text, stops) if stops else None
-                    if cut is not None:
-                        text, s.finish, s.stop_at = text[:cut], "stop", cut
-                    elif s.finish is None and last:
-                        s.finish = "length"
-                    if s.finish is None:  # hold back what may still become a stop string / a char
-                        stable = text.rstrip("\ufffd")
-                        stable = stable[:len(stable) - _partial_stop(stable, stops)]
-                    else:
-                        stable = s.text = text
-                    delta = stable[s.emitted:]
-                    s.emitted = max(s.emitted, len(stable))
+                    chk = apply_stops(decode(body), stops, s.finish, last)
+                    s.finish = chk.finish
+                    if chk.stop_at is not None:
+                        s.stop_at = chk.stop_at
+                    if s.finish is not None:
+                        s.text = chk.text
+                    delta = chk.stable[s.emitted:]
+                    s.emitted = max(s.emitted, len(chk.stable))
                 elif s.finish is None and last:
                     s.finish = "length"
                 outs.append(StepOutput(
@@ -419,10 +465,11 @@ def _final_text(s: _Seq, decode, stop_ids) -> str:
 
 def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *,
              eos_token_id: int | None = None, decode: Callable[[list[int]], str] | None = None,
-             device=None) -> list[list[Completion]]:
-    """One list of params.n completions per prompt (the n best beams with num_beams > 1)."""
+             device=None, should_stop: Callable[[], bool] | None = None) -> list[list[Completion]]:
+    """One list of params.n completions per prompt (the n best beams with num_beams > 1).
+    ``should_stop`` (beam search) is asked before every step; True raises GenerationCancelled."""
     if params.num_beams > 1:
-        return _beam_search(model, prompts, params, eos_token_id, decode, device)
+        return _beam_search(model, prompts, params, eos_token_id, decode, device, should_stop)
     seqs: list[_Seq] = []
     for seqs, _ in _run(model, prompts, params, eos_token_id, decode, device, stream_text=False):
         pass
@@ -459,7 +506,11 @@ class _Hyp:
     finish: str = field(compare=False)
 
 
-def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, device):
+class GenerationCancelled(Exception):
+    """``should_stop`` said stop (e.g. the client of a server went away)."""
+
+
+def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, device, should_stop=None):
     device, Tp = _prepare(model, prompts, params, decode, device)
     W, P, lp_pow = params.num_beams, len(prompts), params.length_penalty
     rows = P * W
@@ -484,6 +535,8 @@ def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, deco
         hyps: list[list[_Hyp]] = [[] for _ in range(P)]
         done = [False] * P
         for step in range(params.max_tokens):
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"beam search stopped after {step} steps")
             last = step == params.max_tokens - 1
             with torch.inference_mode():
                 logp = F.log_softmax(apply_penalties(
@@ -551,7 +604,7 @@ def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, deco
             if decode is not None:
                 body = h.token_ids[:-1] if finish == "stop" else h.token_ids
                 text = decode(body)
-                cut = _find_stop(text, params.stop) if params.stop else None
+                cut = find_stop(text, params.stop) if params.stop else None
                 if cut is not None:
                     text, finish = text[:cut], "stop"
             comps.append(Completion(token_ids=h.token_ids, text=text, finish_reason=finish,

@@ -11,12 +11,34 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-MAX_LOGPROBS = 20
-"""Most alternatives per position a request may ask for (OpenAI allows 5 on completions, 20 on chat)."""
+MAX_LOGPROBS = 5
+"""Most alternatives per position on completions (``logprobs``), as OpenAI."""
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per position on chat completions (``top_logprobs``), as OpenAI."""
+MAX_STOPS = 4
+"""Stop strings per request (OpenAI: up to 4)."""
+MAX_STOP_CHARS = 256
+"""Longest stop string: every running sequence searches its text for each, every step."""
+MAX_STOP_TOKEN_IDS = 64
+"""Most ``stop_token_ids`` per request."""
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body; a bigger one is answered 413 before it is read."""
+INT64 = 2 ** 63
+
+UNSUPPORTED = {
+    "echo": "echo", "suffix": "suffix (insertion)", "logit_bias": "logit_bias", "tools": "tools",
+    "tool_choice": "tool_choice", "functions": "functions", "function_call": "function_call",
+    "parallel_tool_calls": "parallel_tool_calls", "response_format": "response_format",
+    "modalities": "modalities", "audio": "audio", "prediction": "prediction", "store": "store",
+    "metadata": "metadata", "service_tier": "service_tier", "reasoning_effort": "reasoning_effort",
+    "web_search_options": "web_search_options",
+}
+"""OpenAI request fields this server does not implement: a 400 naming the field when given a
+value other than null/false/empty, never silently ignored."""
 
 
 class APIError(Exception):
@@ -37,54 +59,111 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def server_error(message: str = "The server had an error while processing your request.") -> APIError:
+    """A 500 for a fault of ours (the details go to the log, not to the client)."""
+    return APIError(message, status=500, type="server_error", code="internal_error")
+
+
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """An :class:`APIError` (400) from pydantic/FastAPI validation errors (FastAPI would answer 422)."""
+    """An :class:`APIError` (400) from pydantic validation errors (FastAPI would answer 422)."""
     if not errors:
         return APIError("invalid request body")
     e = errors[0]
     loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-    if e.get("type") == "json_invalid":
-        ctx = e.get("ctx", {}).get("error", "")
-        return APIError(f"request body is not valid JSON: {ctx}".rstrip(": "), code="invalid_json")
     param = loc[0] if loc else None  # the request field; deeper parts name pydantic's union branches
+    if e.get("type") == "extra_forbidden":
+        where = ".".join(loc)
+        return APIError(f"{where}: unknown field; this server does not accept it (see the OpenAI API "
+                        "reference for the fields it does)", param=param, code="unknown_field")
     got = e.get("input")
     got_s = "" if isinstance(got, dict) and not loc else f" (got {json.dumps(got, default=str)[:200]})"
     where = ".".join(loc) or "body"
     return APIError(f"{where}: {e.get('msg', 'invalid value')}{got_s}", param=param)
 
 
+def _check_strings(value: Any, param: str | None) -> None:
+    """Refuse lone surrogates (JSON can carry them as \\ud800 escapes; no tokenizer can)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(f"{param or 'body'}: holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is "
+                               "not valid Unicode text", param=param) from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """Parse and validate a request body: UTF-8 JSON object, no NaN/Infinity, no lone surrogates,
+    no unsupported or unknown fields, every field in range. Raises :class:`APIError` (400)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_json") from None
+    try:
+        obj = json.loads(text)  # NaN/Infinity parse, and the models refuse them naming the field
+    except (ValueError, RecursionError) as e:
+        raise APIError(f"request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    for key, value in obj.items():
+        _check_strings(key, None)
+        _check_strings(value, key)
+    for key, what in UNSUPPORTED.items():
+        if key in obj:
+            value = obj.pop(key)
+            if value not in (None, False, "", [], {}):
+                raise APIError(f"{what} is not supported by this server", param=key, code="unsupported_parameter")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(list(e.errors())) from None
+
+
 # --------------------------------------------------------------------------------------------
 # Requests
 
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+"""Every request model: unknown fields, wrong types, NaN and infinities are refused."""
+
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _SamplingRequest(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI's, plus vLLM's extensions)."""
+    """Fields shared by completions and chat completions (OpenAI's, plus vLLM's extensions), with
+    OpenAI's documented ranges."""
 
-    # Unknown fields are ignored, as OpenAI-compatible servers do (clients send e.g. ``user``).
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    model: str | None = Field(None, max_length=256)
+    user: str | None = Field(None, max_length=256)
+    """OpenAI's end-user id: accepted, not used."""
+    max_tokens: int | None = Field(None, ge=1, lt=INT64)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, lt=INT64)
     """0 or -1: no top-k cut (vLLM uses -1)."""
-    min_p: float = 0.0
-    n: int = 1
-    best_of: int | None = None
+    min_p: float = Field(0.0, ge=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=20)
     use_beam_search: bool = False
-    num_beams: int | None = None
-    length_penalty: float = 1.0
+    num_beams: int | None = Field(None, ge=1, le=64)
+    length_penalty: float = Field(1.0, ge=-10, le=10)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=2)
     ignore_eos: bool = False
     """vLLM's extension: keep generating past the end-of-text token (benchmarks)."""
     stream: bool = False
@@ -114,34 +193,15 @@ class _SamplingRequest(BaseModel):
         """None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely."""
         raise NotImplementedError
 
-    def check(self, *, max_batch_size: int) -> None:
-        """Reject values no model could honour (limits needing the prompt are in :func:`check_length`)."""
+    def check(self, *, max_batch_size: int, vocab_size: int | None = None) -> None:
+        """Reject combinations no model could honour (ranges are the fields' own; limits needing
+        the prompt are in :func:`check_length`)."""
         def bad(param: str, value: Any, allowed: str) -> APIError:
             return APIError(f"{param} must be {allowed} (got {value!r})", param=param)
 
-        if self.temperature < 0 or self.temperature > 2:
-            raise bad("temperature", self.temperature, "between 0 and 2")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", self.top_p, "in (0, 1]")
-        if self.top_k < -1:
-            raise bad("top_k", self.top_k, "-1 or 0 (off) or a positive integer")
-        if not 0 <= self.min_p <= 1:
-            raise bad("min_p", self.min_p, "in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not -2 <= v <= 2:
-                raise bad(name, v, "between -2 and 2")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", self.repetition_penalty, "> 0")
-        if self.n < 1:
-            raise bad("n", self.n, ">= 1")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, ">= 1")
         if self.best_of is not None and self.best_of < self.n:
             raise bad("best_of", self.best_of, f">= n ({self.n})")
         beams = self.beams()
-        if beams < 1:
-            raise bad("num_beams", beams, ">= 1")
         if beams > 1 and beams < self.n:
             raise bad("num_beams", beams, f">= n ({self.n}) for beam search")
         width = max(beams, self.samples())
@@ -151,17 +211,18 @@ class _SamplingRequest(BaseModel):
         if self.stream and (beams > 1 or self.samples() > self.n):
             raise APIError("stream is not supported with beam search or best_of > n", param="stream")
         stops = self.stop_list()
-        if len(stops) > 4 or any(not s for s in stops):
-            raise bad("stop", self.stop, "up to 4 non-empty strings")
-        k = self.top_logprobs_count()
-        if k is not None and not 0 <= k <= MAX_LOGPROBS:
-            raise bad("logprobs", k, f"between 0 and {MAX_LOGPROBS}")
+        if len(stops) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise bad("stop", self.stop, f"up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                                         "characters")
+        if vocab_size is not None:
+            out = [t for t in self.stop_token_ids or () if not 0 <= t < vocab_size]
+            if out:
+                raise bad("stop_token_ids", out[:5], f"token ids in [0, {vocab_size})")
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -176,17 +237,24 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
 
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    model_config = _STRICT
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, lt=INT64)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
 
     def requested_max_tokens(self) -> int | None:
@@ -197,11 +265,8 @@ class ChatCompletionRequest(_SamplingRequest):
             return None
         return self.top_logprobs or 0
 
-    def check(self, *, max_batch_size: int) -> None:
-        super().check(max_batch_size=max_batch_size)
-        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
-            raise APIError(f"max_completion_tokens must be >= 1 (got {self.max_completion_tokens})",
-                           param="max_completion_tokens")
+    def check(self, *, max_batch_size: int, vocab_size: int | None = None) -> None:
+        super().check(max_batch_size=max_batch_size, vocab_size=vocab_size)
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
 
@@ -315,7 +380,7 @@ def sse(obj: dict[str, Any] | str) -> str:
 SSE_DONE = sse("[DONE]")
 
 __all__ = [
-    "APIError", "ChatCompletionRequest", "CompletionRequest", "SSE_DONE", "chat_body", "chat_logprobs",
-    "check_length", "completion_body", "completion_logprobs", "error_body", "models_body", "new_id",
-    "sampling_kwargs", "sse", "usage", "validation_error",
+    "APIError", "ChatCompletionRequest", "CompletionRequest", "MAX_BODY_BYTES", "SSE_DONE", "chat_body",
+    "chat_logprobs", "check_length", "completion_body", "completion_logprobs", "error_body", "models_body",
+    "new_id", "parse_body", "sampling_kwargs", "server_error", "sse", "usage", "validation_error",
 ]

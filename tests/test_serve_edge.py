@@ -1,0 +1,358 @@
+"""The HTTP edge of the server: authentication before any work, every limit, OpenAI-shaped errors,
+and a hostile-client storm beside well-formed streams.
+
+The real FastAPI app (``workers.serving.app.build_app``) over real HTTP, served in-process by
+uvicorn (one start for the module); the Ray Serve path is covered by ``test_serve.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from workers.data import tokenizer as toks
+from workers.checkpoints import open_checkpoint
+from workers.serving.app import build_app, key_digest
+from workers.serving.engine import Engine
+
+MODEL = "tiny-test"
+KEY = "sk-edge-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_LIMIT = 64 * 1024
+MAX_BATCH, MAX_QUEUE = 8, 24
+
+
+@pytest.fixture(scope="module")
+def server(serve_checkpoint_dir, one_thread):
+    import uvicorn
+
+    lm = open_checkpoint(str(serve_checkpoint_dir), device="cpu")
+    lm.name = MODEL
+    engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, max_batch_size=MAX_BATCH,
+                    max_queue=MAX_QUEUE, device="cpu").start()
+    app = build_app(lm, engine, key_digest=key_digest(KEY), max_body_bytes=BODY_LIMIT)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "vocab": lm.model.config.vocab_size}
+    srv.should_exit = True
+    thread.join(10)
+    engine.stop()
+
+
+def post(server, body, *, path="/v1/completions", headers=AUTH, **kw) -> httpx.Response:
+    if isinstance(body, (bytes, str)):
+        kw["content"] = body
+    else:
+        kw["json"] = body
+    return httpx.post(server["url"] + path, headers={"content-type": "application/json", **headers},
+                      timeout=30, **kw)
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = "-") -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["message"]
+    if param != "-":
+        assert err["param"] == param, err
+    return err
+
+
+# ------------------------------------------------------------------------------ authentication
+
+
+def test_every_route_but_health_needs_the_key_and_it_is_checked_before_the_body(server):
+    url = server["url"]
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # minimal, no counters
+    for method, path in [("GET", "/v1/models"), ("GET", "/v1/stats"), ("POST", "/v1/completions"),
+                         ("POST", "/v1/chat/completions"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                         ("GET", "/redoc"), ("GET", "/nope")]:
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": f"Bearer {KEY}x"}):
+            # a body that is not JSON, and one over the size limit: still 401, nothing was read
+            r = httpx.request(method, url + path, headers=headers, content=b"\xff{not json")
+            assert_openai_error(r, 401)["code"] == "invalid_api_key"
+    r = httpx.request("POST", f"{url}/v1/completions", content=b"x" * (BODY_LIMIT + 10))
+    assert_openai_error(r, 401)
+    # docs routes are off altogether
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert_openai_error(httpx.get(url + path, headers=AUTH), 404)
+    ok = httpx.get(f"{url}/v1/models", headers=AUTH).json()
+    assert [m["id"] for m in ok["data"]] == [MODEL]
+
+
+# ------------------------------------------------------------------------------ error shapes
+
+
+def test_404_405_413_and_undecodable_bodies_are_openai_errors(server):
+    url = server["url"]
+    assert_openai_error(httpx.get(f"{url}/v1/nope", headers=AUTH), 404)["code"] == "not_found"
+    assert_openai_error(httpx.get(f"{url}/v1/completions", headers=AUTH), 405)
+    assert_openai_error(post(server, {"prompt": "x" * (BODY_LIMIT + 1)}), 413)
+    # chunked upload without Content-Length, over the limit
+    chunks = (b"x" * 4096 for _ in range(BODY_LIMIT // 4096 + 2))
+    assert_openai_error(post(server, None, content=chunks), 413)
+    assert_openai_error(post(server, b'{"prompt": "caf\xe9", "max_tokens": 2}'), 400)["code"] == "invalid_json"
+    assert_openai_error(post(server, b'{"prompt": "hi",'), 400)
+    assert_openai_error(post(server, b"[1, 2]"), 400)
+    assert_openai_error(post(server, b"[" * 60_000), 400)
+    assert_openai_error(post(server, b""), 400)
+
+
+BAD = [
+    ({"prompt": "\ud800 lone surrogate"}, "prompt"),
+    ({"stop": ["ok", "\udfff"]}, "stop"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"length_penalty": float("-inf")}, "length_penalty"),
+    ({"seed": 2 ** 64}, "seed"),
+    ({"seed": -(2 ** 63) - 1}, "seed"),
+    ({"num_beams": 2, "length_penalty": 2000}, "length_penalty"),
+    ({"num_beams": 2, "length_penalty": -2000}, "length_penalty"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"best_of": 21}, "best_of"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": "x" * 300}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"stop_token_ids": [10 ** 6]}, "stop_token_ids"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+    ({"prompt": [1, 2, 10 ** 9]}, "prompt"),
+    ({"prompt": [1, -1]}, "prompt"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10 ** 30}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"top_k": -2}, "top_k"),
+    ({"echo": True}, "echo"),
+    ({"suffix": "tail"}, "suffix"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"frobnicate": 1}, "frobnicate"),
+    ({"stream_options": {"include_usage": True, "extra": 1}}, "stream_options"),
+    ({"prompt": ["hi"] * (MAX_BATCH + MAX_QUEUE + 1)}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("override,param", BAD, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD)])
+def test_every_field_is_validated_at_the_edge(server, override, param):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **override}
+    raw = json.dumps(body, allow_nan=True)  # NaN/Infinity as Python's json writes them
+    err = assert_openai_error(post(server, raw), 400, param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_chat_fields_are_validated_too(server):
+    def chat(**kw):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **kw}
+        return post(server, json.dumps(body, allow_nan=True), path="/v1/chat/completions")
+
+    assert chat().status_code == 200
+    assert_openai_error(chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages")
+    assert_openai_error(chat(messages=[]), 400, "messages")
+    assert_openai_error(chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+                        400, "messages")
+    assert_openai_error(chat(top_logprobs=21, logprobs=True), 400, "top_logprobs")
+    assert_openai_error(chat(tools=[{"type": "function"}]), 400, "tools")
+    assert_openai_error(chat(response_format={"type": "json_object"}), 400, "response_format")
+    assert_openai_error(chat(presence_penalty=float("nan")), 400, "presence_penalty")
+    ok = chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], logprobs=True,
+              top_logprobs=2)
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+def test_a_bad_request_beside_a_good_one_hurts_neither(server):
+    """The finding: a good request and a seed=2**64 request sent together both hung."""
+    good = {"model": MODEL, "prompt": "hello", "max_tokens": 8, "temperature": 0}
+    bad = {**good, "temperature": 1.0, "seed": 2 ** 64}
+
+    async def both():
+        async with httpx.AsyncClient(timeout=30, headers=AUTH) as c:
+            return await asyncio.gather(c.post(f"{server['url']}/v1/completions", json=good),
+                                        c.post(f"{server['url']}/v1/completions", json=bad))
+
+    g, b = asyncio.run(both())
+    assert g.status_code == 200 and b.status_code == 400
+    assert server["engine"].snapshot()["in_flight"] == 0
+
+
+# ------------------------------------------------------------------------------ the hostile client
+
+WELL_FORMED = [dict(prompt=p, max_tokens=20, temperature=t, seed=s, stream=st)
+               for p, t, s, st in [("hello", 0, None, True), ("the quick", 0.9, 1, True), ("fox", 1.0, 2, False),
+                                   ("lazy dog", 0, None, False), ("0123", 0.7, 3, True), ("world", 1.1, 4, True),
+                                   ("user:", 0, None, True), ("jumps", 0.8, 5, False)]]
+
+FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "num_beams",
+          "use_beam_search", "length_penalty", "stop", "stop_token_ids", "seed", "presence_penalty",
+          "frequency_penalty", "repetition_penalty", "logprobs", "stream", "stream_options", "echo", "suffix",
+          "ignore_eos", "model", "user", "bogus"]
+
+
+def _values(rng: random.Random) -> list:
+    return [None, True, False, 0, 1, -1, 3, 2 ** 31, 2 ** 63, 2 ** 64, -(2 ** 70), 10 ** 40, 0.5, -0.0, 1e308,
+            1e-320, "NaN_LITERAL", "INF_LITERAL", "", "x", "héllo ✓", "\ud800", "a" * rng.randint(1, 5000),
+            [], {}, [1, 2, 3], [[1], [2]], ["a"] * 5, {"include_usage": True}, {"a": {"b": [None]}},
+            [rng.randint(-5, 10 ** 6) for _ in range(rng.randint(1, 30))]]
+
+
+def _hostile(rng: random.Random, i: int) -> dict:
+    """One malformed or extreme request: method, path, headers, body bytes, and how to read it."""
+    kind = rng.choice(["fields", "fields", "fields", "bytes", "auth", "route", "size", "extreme", "chat",
+                       "disconnect"])
+    headers: dict = dict(AUTH, **{"content-type": "application/json"})
+    method, path = "POST", rng.choice(["/v1/completions", "/v1/chat/completions"])
+    body: dict | None = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+    raw = None
+    disconnect = False
+    if kind == "fields":
+        for _ in range(rng.randint(1, 4)):
+            body[rng.choice(FIELDS)] = rng.choice(_values(rng))
+    elif kind == "bytes":
+        raw = rng.choice([bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300))),
+                          b'{"prompt": "\xc3\x28"}', b'{"prompt": "hi", "max_tokens": 2', b"null", b"1e999",
+                          b"[" * rng.randint(1000, 200_000), b'{"prompt": "hi", "temperature": NaN}',
+                          b'{"prompt": "hi", "temperature": -Infinity}', b'{"prompt": "\\ud83d"}',
+                          b'{"prompt": ' + b"9" * 5000 + b"}", '{"prompt": "\u00e9"}'.encode("utf-16")])
+    elif kind == "auth":
+        headers["Authorization"] = rng.choice(["", "Bearer", "Bearer " + KEY[:-1], "bearer  " + KEY,
+                                               "Token " + KEY, "Bearer " + KEY * 50,
+                                               ("Bearer " + "é" * 10).encode("latin-1"),
+                                               b"Bearer \xff\xfe" + KEY.encode()])
+    elif kind == "route":
+        method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "POST"])
+        path = rng.choice(["/", "/v1", "/v1/completions/", "/v1/models", "/v2/completions", "/docs",
+                           "/health/../v1/models", "/%ff", "/v1/stats", "/v1/chat/completions?x=1"])
+    elif kind == "size":
+        raw = b'{"prompt": "' + b"a" * (BODY_LIMIT + rng.randint(1, 5000)) + b'"}'
+    elif kind == "extreme":
+        body.update(rng.choice([
+            {"max_tokens": 10 ** 6}, {"prompt": "a" * 300}, {"prompt": [[1, 2]] * rng.randint(1, 40)},
+            {"n": MAX_BATCH}, {"n": MAX_BATCH + 1}, {"best_of": 8, "n": 2}, {"logprobs": 5},
+            {"stop": ["x" * 256] * 4, "max_tokens": 8}, {"num_beams": 4, "max_tokens": 12},
+            {"stop_token_ids": list(range(64))}, {"temperature": 2, "top_k": 1, "top_p": 1e-9, "min_p": 1},
+            {"repetition_penalty": 2, "presence_penalty": -2, "frequency_penalty": 2},
+            {"seed": 2 ** 63 - 1, "temperature": 1, "n": 2}, {"seed": -(2 ** 63), "temperature": 1},
+            {"prompt": ["hi"] * (MAX_BATCH + MAX_QUEUE)}, {"stream": True, "n": 3, "max_tokens": 6}]))
+        path = "/v1/completions"
+    elif kind == "chat":
+        path = "/v1/chat/completions"
+        body = {"model": MODEL, "max_tokens": 4, "messages": rng.choice([
+            None, [], "hi", [{"role": "user"}], [{"role": "user", "content": 5}],
+            [{"role": "user", "content": [{"type": "text"}]}], [{"role": "system", "content": "\ud800"}],
+            [{"role": "user", "content": "hi", "tool_calls": []}], [{"role": "user", "content": "x" * 400}],
+            [{"role": "user", "content": "hi"}] * rng.randint(1, 50)])}
+    elif kind == "disconnect":
+        body.update({"stream": rng.random() < 0.5, "max_tokens": 200, "temperature": 1.0})
+        path = "/v1/completions"
+        disconnect = True
+    if raw is None and body is not None:
+        text = json.dumps(body, allow_nan=True)
+        raw = text.replace('"NaN_LITERAL"', "NaN").replace('"INF_LITERAL"', "-Infinity").encode(
+            "utf-8", "surrogatepass")
+    return {"method": method, "path": path, "headers": headers, "content": raw, "disconnect": disconnect, "id": i}
+
+
+ALLOWED = {200, 400, 401, 404, 405, 413, 503}
+
+
+async def _send(client: httpx.AsyncClient, url: str, req: dict) -> tuple[int, dict | None]:
+    if req["disconnect"]:  # hang up right after the headers (mid-stream or mid-generation)
+        async with client.stream(req["method"], url + req["path"], headers=req["headers"],
+                                 content=req["content"]) as r:
+            return r.status_code, None
+    r = await client.request(req["method"], url + req["path"], headers=req["headers"], content=req["content"])
+    body = None
+    if r.status_code != 200:
+        try:
+            body = r.json()  # every error is JSON in OpenAI's shape
+        except ValueError:
+            raise AssertionError(f"{r.status_code} without a JSON body for {req['method']} {req['path']} "
+                                 f"{(req['content'] or b'')[:200]!r}: {r.text[:200]!r}") from None
+    return r.status_code, body
+
+
+async def _well_formed(client: httpx.AsyncClient, url: str, req: dict) -> str:
+    body = {"model": MODEL, **req}
+    if not req["stream"]:
+        r = await client.post(f"{url}/v1/completions", json=body, headers=AUTH)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    text = ""
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += "".join(c["text"] for c in chunk["choices"])
+    return text
+
+
+def test_hostile_clients_beside_well_formed_streams(server, caplog):
+    """>= 500 seeded malformed or extreme requests, 24 at a time, while 8 well-formed requests
+    (streamed and not) run: no 5xx but deliberate 503s, every answer within a bound, every
+    error in OpenAI's shape, and the well-formed outputs equal to a quiet run's."""
+    url, bound_s = server["url"], 30.0
+    rng = random.Random(1234)
+    storm = [_hostile(rng, i) for i in range(520)]
+
+    async def quiet():
+        async with httpx.AsyncClient(timeout=bound_s) as c:
+            return await asyncio.gather(*(_well_formed(c, url, w) for w in WELL_FORMED))
+
+    async def loud():
+        sem = asyncio.Semaphore(24)
+        results: list = [None] * len(storm)
+
+        async def one(req):
+            async with sem:
+                t0 = time.monotonic()
+                results[req["id"]] = (*await _send(c, url, req), time.monotonic() - t0)
+
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(timeout=bound_s, limits=limits) as c:
+            storm_task = asyncio.gather(*(one(r) for r in storm))
+            await asyncio.sleep(0.2)
+            good = await asyncio.gather(*(_well_formed(c, url, w) for w in WELL_FORMED))
+            await storm_task
+        return good, results
+
+    expected = asyncio.run(quiet())
+    got, results = asyncio.run(loud())
+    assert got == expected
+    statuses = {}
+    for req, (status, body, took) in zip(storm, results):
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status in ALLOWED, (status, req["path"], req["content"][:200] if req["content"] else None, body)
+        assert took < bound_s
+        if body is not None:
+            assert set(body["error"]) == {"message", "type", "param", "code"}, body
+            if status == 503:
+                assert body["error"]["code"] == "overloaded"
+    print(f"hostile storm: {len(storm)} requests, statuses {dict(sorted(statuses.items()))}, slowest answer "
+          f"{max(r[2] for r in results):.2f}s")
+    assert statuses.get(400, 0) > 100 and statuses.get(200, 0) > 10, statuses
+    # nothing left running, and the engine is alive
+    deadline = time.monotonic() + 30
+    while server["engine"].snapshot()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    snap = server["engine"].snapshot()
+    assert snap["in_flight"] == 0 and snap["alive"] and snap["failed"] == 0, snap
+    ours = [r for r in caplog.records if r.name.startswith("workers.serving") and r.levelname == "ERROR"]
+    assert not ours, [r.getMessage() for r in ours]

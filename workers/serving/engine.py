@@ -1,0 +1,628 @@
+"""Continuous batching over one model, in one serving replica.
+
+A background thread runs the decode loop; between two steps it admits waiting requests into the
+running batch (their prompts are prefilled into the shared KV cache, left-padded to the cache's
+current length) and drops finished or abandoned ones. Every sequence keeps its own sampling
+parameters and seed; logits go through ``workers.model.sampling``'s pipeline, its sampler and
+its stop-string hold-back, so a request gives what ``sampling.generate`` gives it alone.
+
+Beam search runs in a thread of its own (``sampling.generate`` with a ``should_stop`` check
+per step), so it never stalls the streams of the batch and stops when its client goes away.
+
+Isolation: an error while admitting, forwarding or sampling one request ends that request alone
+(its final event carries a 500) and the batch keeps going. A batched step that fails is retried
+request by request to find the culprit. Whatever happens, every submitted request gets exactly
+one :class:`Done` event.
+
+Events (typed: :class:`Step`, :class:`Done`) are handed to each request's ``emit`` on its own
+event loop, one wake-up per loop per step, not per token.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from workers.model.sampling import (Completion, GenerationCancelled, SamplingParams, apply_stops, generate,
+                                    penalty_counts, prefill, process_logits, sample)
+from workers.model.transformer import KVCache, autocast_context, default_device
+from workers.serving.protocol import APIError, server_error
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+def _shutting_down() -> APIError:
+    return APIError("server shutting down", status=503, type="server_error", code="shutdown")
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one sequence of a request produced in one step."""
+    index: int                       # sample index within the request (0..width-1)
+    text: str                        # text that became safe to stream ("" while held back)
+    token_id: int
+    logprob: float                   # raw-model log-prob of the token
+    top: dict[str, float] | None     # alternatives (when the request asked for them)
+    finish: str | None               # "stop" | "length" on the sequence's last step
+
+
+@dataclass(slots=True)
+class Step:
+    request: "GenerationRequest"
+    deltas: list[Delta]
+
+
+@dataclass(slots=True)
+class Done:
+    """The request's final event: finished, aborted (client gone) or failed (``error``)."""
+    request: "GenerationRequest"
+    error: APIError | None = None
+
+
+Event = Step | Done
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class GenerationRequest:
+    """One prompt's generation: ``width`` sequences (n samples, or best_of), or one beam search.
+
+    ``emit(events)`` receives this request's events of one step, called on ``loop`` (or in the
+    engine thread when ``loop`` is None)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, *, tag: int = 0,
+                 top_logprobs: int | None = None, emit: Callable[[list[Event]], None] | None = None,
+                 loop=None, ignore_eos: bool = False):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.tag = tag  # position of the prompt in the HTTP request
+        self.top_logprobs = top_logprobs
+        self.ignore_eos = ignore_eos
+        self.emit = emit or (lambda events: None)
+        self.loop = loop
+        self.cancelled = False
+        self.seqs: list[Seq] = []
+        self.beam_results: list[Completion] | None = None
+        self.error: APIError | None = None
+        self.done = False  # its Done event was queued
+
+    @property
+    def width(self) -> int:
+        return 1 if self.params.num_beams > 1 else self.params.n
+
+
+class Seq:
+    """A running sequence. ``tokens`` = prompt + generated; its last token is not yet in the KV
+    cache (it is fed at the next step)."""
+
+    __slots__ = ("req", "index", "tokens", "prompt_len", "generator", "token_ids", "logprobs",
+                 "top", "cum", "finish", "text", "emitted", "key")
+
+    def __init__(self, req: GenerationRequest, index: int, device):
+        p = req.params
+        self.req, self.index = req, index
+        self.tokens = list(req.prompt_ids)
+        self.prompt_len = len(self.tokens)
+        self.generator = None
+        # same seeding as workers.model.sampling: sample i of a prompt draws from seed + i
+        if p.seed is not None and p.temperature > 0:
+            self.generator = torch.Generator(device=device).manual_seed(p.seed + index)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[dict[str, float]] = []
+        self.cum = 0.0
+        self.finish: str | None = None
+        self.text = ""
+        self.emitted = 0
+        # rows with the same key share one pass through the logit pipeline
+        self.key = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                    p.presence_penalty, p.frequency_penalty)
+
+
+def flush(outbox: list[tuple[GenerationRequest, Event]]) -> None:
+    """Hand events to their requests: grouped per request, one wake-up per event loop."""
+    per_req: dict[int, tuple[GenerationRequest, list[Event]]] = {}
+    for req, ev in outbox:
+        per_req.setdefault(id(req), (req, []))[1].append(ev)
+    by_loop: dict[int, tuple[Any, list]] = {}
+    for req, events in per_req.values():
+        if req.loop is None:
+            req.emit(events)
+        else:
+            by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, events))
+    for loop, items in by_loop.values():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # loop closed: the replica is going away
+            pass
+
+
+def _deliver(items: list[tuple[GenerationRequest, list[Event]]]) -> None:
+    for req, events in items:
+        req.emit(events)
+
+
+@dataclass
+class EngineStats:
+    running: int = 0          # sequences in the batch now
+    waiting: int = 0          # requests waiting for a slot
+    in_flight: int = 0        # requests submitted and not yet done
+    max_batch_seen: int = 0   # most sequences ever decoded in one step
+    steps: int = 0
+    tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    rejected: int = 0
+    rebuilds: int = 0
+    alive: bool = True
+    batch_hist: dict[int, int] = field(default_factory=dict)  # sequences per step -> steps
+
+
+FaultHook = Callable[[str, list[GenerationRequest]], None]
+"""Called before each phase ("admit", "forward", "sample", "beam") with the requests it covers;
+tests raise from it to inject failures. None in production."""
+
+
+class Engine:
+    """Continuous batching over one model. Thread-safe ``submit``/``abort``; decoding happens in
+    a daemon thread started by :meth:`start`."""
+
+    def __init__(self, model, tokenizer, *, eos_token_id: int | None, max_batch_size: int = 8,
+                 max_queue: int = 64, device=None, fault_hook: FaultHook | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.device = torch.device(device or default_device())
+        self.block_size = model.config.block_size
+        self.vocab_size = model.config.vocab_size
+        self.fault_hook = fault_hook
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._admitting: list[GenerationRequest] = []  # popped from _waiting, not yet in _rows
+        self._beams: set[GenerationRequest] = set()
+        self._beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="beam-search")
+        self._rows: list[Seq] = []
+        self._cache: KVCache | None = None  # over self._rows
+        self._mask = None      # (B, max_len) bool: which cache columns are real for each row
+        self._counts = None    # (B, V) float: generated-token counts (presence/frequency)
+        self._seen = None      # (B, V) bool: prompt + generated tokens (repetition)
+        self.stats = EngineStats()
+        self._thread: threading.Thread | None = None
+        self._outbox: list[tuple[GenerationRequest, Event]] = []  # events of the current step
+
+    # -- public, any thread
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._beam_pool.shutdown(wait=False, cancel_futures=True)
+        # beam searches that never started get their final event here (a running one stops
+        # at its next step and finds itself done)
+        outbox: list = []
+        for req in list(self._beams):
+            self._finish(req, outbox, error=_shutting_down())
+        flush(outbox)
+
+    def admissible(self, count: int) -> bool:
+        """Whether ``count`` requests could ever be admitted together (else a 400, not a 503)."""
+        return count <= self.max_batch_size + self.max_queue
+
+    def submit(self, reqs: list[GenerationRequest]) -> None:
+        """Queue ``reqs`` (all or none): 503 + Retry-After when the wait queue would overflow."""
+        with self._lock:
+            # requests beyond the free batch slots wait; at most max_queue of them
+            queued = len(self._waiting) + len(reqs) - max(0, self.max_batch_size - len(self._rows))
+            if queued > self.max_queue:
+                self.stats.rejected += 1
+                raise APIError(f"server overloaded: {len(self._waiting)} requests already wait for a batch "
+                               f"slot (max_queue={self.max_queue}); retry later", status=503,
+                               type="server_error", code="overloaded",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+            self._waiting.extend(reqs)
+            self.stats.in_flight += len(reqs)
+            self.stats.waiting = len(self._waiting)
+        self._wake.set()
+
+    def abort(self, reqs: list[GenerationRequest]) -> None:
+        """Stop generating for ``reqs`` (client gone); their slots free at the next step."""
+        for r in reqs:
+            r.cancelled = True
+        self._wake.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            s = self.stats
+            s.alive = self._thread is not None and self._thread.is_alive()
+            return {**s.__dict__, "batch_hist": dict(s.batch_hist)}
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    # -- engine thread
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # a bug outside any one request: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(server_error())
+                busy = False
+            self.drain()
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+        self._fail_all(_shutting_down())
+        self.drain()
+
+    def drain(self) -> None:
+        """Deliver the events of the step just run (engine thread; tests driving ``step`` call it)."""
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            flush(outbox)
+
+    def _hook(self, phase: str, reqs: list[GenerationRequest]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(phase, reqs)
+
+    def _finish(self, req: GenerationRequest, outbox: list, *, aborted: bool = False,
+                error: APIError | None = None) -> None:
+        with self._lock:  # the engine and the beam-search thread may both try
+            if req.done:
+                return
+            req.done = True
+            req.error = error
+            self.stats.in_flight -= 1
+            if error is not None:
+                self.stats.failed += 1
+            elif aborted:
+                self.stats.aborted += 1
+            else:
+                self.stats.finished += 1
+        outbox.append((req, Done(req, error)))
+
+    def _fail(self, req: GenerationRequest, phase: str, exc: BaseException) -> None:
+        log.error("request failed while %s: %s: %s", phase, type(exc).__name__, exc, exc_info=exc)
+        self._finish(req, self._outbox, error=server_error())
+
+    def _fail_all(self, error: APIError) -> None:
+        with self._lock:
+            pending = [*self._waiting, *self._admitting]
+            self._waiting.clear()
+            self._admitting = []
+        reqs = {id(s.req): s.req for s in self._rows}
+        self._rows, self._cache = [], None
+        for r in [*pending, *reqs.values()]:
+            self._finish(r, self._outbox, error=error)
+
+    def step(self) -> bool:
+        """One decode step for the whole batch; False when there was nothing to do."""
+        with torch.inference_mode():  # every tensor of the batch state is an inference tensor
+            return self._step()
+
+    def _step(self) -> bool:
+        # 1. drop finished, failed and abandoned rows
+        gone = {id(s.req): s.req for s in self._rows if s.finish is not None or s.req.cancelled or s.req.done}
+        if gone:
+            self._select([i for i, s in enumerate(self._rows) if id(s.req) not in gone])
+            for req in gone.values():
+                if req.cancelled:  # no-op when it finished before the client left
+                    self._finish(req, self._outbox, aborted=True)
+        # 2. admit waiting requests that fit (FIFO); beam searches go to their own thread
+        admitted = self._take_waiting()
+        if admitted:
+            self._admit_isolated(admitted)
+        if not self._rows:
+            with self._lock:
+                self.stats.running = 0
+            return bool(admitted)
+        # 3. feed every row its pending token; 4. sample the next one
+        if self._cache.pos >= self._cache.max_len:
+            self._rebuild(self._rows)
+        logits = self._forward_isolated()
+        if logits is not None:
+            self._sample_and_emit(logits)
+        with self._lock:
+            B = len(self._rows)
+            self.stats.steps += 1
+            self.stats.running = B
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, B)
+            self.stats.batch_hist[B] = self.stats.batch_hist.get(B, 0) + 1
+        return True
+
+    def _take_waiting(self) -> list[GenerationRequest]:
+        """Pop the waiting requests that fit the free batch slots (FIFO); beam searches go to
+        their own thread, cancelled ones end here."""
+        taken: list[GenerationRequest] = []
+        popped: list[GenerationRequest] = []
+        slots = self.max_batch_size - len(self._rows)
+        with self._lock:
+            while self._waiting:
+                req = self._waiting[0]
+                if not req.cancelled and req.params.num_beams == 1 and req.width > slots:
+                    break
+                self._waiting.popleft()
+                popped.append(req)
+                if not req.cancelled and req.params.num_beams == 1:
+                    slots -= req.width
+                    taken.append(req)
+            self.stats.waiting = len(self._waiting)
+            self._admitting = list(taken)
+        for req in popped:
+            if req.cancelled:
+                self._finish(req, self._outbox, aborted=True)
+            elif req.params.num_beams > 1:
+                self._beams.add(req)
+                self._beam_pool.submit(self._run_beam, req)
+        return taken
+
+    def _admit_isolated(self, reqs: list[GenerationRequest]) -> None:
+        """Admit ``reqs`` together; if that fails, one by one, failing only those that fail alone."""
+        try:
+            self._admit(reqs)
+        except Exception as e:  # noqa: BLE001 - a request's fault: isolate it below
+            if len(reqs) == 1:
+                self._fail(reqs[0], "admitting", e)
+            else:
+                for req in reqs:
+                    try:
+                        self._admit([req])
+                    except Exception as e1:  # noqa: BLE001
+                        self._fail(req, "admitting", e1)
+        finally:
+            with self._lock:
+                self._admitting = []
+
+    def _admit(self, reqs: list[GenerationRequest]) -> None:
+        self._hook("admit", reqs)
+        new = [Seq(req, i, self.device) for req in reqs for i in range(req.width)]
+        if not self._rows:
+            self._rebuild(new)
+        else:
+            P = self._cache.pos
+            if max(len(s.tokens) - 1 for s in new) > P or self._needed_len(new) > self._cache.max_len + 32:
+                self._rebuild(self._rows + new)
+            else:
+                cache, mask = self._prefill(new, P, self._cache.max_len)
+                counts, seen = self._penalty_rows(new)
+                k = [torch.cat((a, b)) for a, b in zip(self._cache.k, cache.k)]
+                v = [torch.cat((a, b)) for a, b in zip(self._cache.v, cache.v)]
+                # state changes only once everything above worked
+                self._cache.k, self._cache.v = k, v
+                self._mask = torch.cat((self._mask, mask))
+                self._counts = torch.cat((self._counts, counts))
+                self._seen = torch.cat((self._seen, seen))
+                self._rows = self._rows + new
+        for req in reqs:
+            req.seqs = [s for s in new if s.req is req]
+
+    # -- KV cache bookkeeping
+
+    def _needed_len(self, seqs: list[Seq]) -> int:
+        # the last sampled token is never fed back, hence the -1
+        need = max(s.prompt_len + s.req.params.max_tokens - 1 for s in seqs)
+        return min(self.block_size, need + 32)  # slack, so newcomers rarely force a rebuild
+
+    def _prefill(self, seqs: list[Seq], width: int, max_len: int):
+        """A cache for ``seqs`` holding each row's tokens but the last, right-aligned at
+        ``width``; returns (cache, mask (b, max_len))."""
+        with autocast_context(self.device):
+            _, cache, mask = prefill(self.model, [s.tokens[:-1] for s in seqs], width, max_len, self.device,
+                                     mask=True)
+        return cache, mask
+
+    def _penalty_rows(self, seqs: list[Seq]):
+        return penalty_counts([s.tokens for s in seqs], [s.token_ids for s in seqs], self.vocab_size, self.device)
+
+    def _rebuild(self, seqs: list[Seq]) -> None:
+        """Lay every row out afresh (first batch, a newcomer longer than the cache, or a full cache)."""
+        width = max(len(s.tokens) - 1 for s in seqs)
+        max_len = max(self._needed_len(seqs), width + 1)
+        cache, mask = self._prefill(seqs, width, max_len)
+        counts, seen = self._penalty_rows(seqs)
+        self._cache, self._mask, self._counts, self._seen = cache, mask, counts, seen
+        self._rows = list(seqs)
+        with self._lock:
+            self.stats.rebuilds += 1
+
+    def _select(self, keep: list[int]) -> None:
+        if not keep:
+            self._rows, self._cache = [], None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._cache.reorder(index)
+        self._mask = self._mask.index_select(0, index)
+        self._counts = self._counts.index_select(0, index)
+        self._seen = self._seen.index_select(0, index)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _requests_of(self, rows: list[Seq]) -> list[tuple[GenerationRequest, list[int]]]:
+        by: dict[int, tuple[GenerationRequest, list[int]]] = {}
+        for i, s in enumerate(rows):
+            by.setdefault(id(s.req), (s.req, []))[1].append(i)
+        return list(by.values())
+
+    # -- forward
+
+    def _forward_isolated(self):
+        """Next-token logits (B, V) for every row; a request whose rows fail is failed and
+        dropped (its logits rows are never read). None when no row is left."""
+        col = self._cache.pos
+        try:
+            self._hook("forward", [r for r, _ in self._requests_of(self._rows)])
+            return self._forward(self._rows, self._cache, self._mask, col)
+        except Exception:  # noqa: BLE001 - find the request at fault, one at a time
+            self._cache.pos = col
+        logits = torch.zeros((len(self._rows), self.vocab_size), device=self.device)
+        failed = set()
+        for req, idx in self._requests_of(self._rows):
+            index = torch.tensor(idx, dtype=torch.long, device=self.device)
+            sub = KVCache([k.index_select(0, index) for k in self._cache.k],
+                          [v.index_select(0, index) for v in self._cache.v])
+            sub.pos = col
+            try:
+                self._hook("forward", [req])
+                out = self._forward([self._rows[i] for i in idx], sub, self._mask[index], col)
+            except Exception as e:  # noqa: BLE001
+                self._fail(req, "decoding", e)
+                failed.update(idx)
+                continue
+            for layer in range(len(self._cache.k)):
+                self._cache.k[layer][index, :, col] = sub.k[layer][:, :, col]
+                self._cache.v[layer][index, :, col] = sub.v[layer][:, :, col]
+            logits[index] = out
+        self._cache.pos = col + 1
+        self._mask[:, col] = True
+        keep = [i for i in range(len(self._rows)) if i not in failed]
+        if len(keep) < len(self._rows):
+            self._select(keep)
+            if not keep:
+                return None
+            logits = logits[torch.tensor(keep, dtype=torch.long, device=self.device)]
+        return logits
+
+    def _forward(self, rows: list[Seq], cache: KVCache, mask, col: int):
+        """Feed one token per row at cache column ``col`` -> next-token logits (B, V)."""
+        mask[:, col] = True
+        x = torch.tensor([s.tokens[-1] for s in rows], dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        with torch.inference_mode(), autocast_context(self.device):
+            # position ids come from the mask: each row counts its own real tokens
+            logits, _ = self.model(x, attention_mask=mask[:, :col + 1], kv_cache=cache)
+        return logits[:, -1].float()  # (B, V)
+
+    # -- sampling
+
+    def _pick(self, logits, idx: list[int], tokens) -> None:
+        """Choose the next token of rows ``idx`` (same sampling key) into ``tokens``."""
+        rows = self._rows
+        params = rows[idx[0]].req.params
+        sel = torch.tensor(idx, device=logits.device)
+        proc = process_logits(logits.index_select(0, sel), params,
+                              self._counts.index_select(0, sel), self._seen.index_select(0, sel))
+        if params.temperature == 0:
+            tokens[sel] = proc.argmax(-1)
+        else:
+            tokens[sel] = sample(proc.softmax(-1), [rows[i].generator for i in idx])
+
+    def _sample_and_emit(self, logits) -> None:
+        rows = self._rows
+        B = len(rows)
+        tokens = torch.zeros(B, dtype=torch.long, device=logits.device)
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for i, s in enumerate(rows):
+            groups[s.key].append(i)
+        with torch.inference_mode():
+            for idx in groups.values():
+                try:
+                    self._hook("sample", [r for r, _ in self._requests_of([rows[i] for i in idx])])
+                    self._pick(logits, idx, tokens)
+                except Exception:  # noqa: BLE001 - retry request by request to find the culprit
+                    for req, sub in self._requests_of([rows[i] for i in idx]):
+                        one = [idx[j] for j in sub]
+                        try:
+                            self._hook("sample", [req])
+                            self._pick(logits, one, tokens)
+                        except Exception as e:  # noqa: BLE001
+                            self._fail(req, "sampling", e)
+            logp = logits.log_softmax(-1)  # raw-model log-probs, as workers.model.sampling reports
+            lp = logp.gather(1, tokens[:, None]).squeeze(1)
+            self._counts.scatter_add_(1, tokens[:, None], torch.ones((B, 1), device=logits.device))
+            self._seen.scatter_(1, tokens[:, None], True)
+            k = min(max((s.req.top_logprobs or 0) for s in rows), logits.size(-1))
+            top = logp.topk(k, dim=-1) if k > 0 else None
+            host_tok, host_lp = tokens.tolist(), lp.tolist()
+            host_top = (top.values.tolist(), top.indices.tolist()) if top is not None else None
+
+        with self._lock:
+            self.stats.tokens += B
+        for req, idx in self._requests_of(rows):
+            if req.done:
+                continue
+            try:
+                deltas = [self._advance(rows[i], host_tok[i], host_lp[i], host_top and
+                                        (host_top[0][i], host_top[1][i])) for i in idx]
+            except Exception as e:  # noqa: BLE001
+                self._fail(req, "detokenizing", e)
+                continue
+            self._outbox.append((req, Step(req, deltas)))
+            if all(s.finish is not None for s in req.seqs):
+                self._finish(req, self._outbox)
+
+    def _advance(self, s: Seq, tok: int, tlp: float, top) -> Delta:
+        """Record token ``tok`` on ``s``; its text, finish reason and the text safe to stream."""
+        req, p = s.req, s.req.params
+        s.tokens.append(tok)
+        s.token_ids.append(tok)
+        s.logprobs.append(tlp)
+        s.cum += tlp
+        alts = None
+        if req.top_logprobs:
+            n = req.top_logprobs
+            alts = {self.decode([t]): v for v, t in zip(top[0][:n], top[1][:n])}
+            s.top.append(alts)
+        if (tok == self.eos_token_id and not req.ignore_eos) or tok in p.stop_token_ids:
+            s.finish = "stop"
+        body = s.token_ids[:-1] if s.finish else s.token_ids
+        last = len(s.token_ids) >= p.max_tokens or len(s.tokens) >= self.block_size
+        chk = apply_stops(self.decode(body), p.stop, s.finish, last)
+        s.finish = chk.finish
+        if s.finish is not None:
+            s.text = chk.text
+        delta = chk.stable[s.emitted:]
+        s.emitted = max(s.emitted, len(chk.stable))
+        return Delta(s.index, delta, tok, tlp, alts, s.finish)
+
+    # -- beam search, in its own thread
+
+    def _run_beam(self, req: GenerationRequest) -> None:
+        outbox: list = []
+        try:
+            self._hook("beam", [req])
+            with torch.inference_mode(), autocast_context(self.device):
+                req.beam_results = generate(
+                    self.model, [req.prompt_ids], req.params,
+                    eos_token_id=None if req.ignore_eos else self.eos_token_id, decode=self.decode,
+                    device=self.device, should_stop=lambda: req.cancelled or self._stop.is_set())[0]
+            with self._lock:
+                self.stats.tokens += sum(len(c.token_ids) for c in req.beam_results)
+            self._finish(req, outbox)
+        except GenerationCancelled:
+            self._finish(req, outbox, aborted=True)
+        except Exception as e:  # noqa: BLE001 - this request alone
+            log.error("beam search failed: %s: %s", type(e).__name__, e, exc_info=e)
+            self._finish(req, outbox, error=server_error())
+        finally:
+            self._beams.discard(req)
+            flush(outbox)
+
+
+__all__ = ["Delta", "Done", "Engine", "EngineStats", "Event", "GenerationRequest", "RETRY_AFTER_S", "Seq",
+           "Step", "flush"]
