@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
+from workers.cpu import claim_cpus
 from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
 from workers.rl.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
 
@@ -235,7 +236,7 @@ class Learner:
         from workers.rl.rollout import load_policy
         from workers.training.loop import resolve_precision
 
-        torch.set_num_threads(max(1, threads))
+        claim_cpus(threads)
         self.cfg = Config.model_validate(config)
         self.device = torch.device(default_device())
         pol = load_policy(checkpoint, device=self.device)
