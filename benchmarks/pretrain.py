@@ -214,7 +214,9 @@ def pipeline_rounds(tmp: Path, threads: int, repeats: int, steps: int, warmup: i
                "--set", f"storage={tmp}/artifacts", "--set", f"tracking.uri={store}",
                "--set", f"stages.pretrain.config.seed={seed}", "--set", f"stages.pretrain.config.max_steps={steps}",
                "--set", f"stages.pretrain.resources.cpus={threads}"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"--pipeline: {' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-3000:]}")
         client = open_client(store)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string="tags.stage = 'pretrain'", order_by=["attributes.start_time DESC"],
