@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from workers import storage
+from workers.cpu import claim_cpus
 from workers.checkpoints import Checkpoint, cast_model_files, copy_model_files, local_folder, open_checkpoint
 from workers.rl.ranking import Ranking, RankingPool, RewardConfig, resolve_reward, reward_modules
 from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
@@ -239,7 +240,7 @@ class Learner:
         from workers.training.loop import resolve_precision
         from workers.training.params import adamw
 
-        torch.set_num_threads(max(1, threads))
+        claim_cpus(threads)
         self.cfg = Config.model_validate(config)
         self.device = torch.device(default_device())
         # fp32 master weights (autocast on GPU); the exported checkpoint is cast back to the stored dtype

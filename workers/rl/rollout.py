@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
+from workers.cpu import claim_cpus
 
 __all__ = [
     "PromptSource", "load_prompts", "BUILTIN_PROMPTS", "Sample", "Group", "RolloutStats",
@@ -169,10 +170,9 @@ class RolloutActor:
     """One copy of the policy: samples completions, and scores token sequences (evaluate)."""
 
     def __init__(self, checkpoint: str, threads: int = 1):
-        import torch
         from workers.checkpoints import open_checkpoint
 
-        torch.set_num_threads(max(1, threads))
+        claim_cpus(threads)
         self.policy = open_checkpoint(checkpoint)
         self.version = 0
 
