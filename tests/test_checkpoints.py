@@ -161,9 +161,9 @@ def test_remote_checkpoint_leaves_no_temporary_folder(folders, tmp_path, monkeyp
     from workers import storage
 
     local = open_checkpoint(folders["qwen2"], device="cpu")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    with moto_s3("models"):
+    with moto_s3("models"):  # (its credentials file lives in the real temp folder)
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+        (tmp_path / "tmp").mkdir()
         storage.publish_dir(folders["qwen2"], "s3://models/tiny-qwen2")
         remote = open_checkpoint("s3://models/tiny-qwen2", device="cpu")
         assert list((tmp_path / "tmp").iterdir()) == []  # downloaded, loaded, removed
