@@ -295,13 +295,13 @@ def prefill(model: GPT, prompts, width: int, max_len: int, device, *, mask: bool
             idx[i, width - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding
     idx = idx.to(device)
     if not padded:
-        logits, _ = model(idx, kv_cache=cache)
+        logits, _ = model(idx, kv_cache=cache, logits_to_keep=1)
         return logits[:, -1], cache, None
     attn = torch.zeros((P, max_len), dtype=torch.bool)
     for i, p in enumerate(prompts):
         attn[i, width - len(p):width] = True
     attn = attn.to(device)
-    logits, _ = model(idx, attention_mask=attn[:, :width], kv_cache=cache)
+    logits, _ = model(idx, attention_mask=attn[:, :width], kv_cache=cache, logits_to_keep=1)
     return logits[:, -1], cache, attn
 
 
