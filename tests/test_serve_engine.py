@@ -198,17 +198,5 @@ def test_stopping_the_engine_gives_every_request_its_final_event(loaded):
     assert engine.snapshot()["in_flight"] == 0
 
 
-def test_a_remote_checkpoint_loads_without_leaving_a_temp_folder(serve_checkpoint_dir, tmp_path, monkeypatch):
-    """Each replica start from a remote checkpoint used to leak its download folder."""
-    import tempfile
-
-    from tests.conftest import moto_s3
-    from workers import storage
-    from workers.serving.app import load_checkpoint
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temp root
-    with moto_s3("ckpts"):
-        storage.publish_dir(serve_checkpoint_dir, "s3://ckpts/tiny")
-        lm = load_checkpoint("s3://ckpts/tiny", device="cpu")
-    assert lm.name == "tiny" and lm.model.config.vocab_size > 0
-    assert list(tmp_path.iterdir()) == []
+# A replica's remote checkpoint leaves no temp folder: tests/test_checkpoints.py covers open_checkpoint,
+# the one loader a replica uses.
