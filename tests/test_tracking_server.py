@@ -329,6 +329,20 @@ def _spooled(tmp_path: Path, run_id: str, needle: str) -> bool:
     return spool.exists() and needle in spool.read_text()
 
 
+def _run_into_outage(tmp_path: Path, outage: Outage) -> tuple[subprocess.Popen, Path, str]:
+    """A driver whose first stage logged half its metrics when the tracking server goes down."""
+    driver, log = _driver(tmp_path, "run", str(_outage_pipeline(tmp_path, outage.url)))
+    try:
+        _until(lambda: (tmp_path / "half").exists(), "the first stage", driver, log)
+        run_id = _until(lambda: _run_id(log), "the run id", driver, log)
+    except BaseException:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise
+    outage.down()
+    (tmp_path / "go").touch()
+    return driver, log, run_id
+
+
 def _resume_and_count(tmp_path: Path, server: "Outage", run_id: str) -> dict:
     server.up()
     (tmp_path / "resumed").touch()
@@ -352,13 +366,8 @@ def test_outage_then_ctrl_c_exits_in_seconds_and_resume_sends_every_metric(outag
     """The server goes down mid-run: the next stage's MLflow run cannot be created, yet the stage
     starts (creating runs never holds up scheduling); Ctrl-C then exits within seconds with the
     state saved, and `resume`, the server back, sends every metric logged before."""
-    path = _outage_pipeline(tmp_path, outage.url)
-    driver, log = _driver(tmp_path, "run", str(path))
+    driver, log, run_id = _run_into_outage(tmp_path, outage)
     try:
-        _until(lambda: (tmp_path / "half").exists(), "the first stage", driver, log)
-        run_id = _until(lambda: _run_id(log), "the run id", driver, log)
-        outage.down()
-        (tmp_path / "go").touch()
         _until(lambda: (tmp_path / "started").exists(), "`later` to start while the server is down", driver, log, 120)
         _until(lambda: _spooled(tmp_path, run_id, '"x",2.0'), "later's metrics spooled", driver, log, 60)
         t0 = time.monotonic()
@@ -379,14 +388,9 @@ def test_outage_then_ctrl_c_exits_in_seconds_and_resume_sends_every_metric(outag
 
 @pytest.mark.slow
 def test_sigkilled_driver_with_metrics_queued_loses_none_after_resume(outage, tmp_path):
-    path = _outage_pipeline(tmp_path, outage.url)
     (tmp_path / "hang-talk").touch()
-    driver, log = _driver(tmp_path, "run", str(path))
+    driver, log, run_id = _run_into_outage(tmp_path, outage)
     try:
-        _until(lambda: (tmp_path / "half").exists(), "the first stage", driver, log)
-        run_id = _until(lambda: _run_id(log), "the run id", driver, log)
-        outage.down()
-        (tmp_path / "go").touch()
         _until(lambda: _spooled(tmp_path, run_id, '"m",9.0'), "the last metrics spooled", driver, log, 60)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray, metrics still queued
