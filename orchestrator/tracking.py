@@ -432,7 +432,9 @@ def _transient(e: Exception) -> bool:
 
 
 def _short(e: Exception) -> str:
-    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    from .spec import redact  # the store's URL may carry credentials
+
+    return redact(str(e).splitlines()[0][:300]) if str(e) else type(e).__name__
 
 
 def open_client(uri: str) -> MlflowClient:
