@@ -231,6 +231,8 @@ class Outage:
     def down(self) -> None:
         lsock, self._lsock = self._lsock, None
         if lsock is not None:
+            with contextlib.suppress(OSError):
+                lsock.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the relay's thread
             lsock.close()
         for c in list(self._conns):
             with contextlib.suppress(OSError):
@@ -243,6 +245,9 @@ class Outage:
             try:
                 client, _ = lsock.accept()
             except OSError:
+                return
+            if self._lsock is not lsock:  # accepted as the outage began: refuse it
+                client.close()
                 return
             try:
                 server = socket.create_connection(("127.0.0.1", self.upstream))
