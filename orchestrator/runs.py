@@ -178,7 +178,9 @@ def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool,
         tracker.log_dag(record, prep.plan.needs)
         tracker.end_pipeline(record)
         # Writes are spooled beside the run state: what the store cannot take now is sent on resume.
-        if not tracker.flush(timeout=120):
+        # A finished run waits a while for a store that is down; a cancelled one leaves at once.
+        patience = 5.0 if record.state == RunState.CANCELLED else 120.0
+        if not tracker.flush(timeout=120, give_up_after_s=patience):
             print(f"warning: {tracker.pending} MLflow writes could not reach {spec_mod.redact(record.tracking_uri)}; "
                   f"they are kept in {tracker.spool_dir} and sent by `orchestrator resume {record.run_id}`", file=stream)
         tracker.close()

@@ -102,9 +102,19 @@ class Spool:
                     self._count -= 1
                     log.warning("skipping a corrupt tracking write in %s", self._path(_LOG))
 
+    def take(self) -> list[dict[str, Any]]:
+        """Every entry of an in-memory spool, removed from it (to move them to one on disk)."""
+        with self._lock:
+            out = [entry for _, entry in self._buf]
+            self._buf.clear()
+            self._count = 0
+            return out
+
     def pop(self) -> None:
         """The head was sent (or given up on): never send it again."""
         with self._lock:
+            if not self._buf:  # taken meanwhile (see take)
+                return
             offset, _ = self._buf.popleft()
             self._count -= 1
             if self._f is None:

@@ -86,9 +86,8 @@ class Tracker:
         with self._cv:
             old, self._spool = self._spool, Spool(directory)
             self.spool_dir = directory
-            while (entry := old.head()) is not None:
+            for entry in old.take():
                 self._spool.put(entry)
-                old.pop()
             self._cv.notify_all()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -119,6 +118,7 @@ class Tracker:
                     self._cv.wait()
                 if self._closed:
                     return
+                spool = self._spool  # the one to acknowledge in, even if spool_to swaps it meanwhile
             method = entry["m"]
             try:
                 self._send(method, _decode(entry["a"]), _decode(entry["k"]))
@@ -138,7 +138,7 @@ class Tracker:
                 log.warning("MLflow write %s dropped: %s", method, _short(e))
             self._down_since, backoff, tries = None, 0.5, 0
             with self._cv:
-                self._spool.pop()
+                spool.pop()
                 self._cv.notify_all()
 
     def _pause(self, seconds: float) -> None:
@@ -432,7 +432,9 @@ def _transient(e: Exception) -> bool:
 
 
 def _short(e: Exception) -> str:
-    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    from .spec import redact  # the store's URL may carry credentials
+
+    return redact(str(e).splitlines()[0][:300]) if str(e) else type(e).__name__
 
 
 def open_client(uri: str) -> MlflowClient:

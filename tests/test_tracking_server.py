@@ -4,7 +4,9 @@ created) and restarted on the same port; the run succeeds and no metric is lost.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -169,3 +171,235 @@ def test_a_call_that_needs_an_answer_waits_for_the_server_then_gives_up(tmp_path
     with pytest.raises(Exception, match="127.0.0.1"):
         tracker.start_pipeline("p", "name: p", {})
     assert 1.0 <= time.time() - t0 < 30  # retried with backoff until sync_retry_s, without MLflow's minutes of retries
+
+
+OUTAGE_FUNCS = '''
+import time
+from pathlib import Path
+
+def _wait(path):
+    deadline = time.time() + 300
+    while not Path(path).exists():
+        if time.time() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.05)
+
+def talk(ctx, d):
+    if Path(d, "resumed").exists():  # the rerun after resume logs nothing: counts stay exact
+        return {"logged": 0}
+    for i in range(5):
+        ctx.log_metrics({"m": float(i)}, step=i)
+    Path(d, "half").touch()
+    _wait(Path(d, "go"))  # the test stops the tracking server meanwhile
+    for i in range(5, 10):
+        ctx.log_metrics({"m": float(i)}, step=i)
+    if Path(d, "hang-talk").exists():
+        time.sleep(600)
+    return {"logged": 10}
+
+def later(ctx, d):
+    if Path(d, "resumed").exists():
+        return {}
+    ctx.log_metrics({"x": 1.0}, step=0)
+    ctx.log_metrics({"x": 2.0}, step=1)
+    Path(d, "started").touch()
+    time.sleep(600)
+'''
+
+
+class Outage:
+    """A TCP relay in front of a running MLflow server that can refuse connections at will: an
+    outage of the tracking server as clients see it (connections refused, open ones cut),
+    without the minute a server restart takes on a busy machine."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = upstream_port
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._conns: list[socket.socket] = []
+        self._lsock: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("127.0.0.1", self.port))
+        lsock.listen(64)
+        self._lsock = lsock
+        threading.Thread(target=self._accept, args=(lsock,), daemon=True).start()
+
+    def down(self) -> None:
+        lsock, self._lsock = self._lsock, None
+        if lsock is not None:
+            with contextlib.suppress(OSError):
+                lsock.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the relay's thread
+            lsock.close()
+        for c in list(self._conns):
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        self._conns.clear()
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = lsock.accept()
+            except OSError:
+                return
+            if self._lsock is not lsock:  # accepted as the outage began: refuse it
+                client.close()
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory, _empty_mlflow_db):
+    """One MLflow server for the outage tests (each has its own experiment), behind a relay."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(_empty_mlflow_db, root / "server.db")
+    srv = MlflowServer(root)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def outage(shared_server):
+    relay = Outage(shared_server.port)
+    yield relay
+    relay.down()
+
+
+def _outage_pipeline(tmp_path: Path, url: str) -> Path:
+    (tmp_path / "ofuncs.py").write_text(OUTAGE_FUNCS)
+    path = tmp_path / "outage.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: outage-{tmp_path.name.replace("_", "-").lower()}
+        storage: {tmp_path / 'store'}
+        tracking: {{uri: "{url}"}}
+        defaults: {{retries: 0}}
+        stages:
+          talk: {{kind: python, config: {{entrypoint: "ofuncs:talk", params: {{d: "{tmp_path}"}}}}}}
+          later: {{kind: python, needs: [talk], config: {{entrypoint: "ofuncs:later", params: {{d: "{tmp_path}"}}}}}}
+    """))
+    return path
+
+
+def _driver(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / f"driver-{args[0]}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args, "--plain"], env=env, cwd=tmp_path,
+                            stdout=open(out, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, out
+
+
+def _until(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0):
+    deadline = time.time() + timeout
+    while not (value := cond()):
+        assert proc.poll() is None, f"driver exited while waiting for {what}: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}: {log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    return value
+
+
+def _run_id(log: Path) -> str | None:
+    import re
+
+    m = re.search(r"MLflow run id: (\w+)", log.read_text())
+    return m[1] if m else None
+
+
+def _spooled(tmp_path: Path, run_id: str, needle: str) -> bool:
+    spool = tmp_path / "store" / "_runs" / run_id / "spool" / "writes.jsonl"
+    return spool.exists() and needle in spool.read_text()
+
+
+def _run_into_outage(tmp_path: Path, outage: Outage) -> tuple[subprocess.Popen, Path, str]:
+    """A driver whose first stage logged half its metrics when the tracking server goes down."""
+    driver, log = _driver(tmp_path, "run", str(_outage_pipeline(tmp_path, outage.url)))
+    try:
+        _until(lambda: (tmp_path / "half").exists(), "the first stage", driver, log)
+        run_id = _until(lambda: _run_id(log), "the run id", driver, log)
+    except BaseException:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise
+    outage.down()
+    (tmp_path / "go").touch()
+    return driver, log, run_id
+
+
+def _resume_and_count(tmp_path: Path, server: "Outage", run_id: str) -> dict:
+    server.up()
+    (tmp_path / "resumed").touch()
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "resume", run_id, "--tracking-uri", server.url, "--plain"],
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rec = runs.load_record(run_id, server.url)
+    assert rec.state == RunState.SUCCEEDED
+    client = MlflowClient(server.url)
+    counts = {}
+    for stage, key in (("talk", "m"), ("later", "x")):
+        rid = rec.stages[stage].child_run_id
+        assert not rid.startswith("pending-"), "placeholders give way to the real run ids"
+        counts[stage] = sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
+    return counts
+
+
+@pytest.mark.slow
+def test_outage_then_ctrl_c_exits_in_seconds_and_resume_sends_every_metric(outage, tmp_path):
+    """The server goes down mid-run: the next stage's MLflow run cannot be created, yet the stage
+    starts (creating runs never holds up scheduling); Ctrl-C then exits within seconds with the
+    state saved, and `resume`, the server back, sends every metric logged before."""
+    driver, log, run_id = _run_into_outage(tmp_path, outage)
+    try:
+        _until(lambda: (tmp_path / "started").exists(), "`later` to start while the server is down", driver, log, 120)
+        _until(lambda: _spooled(tmp_path, run_id, '"x",2.0'), "later's metrics spooled", driver, log, 60)
+        t0 = time.monotonic()
+        driver.send_signal(signal.SIGINT)
+        driver.wait(60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert elapsed < 20, f"Ctrl-C took {elapsed:.1f}s: {log.read_text()[-2000:]}"
+    state = json.loads((tmp_path / "store" / "_runs" / run_id / "state.json").read_text())
+    assert state["state"] == "CANCELLED" and state["stages"]["later"]["state"] == "CANCELLED"
+
+    counts = _resume_and_count(tmp_path, outage, run_id)
+    assert counts["talk"] == [(i, float(i)) for i in range(10)]  # each exactly once
+    assert counts["later"] == [(0, 1.0), (1, 2.0)]
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_with_metrics_queued_loses_none_after_resume(outage, tmp_path):
+    (tmp_path / "hang-talk").touch()
+    driver, log, run_id = _run_into_outage(tmp_path, outage)
+    try:
+        _until(lambda: _spooled(tmp_path, run_id, '"m",9.0'), "the last metrics spooled", driver, log, 60)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray, metrics still queued
+        driver.wait(30)
+    (tmp_path / "hang-talk").unlink()
+    counts = _resume_and_count(tmp_path, outage, run_id)
+    assert counts["talk"] == [(i, float(i)) for i in range(10)]
