@@ -52,13 +52,14 @@ def plain_loop(ds: Path, steps: int, threads: int) -> list[float]:
     from workers.model.transformer import GPT, config_for
     from workers.data.tokens import TokenBatches, TokenDataset
     from workers.training.loop import lr_at
+    from workers.training.params import adamw
 
     torch.set_num_threads(threads)
     cfg = config(steps)
     dataset = TokenDataset.open(str(ds))
     torch.manual_seed(cfg.seed)
     model = GPT(config_for(MODEL, dataset.vocab_size))
-    opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), "cpu")
+    opt = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)  # the loop's own optimizer
     batches = TokenBatches(dataset, block_size=MODEL["block_size"], batch_size=BATCH, grad_accum=1,
                            rank=0, world=1, seed=cfg.seed)
     ends = []
