@@ -10,6 +10,7 @@ and after, with a warning when the machine is not idle.
 
     python benchmarks/generate.py                                   # 4 models, batch 1, 5 repeats
     python benchmarks/generate.py --models small llama-small --repeats 2 --new-tokens 32   # quick check
+    python benchmarks/generate.py --clock cpu     # CPU time instead of wall time, for a busy machine
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def make_model(size: str, vocab: int, seed: int) -> GPT:
     return m.eval()
 
 
-def interleaved(runs: dict, repeats: int) -> dict[str, tuple[list[float], object]]:
+def interleaved(runs: dict, repeats: int, clock=time.perf_counter) -> dict[str, tuple[list[float], object]]:
     """Each function once as warm-up, then `repeats` rounds in rotating order so background load
     hits all alike. Returns name -> (seconds per run, last output)."""
     for f in runs.values():
@@ -55,9 +56,9 @@ def interleaved(runs: dict, repeats: int) -> dict[str, tuple[list[float], object
     outs: dict[str, object] = {}
     for r in range(repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             outs[n] = runs[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     return {n: (times[n], outs[n]) for n in names}
 
 
@@ -80,6 +81,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time (the figure to record); cpu: this process's CPU time, steadier "
+                         "than wall time on a shared machine (single-threaded runs only)")
     ap.add_argument("--no-static", action="store_true", help="skip the transformers static-cache reference")
     args = ap.parse_args()
 
@@ -90,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     N = args.new_tokens
     print(f"vocab={args.vocab} prompt={args.prompt_len} new_tokens={N} threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} torch={torch.__version__}")
+          f"repeats={args.repeats} clock={args.clock} torch={torch.__version__}")
     before = load_line("before")
     for size in args.models:
         ours = make_model(size, args.vocab, args.seed)
@@ -113,7 +117,7 @@ def main() -> None:
                     "transformers": hf_generate}
             if not args.no_static:
                 runs["transformers static"] = lambda: hf_generate(cache_implementation="static")
-            res = interleaved(runs, args.repeats)
+            res = interleaved(runs, args.repeats, time.process_time if args.clock == "cpu" else time.perf_counter)
             ours_ids = [c[0].token_ids for c in res["ours"][1]]
             med = {n: B * N / statistics.median(ts) for n, (ts, _) in res.items()}
             for n, (ts, out) in res.items():

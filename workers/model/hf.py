@@ -282,17 +282,17 @@ def load_model(folder, *, dtype: torch.dtype | None = None, device="cpu") -> GPT
     for ours, w in _WEIGHT_MAPS[model_type](cfg).items():
         for name, row in zip(w.hf, [0, *itertools.accumulate(w.sizes)]):
             places[name] = (ours, row, w.transposed)
-    if dtype is None:
+    if dtype is None:  # the stored dtype (of the first tensor; checkpoints hold one)
         with safe_open(str(files[0]), framework="pt") as f:
-            dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
-            dtype = _SAFETENSORS_DTYPES.get(dtype)
-            if dtype is None:
-                raise ValueError(f"{where}: weights stored as {f.get_slice(next(iter(f.keys()))).get_dtype()}; "
-                                 f"supported: {', '.join(_SAFETENSORS_DTYPES)}")
+            stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+        if stored not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{where}: weights stored as {stored}; supported: {', '.join(_SAFETENSORS_DTYPES)} "
+                             "(or pass dtype=)")
+        dtype = _SAFETENSORS_DTYPES[stored]
     with torch.device("meta"):
         model = GPT(cfg).to(dtype)
     model.tie_weights()                  # final layout, still without storage
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)        # straight onto the device: no host copy of the model
     model.tie_weights()                  # to_empty gives tied parameters separate storage
     params = dict(model.named_parameters())
     filled: dict[str, int] = dict.fromkeys(params, 0)
@@ -319,7 +319,7 @@ def load_model(folder, *, dtype: torch.dtype | None = None, device="cpu") -> GPT
     if missing:
         raise ValueError(f"{where}: missing weights for {missing[:8]} (model_type {model_type!r})")
     model.hf_config = hf
-    return model.to(device)
+    return model
 
 
 # ----------------------------------------------------------------------------- saving

@@ -490,16 +490,19 @@ class GPT(nn.Module):
         return (mask & attention_mask.bool()[:, None, None, :]) | (kpos == qpos), False
 
     def forward(self, idx, targets=None, *, attention_mask=None, position_ids=None,
-                kv_cache: KVCache | None = None, loss_mask=None):
+                kv_cache: KVCache | None = None, loss_mask=None, logits_to_keep: int = 0):
         """idx (B, T) -> (logits (B, T, V), loss or None).
 
         targets (B, T): -100 is ignored. loss_mask (B, T): extra weight per target (e.g. only
         response tokens in SFT); the loss is the mean over selected tokens.
         attention_mask (B, past + T): 1 real, 0 padding (left padding for batched generation).
         kv_cache: appended to, so the next call only feeds new tokens. Logits for every given
-        position are returned (the sampler picks the last).
+        position are returned, or only the last `logits_to_keep` (a prefill needs one: with a
+        128k vocabulary, logits for every prompt position would dwarf the model).
         """
         x = self._trunk(idx, attention_mask, position_ids, kv_cache)
+        if logits_to_keep and targets is None:
+            x = x[:, -logits_to_keep:]                      # (B, logits_to_keep, C)
         logits = self.lm_head(x)                            # (B, T, V)
         loss = None
         if targets is not None:
