@@ -24,6 +24,7 @@ from workers.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from workers.model.lora import LoRALinear, apply_lora, merge_lora
 from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
 from workers.stage import Resources, local_context
+from workers.training.params import adamw
 
 BLOCK = 64
 
@@ -111,7 +112,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     x = torch.randint(0, 50, (4, 32))
     with torch.no_grad():
         assert torch.equal(model(x)[0], GPT.forward(model, x)[0])
-    opt = model.configure_optimizers(0.0, 1e-2)
+    opt = adamw(model, lr=1e-2, weight_decay=0.0)
     for _ in range(3):
         _, loss = model(x, x)
         loss.backward()
@@ -239,7 +240,7 @@ def test_full_finetuning_job_lowers_the_sft_loss(base, tmp_path):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     before = mean_loss(model, rows_of(job))
     model.train()
-    opt = model.configure_optimizers(0.0, cfg.lr)
+    opt = adamw(model, lr=cfg.lr, weight_decay=0.0)
     batches = job.make_batches(0, 1, torch.device("cpu"))
     for step in range(15):
         for b in batches.train(step):

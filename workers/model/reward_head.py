@@ -61,9 +61,6 @@ class RewardModel(nn.Module):
 
     # -- what the training loop asks of a model
 
-    def configure_optimizers(self, weight_decay: float, lr: float, betas=(0.9, 0.95), device_type: str = "cpu"):
-        return GPT.configure_optimizers(self, weight_decay, lr, betas, device_type)
-
     def flops_per_token(self) -> int:
         return self.gpt.flops_per_token()
 
