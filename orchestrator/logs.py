@@ -99,9 +99,8 @@ class RunLogs:
             return
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # no public hook
 
-        if self.quiet:
-            with dispatcher._lock:
-                self._removed_ray_handler = [(n, h) for n, h in dispatcher.handlers if n == "ray_print_logs"]
+        if self.quiet:  # Ray's own handler prints every worker line to the terminal
+            self._removed_ray_handler = [(n, h) for n, h in dispatcher.handlers if n == "ray_print_logs"]
             dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler(_HANDLER, self._on_output)
         self._attached = True
