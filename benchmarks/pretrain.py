@@ -16,7 +16,7 @@ batch 12); ``12m`` is 6 layers, 6 heads, 384 wide (block 64, batch 12; 11.4 M pa
 Method (``benchmarks.method``): ours and the plain loop interleaved, a warm-up round, then
 ``--repeats`` rounds; medians, spreads, per-round ratios; load average before/after.
 
-    python -m benchmarks.pretrain                      # both sizes, 2 threads (~4 min idle)
+    python -m benchmarks.pretrain                      # both sizes, 2 threads (~4-5 min idle)
     python -m benchmarks.pretrain --threads 1          # the same with 1 thread
     python -m benchmarks.pretrain --kinds finetune reward --sizes small
     python -m benchmarks.pretrain --pipeline           # tokenize -> pretrain from the CLI, MLflow metrics
@@ -42,8 +42,8 @@ from benchmarks import method
 
 VOCAB, EOS = 2048, 2047
 SIZES = {
-    "small": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}, 150, 10),
-    "12m": ({"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 64, "dropout": 0.0}, 25, 5),
+    "small": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}, 100, 10),
+    "12m": ({"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 64, "dropout": 0.0}, 12, 3),
 }
 """size -> (model, steps, warm-up steps excluded from the median)."""
 BATCH = 12
