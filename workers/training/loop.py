@@ -37,7 +37,7 @@ from workers.cpu import claim_cpus
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
-_BETAS = (0.9, 0.95)
+ADAMW_BETAS = (0.9, 0.95)
 _PROGRESS_EVERY_S = 0.5
 
 
@@ -259,7 +259,7 @@ def _train_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = job.make_model().to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, device.type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, ADAMW_BETAS, device.type)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
