@@ -248,7 +248,7 @@ def _train_worker(loop_config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
     # Normal priority (Ray starts workers at niceness 15) and the stage's CPUs as torch threads;
     # here, in Ray Train's training thread, because OpenMP's thread count is per thread.
-    cpu = claim_cpus(job.threads_per_worker if device.type == "cpu" else 1)
+    cpu = claim_cpus(job.threads_per_worker)
     if rank == 0:
         ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"])})
     precision = resolve_precision(device, cfg.precision)
