@@ -38,7 +38,7 @@ from workers.training.params import OptimizerConfig, adamw
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
-_BETAS = (0.9, 0.95)
+ADAMW_BETAS = (0.9, 0.95)
 _PROGRESS_EVERY_S = 0.5
 
 
@@ -241,7 +241,7 @@ def _train_worker(loop_config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
     # Normal priority (Ray starts workers at niceness 15) and the stage's CPUs as torch threads;
     # here, in Ray Train's training thread, because OpenMP's thread count is per thread.
-    cpu = claim_cpus(job.threads_per_worker if device.type == "cpu" else 1)
+    cpu = claim_cpus(job.threads_per_worker)
     if rank == 0:
         ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"])})
     precision = resolve_precision(device, cfg.precision)
@@ -252,7 +252,7 @@ def _train_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = job.make_model().to(device)
-    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=_BETAS, device_type=device.type)
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=ADAMW_BETAS, device_type=device.type)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
