@@ -410,7 +410,7 @@ def _deployment():
             self.loaded = open_checkpoint(checkpoint)
             self.loaded.name = model_name or self.loaded.name
             lm = self.loaded
-            self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id,
+            self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, end_token_ids=lm.stop_token_ids,
                                  max_batch_size=max_batch_size, max_queue=max_queue).start()
             self._app_args = dict(key_digest=key_digest, max_queue=max_queue, stream_interval_s=stream_interval_s)
 

@@ -181,10 +181,13 @@ class Engine:
     a daemon thread started by :meth:`start`."""
 
     def __init__(self, model, tokenizer, *, eos_token_id: int | None, max_batch_size: int = 8,
-                 max_queue: int = 64, device=None, fault_hook: FaultHook | None = None):
+                 max_queue: int = 64, device=None, fault_hook: FaultHook | None = None,
+                 end_token_ids: tuple[int, ...] = ()):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
+        # every id that ends a generation (Llama 3 has several), like eos: ignore_eos turns them off
+        self.end_ids = frozenset(end_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.device = torch.device(device or default_device())
@@ -588,7 +591,7 @@ class Engine:
             n = req.top_logprobs
             alts = {self.decode([t]): v for v, t in zip(top[0][:n], top[1][:n])}
             s.top.append(alts)
-        if (tok == self.eos_token_id and not req.ignore_eos) or tok in p.stop_token_ids:
+        if (tok in self.end_ids and not req.ignore_eos) or tok in p.stop_token_ids:
             s.finish = "stop"
         body = s.token_ids[:-1] if s.finish else s.token_ids
         last = len(s.token_ids) >= p.max_tokens or len(s.tokens) >= self.block_size
