@@ -66,9 +66,7 @@ class Executor:
     def _ensure_ray(self) -> None:
         if self._bus is None:
             self._connect()
-            # max_calls=1: each attempt in a fresh worker process, so it runs the code its
-            # fingerprint names, never a module an earlier stage imported before an edit
-            self._remote = ray.remote(max_calls=1)(execute_stage)
+            self._remote = ray.remote(execute_stage)
             # On the driver's node: a bus placed on a worker node would die with it, and every
             # later metric, tag and progress event of every stage would be lost.
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

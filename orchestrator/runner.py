@@ -3,6 +3,7 @@ the event bus that carries metrics and progress from any process back to the dri
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -57,11 +58,38 @@ def _check_json(stage: str, outputs: Any) -> None:
                              retryable=False) from None
 
 
+# module file -> its mtime when this (pooled) worker process last saw it loaded
+_LOADED: dict[str, int] = {}
+
+
+def _forget_edited_code(roots: list[str]) -> None:
+    """A pooled worker keeps modules an earlier stage imported. When a project or user source
+    file changed since, drop the loaded project and user modules, so this attempt runs the code
+    its fingerprint names (not the old module a worker still holds)."""
+    roots = tuple(os.path.join(os.path.abspath(r), "") for r in roots)
+    ours = [(name, m.__file__) for name, m in list(sys.modules.items())
+            if isinstance(getattr(m, "__file__", None), str) and m.__file__.startswith(roots)
+            and not name.startswith("orchestrator")]  # this runner's own package stays
+    edited = False
+    for _, f in ours:
+        try:
+            mtime = os.stat(f).st_mtime_ns
+        except OSError:
+            continue
+        edited |= _LOADED.setdefault(f, mtime) != mtime
+        _LOADED[f] = mtime
+    if edited:
+        for name, _ in ours:
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+
+
 def execute_stage(kind: str, config: dict[str, Any], ctx_fields: dict[str, Any], sys_path: list[str]) -> dict[str, Any]:
     """Run one attempt of a stage. Returns {"outputs", "started", "ended"}; raises StageError."""
     for p in reversed(sys_path):
         if p not in sys.path:
             sys.path.insert(0, p)
+    _forget_edited_code(sys_path)
     from workers import load_kind
     from workers.stage import StageContext
 
@@ -89,3 +117,4 @@ def execute_stage(kind: str, config: dict[str, Any], ctx_fields: dict[str, Any],
                 "has_artifacts": any(art.iterdir())}
     finally:
         shutil.rmtree(art, ignore_errors=True)
+        _forget_edited_code(sys_path)  # note what this attempt loaded, as it was
