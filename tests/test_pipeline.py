@@ -178,11 +178,11 @@ def test_flaky_stage_passes_on_retry_and_failure_skips_downstream(workspace):
 def test_hanging_stage_is_stopped_by_its_timeout(workspace):
     pid_file = workspace.path / "hang.pid"
     path = workspace.write("hang", f"""
-        hang: {{kind: python, timeout_s: 3, retries: 0, config: {{entrypoint: "pfuncs:hang", params: {{marker_dir: MARK, pid_file: "{pid_file}"}}}}}}
+        hang: {{kind: python, timeout_s: 6, retries: 0, config: {{entrypoint: "pfuncs:hang", params: {{marker_dir: MARK, pid_file: "{pid_file}"}}}}}}
     """)
     rec = run(path)
     assert rec.state == RunState.FAILED
-    assert "timed out after 3s" in rec.stages["hang"].error
+    assert "timed out after 6s" in rec.stages["hang"].error
     pid = int(pid_file.read_text())
     assert not still_alive(pid), "the timed-out stage's process must be killed"
 
