@@ -99,11 +99,6 @@ def _save_model(model, directory, *, extra: dict):
     save_pretrained(model, directory, extra=extra)
 
 
-def _load_model(model, directory):
-    from workers.model.transformer import load_pretrained
-    model.load_state_dict(load_pretrained(directory, map_location="cpu").state_dict())
-
-
 def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, dict]:
     """The TrainJob for this stage and the dataset's upstream outputs."""
     from workers.model.transformer import config_for
@@ -128,7 +123,6 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
                                        block_size=gpt_config.block_size),
         loss_fn=lm_loss,
         save_model=functools.partial(_save_model, extra={"eos_token_id": eos, "bos_token_id": eos}),
-        load_model=_load_model,
         tokens_per_step=tokens_per_step,
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,
