@@ -288,3 +288,32 @@ def test_retried_attempt_resumes_from_scratch_checkpoints(runs):
     new = ctx.sink.events()[seen:]
     assert metric_steps(new, "train_loss") == []
     assert [v for _, v in metric_steps(new, "resumed_from_step")] == [STEPS]
+
+
+def test_llama_family_size_trains_from_scratch_and_saves_as_llama(tmp_path):
+    """The kind's own pieces (no Ray): a Llama-family named size builds, learns, and is written
+    in the layout `transformers` loads as LlamaForCausalLM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ds = make_dataset(tmp_path / "ds")
+    ctx = local_context(tmp_path, "pretrain", inputs=dataset_inputs(ds))
+    job, _ = pretrain.build_job(ctx, base_config(model={"size": "llama-tiny", "block_size": 32, "n_kv_head": 1}))
+    torch.manual_seed(0)
+    model = job.make_model()
+    assert (model.config.position, model.config.n_kv_head) == ("rope", 1)
+    opt = model.configure_optimizers(0.0, 1e-2)
+    batch = job.make_batches(0, 1, torch.device("cpu")).train(0)[0]
+    losses = []
+    for _ in range(15):
+        loss = pretrain.lm_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    job.save_model(model.eval(), tmp_path / "ck")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(hf(batch["idx"]).logits, model(batch["idx"])[0], atol=1e-4, rtol=0)

@@ -27,17 +27,24 @@ class ModelFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: str | None = Field(None, description="Base size from workers.model.transformer.SIZES (tiny, small, gpt2-124m, ...).")
+    size: str | None = Field(None, description="Base size from workers.model.transformer.SIZES: GPT-2 family (tiny, "
+                             "small, medium, gpt2-124m, ...) or Llama family (llama-tiny, llama-small, llama-medium, "
+                             "smollm-135m, llama-3.2-1b).")
     n_layer: int | None = Field(None, ge=1, description="Transformer blocks.")
     n_head: int | None = Field(None, ge=1, description="Attention heads per block.")
     n_embd: int | None = Field(None, ge=1, description="Embedding width (divisible by n_head).")
     block_size: int | None = Field(None, ge=1, description="Context length in tokens.")
     dropout: float | None = Field(None, ge=0, lt=1, description="Dropout probability (0 for pretraining).")
+    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (divides n_head): fewer than n_head is "
+                                  "grouped-query attention, 1 multi-query. Default n_head.")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP hidden width; default 4 * n_embd.")
+    rope_theta: float | None = Field(None, gt=0, description="RoPE base (Llama-family sizes only).")
+    tie_embeddings: bool | None = Field(None, description="Share the token embedding with the output layer.")
 
 
 class Config(TrainingConfig):
-    model: str | ModelFields = Field("small", description="A size name (tiny, small, medium, gpt2-124m, ...) "
-                                     "or explicit fields n_layer/n_head/n_embd/block_size/dropout.")
+    model: str | ModelFields = Field("small", description="A size name (tiny, small, medium, gpt2-124m, ..., "
+                                     "llama-tiny, llama-small, ...) or explicit fields over a `size`.")
     data: str | None = Field(None, description="The upstream stage whose token dataset to train on; "
                              "default: the only upstream with a `dataset` output.")
     max_tokens: int | None = Field(None, ge=1, description="Train until this many tokens have been seen "

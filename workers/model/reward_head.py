@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from workers.model.transformer import GPT, GPTConfig, _atomic_write, load_pretrained, read_config, save_pretrained
+from workers.model.hf import atomic_write, load_model, read_config, save_model
+from workers.model.transformer import GPT, GPTConfig
 
 __all__ = ["RewardModel", "save_reward_model", "load_reward_model", "is_reward_model", "HEAD_FILE"]
 
@@ -53,7 +54,7 @@ class RewardModel(nn.Module):
             pos = torch.arange(T, device=idx.device).expand(B, T)
             last = (pos * attention_mask.long()).argmax(dim=-1)    # (B,)
         h_last = h[torch.arange(B, device=idx.device), last]       # (B, C)
-        return self.head(h_last).squeeze(-1).float()               # (B,)
+        return self.head(h_last.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.score(idx, attention_mask)
@@ -79,9 +80,9 @@ def save_reward_model(model: RewardModel, directory, extra: dict | None = None) 
     directory.mkdir(parents=True, exist_ok=True)
     head = {"reward_head.weight": model.head.weight.detach().cpu().contiguous(),
             "reward_head.bias": model.head.bias.detach().cpu().contiguous()}
-    _atomic_write(directory / HEAD_FILE, lambda p: save_file(head, p, metadata={"format": "pt"}))
+    atomic_write(directory / HEAD_FILE, lambda p: save_file(head, p, metadata={"format": "pt"}))
     # config.json last: its presence with "reward_model" marks a complete reward model
-    save_pretrained(model.gpt, directory, extra={**(extra or {}), "reward_model": True})
+    save_model(model.gpt, directory, extra={**(extra or {}), "reward_model": True})
 
 
 def load_reward_model(directory, map_location="cpu") -> RewardModel:
@@ -97,7 +98,7 @@ def load_reward_model(directory, map_location="cpu") -> RewardModel:
     head_path = directory / HEAD_FILE
     if not head_path.exists():
         raise FileNotFoundError(f"reward model {str(directory)!r}: no {HEAD_FILE}")
-    gpt = load_pretrained(directory, map_location="cpu")
+    gpt = load_model(directory)
     model = RewardModel.from_gpt(gpt)
     head = load_file(str(head_path), device="cpu")
     expected = {"reward_head.weight", "reward_head.bias"}

@@ -1,58 +1,103 @@
-"""A GPT-2 style decoder in plain PyTorch (nanoGPT-like), stored in Hugging Face GPT-2 layout.
+"""One config-driven decoder in plain PyTorch (nanoGPT/litgpt style): GPT-2 and the Llama family.
+
+A family is a handful of `GPTConfig` fields, not a subclass: the position scheme (`learned`
+embeddings or `rope`), the norm (`layernorm` or `rmsnorm`), the MLP (`gelu` or `swiglu`), the
+number of key/value heads (GQA/MQA), biases and embedding tying. GPT-2 is the defaults; Llama,
+Mistral and Qwen2 are `rope` + `rmsnorm` + `swiglu` without biases (Qwen2: `qkv_bias`).
+
+Module names are the same in every family (`transformer.h.N.attn.c_attn` is the fused q/k/v
+projection, `mlp.c_fc` the fused gate/up or GELU input, `c_proj` the output projections), so
+LoRA targets, the KV cache and sampling work unchanged for all of them. Conversion to and from
+the Hugging Face layout lives apart, in `workers.model.hf`, with a weight-name map per family.
 
 The model knows nothing of Ray, MLflow or configs: distribution, mixed precision and tracking
-are applied from outside. Parameter names follow `transformers.GPT2LMHeadModel`
-(`transformer.wte`, `transformer.h.N.attn.c_attn`, ...), so `save_pretrained` writes a
-checkpoint that `GPT2LMHeadModel.from_pretrained` loads, and `load_pretrained` reads one that
-`GPT2LMHeadModel.save_pretrained` wrote. HF's Conv1D stores weights as (in, out); we use
-nn.Linear (out, in), so those four weights are transposed at save/load.
+are applied from outside.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 __all__ = [
-    "GPTConfig", "SIZES", "config_for", "GPT", "KVCache",
+    "GPTConfig", "SIZES", "config_for", "GPT", "KVCache", "NORMS", "MLPS", "POSITIONS", "ROPE_SCALINGS",
     "save_pretrained", "load_pretrained", "read_config",
     "default_device", "autocast_context",
 ]
+
+POSITIONS = ("learned", "rope")
+ROPE_SCALINGS = ("linear", "llama3")
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int
-    block_size: int          # max sequence length (HF n_positions)
+    block_size: int          # max sequence length (HF n_positions / max_position_embeddings)
     n_layer: int
     n_head: int
     n_embd: int
     dropout: float = 0.0
-    bias: bool = True        # biases in Linear and LayerNorm (HF GPT-2 always has them)
+    bias: bool = True        # biases in every Linear and LayerNorm (GPT-2); False for Llama
+    # -- family components (defaults: GPT-2)
+    n_kv_head: int | None = None        # key/value heads: n_head (MHA), fewer (GQA), 1 (MQA)
+    head_size: int | None = None        # default n_embd // n_head
+    intermediate_size: int | None = None  # MLP hidden width; default 4 * n_embd
+    norm: str = "layernorm"             # a key of NORMS
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"                   # a key of MLPS
+    position: str = "learned"           # "learned" (wpe) or "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # HF rope_scaling: {"rope_type": "linear"|"llama3", ...}
+    qkv_bias: bool | None = None        # bias on the q/k/v projection only; default `bias` (Qwen2: True)
+    tie_embeddings: bool = True         # lm_head shares the token embedding
+    sliding_window: int | None = None   # Mistral: a query sees at most this many keys (itself included)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"model.{name}: got {v!r}; must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd: got {self.n_embd}; must be divisible by "
-                             f"model.n_head ({self.n_head})")
+            _positive_int(name, getattr(self, name))
+        for name in ("n_kv_head", "head_size", "intermediate_size", "sliding_window"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"model.n_embd: got {self.n_embd}; must be divisible by "
+                                 f"model.n_head ({self.n_head})")
+            self.head_size = self.n_embd // self.n_head
+        self.n_kv_head = self.n_head if self.n_kv_head is None else self.n_kv_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_kv_head: got {self.n_kv_head}; must divide model.n_head "
+                             f"({self.n_head}) (1 = multi-query attention)")
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        self.qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout: got {self.dropout!r}; must be in [0, 1)")
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}: got {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        if self.position == "rope" and self.head_size % 2:
+            raise ValueError(f"model.head_size: got {self.head_size}; RoPE needs an even head size")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ROPE_SCALINGS:
+                raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported; "
+                                 f"supported: {', '.join(ROPE_SCALINGS)} (or none)")
 
 
-# Named sizes (torchtitan-style registry). `tiny` is for tests.
+def _positive_int(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"model.{name}: got {v!r}; must be a positive integer")
+
+
+# Llama-family components; a size adds the shape.
+_LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-5)
+
+# Named sizes (torchtitan-style registry). `tiny`/`llama-tiny` are for tests.
 SIZES: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
@@ -61,13 +106,27 @@ SIZES: dict[str, dict] = {
     "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
     "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
     "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+    "llama-tiny": dict(_LLAMA, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=176,
+                       block_size=128),
+    "llama-small": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=352,
+                        block_size=256),
+    "llama-medium": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, intermediate_size=1024,
+                         block_size=512),
+    # the shapes of released models (SmolLM-135M; Llama 3.2 1B), for pretraining their like
+    "smollm-135m": dict(_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                        block_size=2048),
+    "llama-3.2-1b": dict(_LLAMA, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192,
+                         block_size=8192, rope_theta=500000.0, rope_scaling=dict(
+                             rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192)),
 }
 
 _CONFIG_FIELDS = {f.name for f in fields(GPTConfig)}
 
 
 def config_for(model: str | dict, vocab_size: int) -> GPTConfig:
-    """A GPTConfig from a size name (`"small"`) or a dict of fields, optionally with `size:` as base.
+    """A GPTConfig from a size name (`"small"`, `"llama-small"`) or a dict of fields, optionally
+    with `size:` as base.
 
     vocab_size comes from the tokenizer; a dict may override it explicitly.
     """
@@ -102,8 +161,9 @@ def config_for(model: str | dict, vocab_size: int) -> GPTConfig:
 class KVCache:
     """Preallocated keys/values for incremental decoding: no torch.cat per step.
 
-    k[l], v[l]: (B, nh, max_len, hs). `pos` is how many positions are filled; GPT.forward writes
-    the new keys/values at [pos, pos+T) of every layer, then advances `pos` by T.
+    k[l], v[l]: (B, n_kv_head, max_len, hs). `pos` is how many positions are filled; GPT.forward
+    writes the new keys/values at [pos, pos+T) of every layer, then advances `pos` by T. Keys are
+    stored after RoPE, so a cached key never needs rotating again.
     """
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
@@ -120,7 +180,7 @@ class KVCache:
         p = model.lm_head.weight
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
-        shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_size)
         return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
                    [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)])
 
@@ -133,7 +193,7 @@ class KVCache:
         return self.k[0].size(0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at [pos, pos+T); return all keys/values so far (B, nh, pos+T, hs)."""
+        """Store k, v (B, nkv, T, hs) at [pos, pos+T); return all keys/values so far (B, nkv, pos+T, hs)."""
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"kv_cache: writing up to position {end} but max_len is {self.max_len}")
@@ -147,55 +207,151 @@ class KVCache:
         self.v = [t.index_select(0, index) for t in self.v]
 
 
+# ----------------------------------------------------------------------------- rotary positions
+
+def rope_inv_freq(config: GPTConfig) -> torch.Tensor:
+    """Inverse frequencies (hs/2,) in fp32, with `rope_scaling` applied as transformers does."""
+    hs = config.head_size
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":  # positions stretched by `factor`
+        return inv / s["factor"]
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RoPE:
+    """cos/sin tables (L, hs) for positions [0, L), built lazily per device/dtype and grown on
+    demand (a 128k-context config need not hold a 128k table). Not a buffer: nothing to load,
+    nothing to move, and a model built on the meta device needs no re-initialisation."""
+
+    def __init__(self, config: GPTConfig):
+        self.config = config
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (torch.device(device), dtype)
+        have = self.tables.get(key)
+        if have is None or have[0].size(0) < length:
+            n = min(max(length, 2 * (have[0].size(0) if have else 1024)), self.config.block_size)
+            n = max(n, length)
+            # outside inference mode: training may use the tables built by an earlier generate()
+            with torch.inference_mode(False), torch.no_grad():
+                t = torch.arange(n, device=device, dtype=torch.float32)
+                freqs = torch.outer(t, rope_inv_freq(self.config).to(device))  # (L, hs/2)
+                emb = torch.cat((freqs, freqs), dim=-1)                        # (L, hs)
+                have = (emb.cos().to(dtype), emb.sin().to(dtype))
+            self.tables[key] = have
+        return have
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hs) rotated by cos/sin (B|1, 1, T, hs); the half-split layout transformers uses."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 # ----------------------------------------------------------------------------- modules
 
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalised in fp32, scaled in the input dtype (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+NORMS = {
+    "layernorm": lambda cfg: nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias),
+    "rmsnorm": lambda cfg: RMSNorm(cfg.n_embd, cfg.norm_eps),
+}
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head, grouped-query (n_kv_head < n_head) or multi-query (n_kv_head = 1) attention."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
+        self.sizes = (config.n_head * config.head_size,) + (config.n_kv_head * config.head_size,) * 2
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.qkv_bias)  # q, k, v
+        self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, mask, is_causal, kv_cache: KVCache | None, layer: int):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+    def forward(self, x, mask, is_causal, kv_cache: KVCache | None, layer: int, rope):
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)     # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)                          # (B, nh, S, hs)
+            k, v = kv_cache.update(layer, k, v)                           # (B, nkv, S, hs)
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0)             # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)                  # (B, T, C)
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)                     # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)                           # (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(y))
 
 
-class MLP(nn.Module):
+class GeluMLP(nn.Module):
+    """GPT-2: Linear -> GELU (tanh approximation, HF "gelu_new") -> Linear."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # HF "gelu_new": same logits as transformers
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class SwiGLUMLP(nn.Module):
+    """Llama: c_proj(silu(gate) * up), gate and up from one fused c_fc (gate rows first)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)                          # (B, T, I) each
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+MLPS = {"gelu": GeluMLP, "swiglu": SwiGLUMLP}
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_1 = NORMS[config.norm](config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = NORMS[config.norm](config)
+        self.mlp = MLPS[config.mlp](config)
 
-    def forward(self, x, mask, is_causal, kv_cache, layer):
-        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer)
+    def forward(self, x, mask, is_causal, kv_cache, layer, rope):
+        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -203,15 +359,19 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            parts,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+            ln_f=NORMS[config.norm](config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        self.rope = RoPE(config) if config.position == "rope" else None
         self.apply(self._init_weights)
         # GPT-2 paper: scale residual projections by 1/sqrt(2 * n_layer)
         for pn, p in self.named_parameters():
@@ -227,26 +387,31 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def tie_weights(self) -> None:
+        """Re-share lm_head and the token embedding (after loading tensors by assignment)."""
+        if self.config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+
     # -- sizes and cost
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings are excluded by default (token embeddings count
-        once, as the tied lm_head weight), as nanoGPT counts."""
+        once when tied to lm_head), as nanoGPT counts."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, nanoGPT's estimate_mfu: 6N + 12·L·H·Q·T (PaLM appendix B)."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_size, cfg.block_size
         return 6 * self.num_params() + 12 * L * H * Q * T
 
     # -- forward
 
     def _trunk(self, idx, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
-        """Blocks + final LayerNorm: (B, T) token ids -> (B, T, C)."""
+        """Blocks + final norm: (B, T) token ids -> (B, T, C)."""
         B, T = idx.size()
         past = kv_cache.pos if kv_cache is not None else 0
         S = past + T                                         # keys visible to this call
@@ -255,36 +420,50 @@ class GPT(nn.Module):
         if attention_mask is not None and attention_mask.size(-1) != S:
             raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)}; expected "
                              f"(B, {S}) = past cached positions + new tokens")
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, S, device=idx.device).unsqueeze(0)  # (1, T)
+        if position_ids is None and attention_mask is not None:
+            # left padding: real tokens count from 0, pads get position 0 (ignored anyway)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)
+        mask, is_causal = self._mask(idx.device, T, past, attention_mask)
+
+        x = self.transformer.wte(idx)                        # (B, T, C)
+        rope = None
+        if self.rope is not None:
+            cos, sin = self.rope(S, idx.device, x.dtype)       # (>= S, hs); positions are < S
+            if position_ids is None:                         # contiguous positions: a view, no gather
+                cos, sin = cos[past:S], sin[past:S]          # (T, hs)
             else:
-                # left padding: real tokens count from 0, pads get position 0 (ignored anyway)
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)
-
-        mask, is_causal = None, False
-        if attention_mask is not None:
-            # (B, 1, T, S): causal (offset by the cached length) and only real keys. Each query
-            # also sees itself so a pad row is never fully masked (that would give NaN).
-            qpos = torch.arange(past, S, device=idx.device).view(T, 1)
-            kpos = torch.arange(S, device=idx.device).view(1, S)
-            causal = kpos <= qpos                                            # (T, S)
-            mask = (causal & attention_mask.bool()[:, None, None, :]) | (kpos == qpos)
-        elif T > 1:
-            if past == 0:
-                is_causal = True
-            else:  # chunked prefill after a cached prefix: causal with an offset
-                qpos = torch.arange(past, S, device=idx.device).view(T, 1)
-                mask = torch.arange(S, device=idx.device).view(1, S) <= qpos
-        # T == 1 with no padding: the new token sees every cached key, no mask needed.
-
-        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, C)
+                cos, sin = cos[position_ids], sin[position_ids]  # (B, T, hs)
+            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))    # broadcast over heads
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(past, S, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(position_ids)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, is_causal, kv_cache, i)
+            x = block(x, mask, is_causal, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.pos = S
         return self.transformer.ln_f(x)                     # (B, T, C)
+
+    def _mask(self, device, T: int, past: int, attention_mask):
+        """(attn_mask, is_causal) for T new queries after `past` cached keys: None/True when SDPA's
+        own causal mask (or no mask at all) is exact, else a bool mask (B|1, 1, T, S)."""
+        S, window = past + T, self.config.sliding_window
+        windowed = window is not None and S > window
+        if attention_mask is None and not windowed:
+            if T == 1:
+                return None, False       # the new token sees every cached key
+            if past == 0:
+                return None, True
+        qpos = torch.arange(past, S, device=device).view(T, 1)
+        kpos = torch.arange(S, device=device).view(1, S)
+        mask = kpos <= qpos                                                  # (T, S) causal
+        if windowed:
+            mask = mask & (qpos - kpos < window)
+        if attention_mask is None:
+            return mask, False
+        # only real keys; each query also sees itself so a pad row is never fully masked (NaN)
+        return (mask & attention_mask.bool()[:, None, None, :]) | (kpos == qpos), False
 
     def forward(self, idx, targets=None, *, attention_mask=None, position_ids=None,
                 kv_cache: KVCache | None = None, loss_mask=None):
@@ -309,7 +488,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden_states(self, idx, attention_mask=None) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, C), e.g. for a reward model's scalar head."""
+        """Final-norm output (B, T, C), e.g. for a reward model's scalar head."""
         return self._trunk(idx, attention_mask)
 
     # -- training helpers
@@ -344,133 +523,22 @@ def autocast_context(device, precision: str = "auto"):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-# ----------------------------------------------------------------------------- HF layout I/O
-
-# nn.Linear (out, in) <-> HF Conv1D (in, out)
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-
-def _hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    sd = {}
-    for k, t in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue  # tied to transformer.wte.weight; HF omits it too
-        t = t.detach().to("cpu")
-        if k.endswith(_CONV1D):
-            t = t.t()
-        sd[k] = t.contiguous()
-    # HF GPT-2 always has biases; a bias-free model is exported with zero biases (same function)
-    if not model.config.bias:
-        for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Linear, nn.LayerNorm)) and name != "lm_head":
-                sd[f"{name}.bias"] = torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype)
-    return sd
-
+# ----------------------------------------------------------------------------- checkpoint I/O
+# The Hugging Face conversion lives in workers.model.hf; these names are kept for existing callers.
 
 def save_pretrained(model: GPT, directory, extra: dict | None = None) -> None:
-    """Write `config.json` (a valid HF GPT2Config) and `model.safetensors`, each atomically.
-
-    `extra` keys (eos/bos token ids, chat template, ...) go into config.json as-is.
-    """
-    from safetensors.torch import save_file
-
-    cfg = model.config
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.block_size,
-        "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
-    }
-    config.update(extra or {})
-    _atomic_write(directory / "model.safetensors",
-                  lambda p: save_file(_hf_state_dict(model), p, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json",
-                  lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    """`workers.model.hf.save_model(model, directory, extra=extra)`."""
+    from workers.model.hf import save_model
+    save_model(model, directory, extra=extra)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def load_pretrained(directory, map_location="cpu", dtype: torch.dtype | None = None) -> GPT:
+    """`workers.model.hf.load_model(directory, dtype=dtype, device=map_location)`."""
+    from workers.model.hf import load_model
+    return load_model(directory, dtype=dtype, device=map_location)
 
 
 def read_config(directory) -> dict:
-    """The checkpoint's config.json as a dict (model fields plus any `extra` keys)."""
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(directory)!r}: no config.json")
-    return json.loads(path.read_text())
-
-
-def load_pretrained(directory, map_location="cpu") -> GPT:
-    """Load our checkpoint or one written by `transformers.GPT2LMHeadModel.save_pretrained`.
-
-    Handles the `transformer.` prefix being present or not, a missing (tied) lm_head, and HF's
-    non-parameter attention buffers. safetensors only: never unpickles. The parsed config.json
-    is kept on `model.hf_config`.
-    """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    hf = read_config(directory)
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"checkpoint {str(directory)!r}: model_type {hf.get('model_type')!r}; "
-                         "only 'gpt2' is supported")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"checkpoint {str(directory)!r}: activation_function {act!r}; "
-                         "supported: gelu_new")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ValueError(f"checkpoint {str(directory)!r}: n_inner {hf['n_inner']!r}; "
-                         "only 4 * n_embd is supported")
-    weights = directory / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"checkpoint {str(directory)!r}: no model.safetensors "
-                                "(pickled pytorch_model.bin is not loaded, by design)")
-    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                       n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-    raw = load_file(str(weights), device="cpu")
-    sd = {}
-    for k, t in raw.items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # HF causal-mask buffers, not weights
-        if not (k.startswith("transformer.") or k.startswith("lm_head.")):
-            k = "transformer." + k
-        if k.endswith(_CONV1D):
-            t = t.t()
-        sd[k] = t
-    if "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    model = GPT(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {str(directory)!r}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    model.hf_config = hf
-    model.to(map_location)
-    return model
+    """`workers.model.hf.read_config`: the checkpoint's config.json as a dict."""
+    from workers.model.hf import read_config as read
+    return read(directory)
