@@ -1,7 +1,7 @@
 """`strategy: fsdp` on real Ray Train workers (gloo, 2 CPU workers): the same loss curves as DDP
 for pretrain, finetune (full and LoRA) and reward; half of DDP's parameter + optimizer state per
-worker; a run killed on 2 workers resumes on 1 and on 4 with the uninterrupted curve; the final
-checkpoint loads in `transformers`.
+worker; a run killed on 2 workers resumes on 1 and on 4 with the uninterrupted curve (a Llama-family
+model); the final checkpoints load in `transformers` (Llama and GPT-2).
 
 The DDP reference is computed in this process, exactly as DDP does it: the gradient of the mean
 of the ranks' losses, each rank's loss the mean over its micro-batches (tests/test_pretrain.py
@@ -28,6 +28,7 @@ from workers.training import sharding
 from workers.training.loop import FaultInjection, lr_at
 
 STEPS, CKPT, FAIL_AT = 12, 4, 6
+LLAMA = {"size": "llama-tiny", "block_size": 32}
 FT_STEPS = 6
 
 
@@ -110,7 +111,7 @@ def pretrain_runs(ray_session, tmp_path_factory):
     ray = ray_session
     tmp = tmp_path_factory.mktemp("sharded-pretrain")
     ds = make_dataset(tmp / "ds")
-    common = dict(max_steps=STEPS, checkpoint_every=CKPT, eval_every=CKPT, strategy="fsdp")
+    common = dict(model=LLAMA, max_steps=STEPS, checkpoint_every=CKPT, eval_every=CKPT, strategy="fsdp")
     ctx2 = _pretrain_ctx(tmp, "two", ds, ray, 2)
     cfg2 = base_config(grad_accum=1, max_failures=0, **common)
     with pytest.raises(Exception):
@@ -154,20 +155,23 @@ def test_killed_on_two_workers_resumes_on_another_number(pretrain_runs, name, wo
         assert mb == pytest.approx(ddp_bytes / 2**20 / workers, rel=0.1)
 
 
-@pytest.mark.slow
-def test_resumed_fsdp_checkpoint_loads_in_transformers(pretrain_runs):
-    from transformers import GPT2LMHeadModel
+def assert_loads_in_transformers(folder: Path, family: str) -> None:
+    from transformers import AutoModelForCausalLM
 
     from workers.model.transformer import load_pretrained
 
-    _, outputs, _ = pretrain_runs["four"]
-    folder = Path(outputs["checkpoint"])
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     ours = load_pretrained(folder).eval()
-    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(hf).__name__ == family
     x = torch.randint(0, ours.config.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_resumed_fsdp_llama_loads_in_transformers(pretrain_runs):
+    assert_loads_in_transformers(Path(pretrain_runs["four"][1]["checkpoint"]), "LlamaForCausalLM")
 
 
 # ----------------------------------------------------------------------------- finetune, reward
@@ -179,12 +183,13 @@ def base(tmp_path_factory) -> Path:
 
 
 def _fit_vs_reference(kind, ctx, cfg):
-    """(fit's train_loss curve, its per-rank state MB, the DDP reference curve, DDP's state MB)."""
+    """(fit's train_loss curve, its per-rank state MB, the DDP reference curve, DDP's state MB,
+    the stage's outputs)."""
     job = kind.build_job(ctx, cfg)[0]
     ref, ref_bytes = ddp_reference(job, ctx.resources.workers)
-    kind.run(ctx, cfg)
+    outputs = kind.run(ctx, cfg)
     events = ctx.sink.events()
-    return curve(events), state_mb(events, ctx.resources.workers), ref, ref_bytes / 2**20
+    return curve(events), state_mb(events, ctx.resources.workers), ref, ref_bytes / 2**20, outputs
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +212,12 @@ def sft_runs(ray_session, base, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["full", "lora"])
 def test_fsdp_finetune_follows_ddp_with_half_the_state(sft_runs, name):
-    fit_curve, mbs, ref, ref_mb = sft_runs[name]
+    fit_curve, mbs, ref, ref_mb, outputs = sft_runs[name]
     np.testing.assert_allclose(fit_curve, ref, rtol=1e-3)
     assert ref[-1] < ref[0]
     for mb in mbs:
         assert mb == pytest.approx(ref_mb / 2, rel=0.05), (mb, ref_mb)
+    assert_loads_in_transformers(Path(outputs["checkpoint"]), "GPT2LMHeadModel")
 
 
 @pytest.mark.slow
@@ -222,7 +228,7 @@ def test_fsdp_reward_follows_ddp_with_half_the_state(ray_session, base, tmp_path
     ctx = replace(ctx, sink=collector_sink(ray_session))
     cfg = reward_config(data=data, batch_size=4, max_steps=FT_STEPS, checkpoint_every=FT_STEPS,
                         eval_every=FT_STEPS, strategy="fsdp")
-    fit_curve, mbs, ref, ref_mb = _fit_vs_reference(reward, ctx, cfg)
+    fit_curve, mbs, ref, ref_mb, _ = _fit_vs_reference(reward, ctx, cfg)
     np.testing.assert_allclose(fit_curve, ref, rtol=1e-3)
     for mb in mbs:
         assert mb == pytest.approx(ref_mb / 2, rel=0.05), (mb, ref_mb)
