@@ -232,3 +232,34 @@ def test_fsdp_reward_follows_ddp_with_half_the_state(ray_session, base, tmp_path
     np.testing.assert_allclose(fit_curve, ref, rtol=1e-3)
     for mb in mbs:
         assert mb == pytest.approx(ref_mb / 2, rel=0.05), (mb, ref_mb)
+
+
+# ----------------------------------------------------------------------------- rlhf learner group
+
+
+@pytest.mark.slow
+def test_rlhf_two_worker_learner_follows_one_worker_learner(ray_session, tmp_path):
+    """GRPO with the learner on 1 worker and on 2 (FSDP, reference sharded too): the same
+    rollouts, losses and KL, iteration by iteration."""
+    from test_rlhf import config as rlhf_config, make_policy
+
+    from workers.kinds import rlhf
+
+    policy = make_policy(tmp_path / "policy")
+    runs = {}
+    for n in (1, 2):
+        ctx = local_context(tmp_path / f"learners{n}", "rlhf", resources=Resources(cpus=0.5))
+        cfg = rlhf_config(policy, "grpo", iterations=3, eval_prompts=0, epochs=1, batch_size=16,
+                          learner_workers=n, strategy="fsdp" if n == 2 else "ddp")
+        out = rlhf.run(ctx, cfg)
+        runs[n] = ctx, out
+    (one, out1), (two, out2) = runs[1], runs[2]
+    np.testing.assert_allclose(two.sink.metrics("reward_mean"), one.sink.metrics("reward_mean"), rtol=1e-6)
+    np.testing.assert_allclose(two.sink.metrics("loss"), one.sink.metrics("loss"), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(two.sink.metrics("kl"), one.sink.metrics("kl"), rtol=1e-3, atol=1e-6)
+    assert out2["kl"] == pytest.approx(out1["kl"], rel=1e-3, abs=1e-6)
+    assert two.sink.metrics("learner_peak_memory_mb_rank1") and two.sink.metrics("learner_peak_memory_mb_rank0")
+    from workers.model.transformer import load_pretrained
+    a, b = load_pretrained(Path(out1["checkpoint"])), load_pretrained(Path(out2["checkpoint"]))
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, atol=1e-4, rtol=1e-3)

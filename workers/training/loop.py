@@ -54,10 +54,24 @@ class FsdpConfig(BaseModel):
                               "host memory (GPU only: fits larger models, slower steps).")
 
 
-class TrainingConfig(BaseModel):
-    """Options every training kind shares; a kind's ``Config`` subclasses it."""
+class ShardingConfig(BaseModel):
+    """How the training workers hold the model (every training kind and the rlhf learner)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="ddp: every worker holds the whole model and optimizer state; fsdp: they are "
+        "sharded across the workers (FSDP2, per transformer block); auto: fsdp when the replicated training "
+        "state (16 bytes a trainable parameter) exceeds half of one worker's memory. With bf16 precision "
+        "fsdp gathers weights in bf16 and reduces gradients in fp32.")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="Options of the fsdp strategy.")
+    activation_checkpointing: bool = Field(False, description="Recompute each transformer block's activations "
+                                           "in the backward instead of storing them (less memory, ~1/3 more "
+                                           "compute); either strategy.")
+
+
+class TrainingConfig(ShardingConfig):
+    """Options every training kind shares; a kind's ``Config`` subclasses it."""
 
     batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step; "
@@ -76,15 +90,6 @@ class TrainingConfig(BaseModel):
     seed: int = Field(1337, ge=0, description="Seeds initialisation, data order and dropout.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16 (GPU only, fp32 on CPU).")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="ddp: every worker holds the whole model and optimizer state; fsdp: they are "
-        "sharded across the workers (FSDP2, per transformer block); auto: fsdp when the replicated training "
-        "state (16 bytes a trainable parameter) exceeds half of one worker's memory. With bf16 precision "
-        "fsdp gathers weights in bf16 and reduces gradients in fp32.")
-    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="Options of the fsdp strategy.")
-    activation_checkpointing: bool = Field(False, description="Recompute each transformer block's activations "
-                                           "in the backward instead of storing them (less memory, ~1/3 more "
-                                           "compute); either strategy.")
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps on GPU).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts (from the latest checkpoint) "
                               "before the attempt fails.")
@@ -295,20 +300,10 @@ def _train_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = job.make_model()
-    memory = torch.tensor([sharding.worker_memory_bytes(device, tctx.get_local_world_size())], dtype=torch.float64,
-                          device=device)
-    if world > 1:
-        dist.all_reduce(memory, op=dist.ReduceOp.MIN)  # every rank must pick the same strategy
-    strategy = sharding.choose_strategy(cfg.strategy, model, world, int(memory))
-    if cfg.activation_checkpointing:
-        sharding.checkpoint_activations(model)
-    offload = strategy == "fsdp" and cfg.fsdp.cpu_offload and device.type == "cuda"
-    if strategy == "fsdp":  # shards move to the device; the whole model never does
-        train_model = sharding.shard(model, world=world, device=device, precision=precision,
-                                     reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=offload)
-    else:
-        train_model = sharding.replicate(model.to(device), device, world)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, "cpu" if offload else device.type)
+    placed = sharding.place(model, cfg, world=world, device=device, precision=precision,
+                            local_world=tctx.get_local_world_size())
+    strategy, train_model = placed.strategy, placed.train_model
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, placed.optimizer_device)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None,
                              "tokens_per_step": job.tokens_per_step}
     resumed = ray.train.get_checkpoint()

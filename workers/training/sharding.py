@@ -14,8 +14,8 @@ load, so a run saved by 2 workers resumes on 1 or 4, under either strategy. Froz
 (a LoRA base) are not saved: they come back from the base checkpoint. ``consolidate`` turns the
 final one into an ordinary model, once, in the driver, for the Hugging Face layout.
 
-The knobs live in ``TrainingConfig`` (``strategy``, ``activation_checkpointing``, ``fsdp``); the
-loop calls the functions here.
+The knobs live in ``ShardingConfig`` (``strategy``, ``activation_checkpointing``, ``fsdp``), which
+``TrainingConfig`` and the rlhf config extend; the loop and the rlhf learner call ``place``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import resource
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -69,6 +70,53 @@ def choose_strategy(strategy: str, model: nn.Module, world: int, memory_bytes: i
 
 
 # ----------------------------------------------------------------------------- wrapping
+
+
+@dataclass
+class Placement:
+    """A model made ready for training on this worker."""
+
+    strategy: str
+    """ddp or fsdp."""
+    train_model: nn.Module
+    """What to call forward/backward on: the DDP wrapper, or the (in-place) sharded model."""
+    optimizer_device: str
+    """Where the optimizer steps: cpu when FSDP offloads, else the worker's device type."""
+    offload: bool
+
+
+def place(model: nn.Module, options, *, world: int, device: torch.device, precision: str,
+          local_world: int) -> Placement:
+    """Choose the strategy (the same on every rank) and apply it, with activation checkpointing;
+    ``options`` is a ``ShardingConfig``. Collective when ``world > 1``. Under FSDP the shards
+    move to the device and the whole model never does."""
+    import torch.distributed as dist
+
+    memory = torch.tensor([worker_memory_bytes(device, local_world)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(memory, op=dist.ReduceOp.MIN)
+    strategy = choose_strategy(options.strategy, model, world, int(memory))
+    if options.activation_checkpointing:
+        checkpoint_activations(model)
+    offload = strategy == "fsdp" and options.fsdp.cpu_offload and device.type == "cuda"
+    if strategy == "fsdp":
+        train_model = shard(model, world=world, device=device, precision=precision,
+                            reshard_after_forward=options.fsdp.reshard_after_forward, cpu_offload=offload)
+    else:
+        train_model = replicate(model.to(device), device, world)
+    return Placement(strategy, train_model, "cpu" if offload else device.type, offload)
+
+
+def place_frozen(model: nn.Module, placement: Placement, *, world: int, device: torch.device,
+                 precision: str) -> nn.Module:
+    """A frozen companion (a reference policy) held the way the trained model is: sharded (and
+    offloaded) under FSDP, a plain copy on the device under DDP."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if placement.strategy == "fsdp":
+        return shard(model, world=world, device=device, precision=precision, reshard_after_forward=True,
+                     cpu_offload=placement.offload)
+    return model.to(device)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
