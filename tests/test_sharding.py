@@ -254,6 +254,9 @@ def test_rlhf_two_worker_learner_follows_one_worker_learner(ray_session, tmp_pat
         out = rlhf.run(ctx, cfg)
         runs[n] = ctx, out
     (one, out1), (two, out2) = runs[1], runs[2]
+    tags = [e["tags"] for e in two.sink.events if e["type"] == "tags" and "learner.strategy" in e["tags"]]
+    assert tags == [{"learner.strategy": "fsdp"}]
+    assert all(abs(v) > 1e-4 for v in one.sink.metrics("loss")), one.sink.metrics("loss")
     np.testing.assert_allclose(two.sink.metrics("reward_mean"), one.sink.metrics("reward_mean"), rtol=1e-6)
     np.testing.assert_allclose(two.sink.metrics("loss"), one.sink.metrics("loss"), rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(two.sink.metrics("kl"), one.sink.metrics("kl"), rtol=1e-3, atol=1e-6)
