@@ -4,8 +4,8 @@
    strategy trains a few steps on W worker processes (torch.distributed, the training loop's own
    ``workers.training.sharding.place``, AdamW, grad clip) and reports each worker's peak memory
    for training: CUDA max allocated on GPU (the cap is also enforced with
-   ``set_per_process_memory_fraction``: an OOM counts as "does not fit"), resident-set growth
-   over the process's baseline (after imports, before the model is built) on CPU. The largest
+   ``set_per_process_memory_fraction``: an OOM counts as "does not fit"), on CPU the peak resident
+   set over the process's baseline (taken after one step of a tiny model has loaded the kernels). The largest
    rung whose max-over-workers peak stays under the cap wins. Strategies: ddp, fsdp, and on GPU
    fsdp with CPU offload.
 2. Step time, FSDP vs DDP, on a model both fit: both placed in the same W processes, timed
@@ -26,6 +26,7 @@ if __name__ == "__main__":  # repo root instead of benchmarks/ (benchmarks/token
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -92,6 +93,12 @@ def _step(model, train_model, opt, rank: int, world: int, device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _resident_bytes() -> int:
+    """This process's current resident set (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _peak_worker(rank, world, port, width, strategy, cap_mb, out):
     """One (width, strategy) measurement: peak training memory of this worker, or None on OOM."""
     import torch.distributed as dist
@@ -103,7 +110,14 @@ def _peak_worker(rank, world, port, width, strategy, cap_mb, out):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_mb * 2**20 / total), device)
         torch.cuda.reset_peak_memory_stats(device)
-    base = 0 if device.type == "cuda" else sharding.peak_memory_bytes(device)
+    base = 0
+    if device.type == "cpu":
+        # Load the kernels and allocator pools on a tiny model first: they are not training memory.
+        model, train_model, opt = _build(64, strategy, world, device)
+        _step(model, train_model, opt, rank, world, device)
+        del model, train_model, opt
+        gc.collect()
+        base = _resident_bytes()
     peak = None
     try:
         model, train_model, opt = _build(width, strategy, world, device)
@@ -162,8 +176,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cap-mb", type=float, default=600.0, help="Per-worker memory cap for training, MB.")
-    ap.add_argument("--min-width", type=int, default=128)
-    ap.add_argument("--max-width", type=int, default=2048)
+    ap.add_argument("--min-width", type=int, default=256)
+    ap.add_argument("--max-width", type=int, default=1536)
     ap.add_argument("--step-width", type=int, default=128, help="Ladder step of n_embd.")
     ap.add_argument("--time-width", type=int, default=256, help="n_embd of the step-time model (fits both).")
     ap.add_argument("--repeats", type=int, default=5)
@@ -172,6 +186,12 @@ def main() -> None:
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.device_count() < args.workers:
+        sys.exit(f"--workers {args.workers}: this machine has {torch.cuda.device_count()} GPU(s); NCCL needs one "
+                 "GPU per worker (use --workers 1 to compare ddp with fsdp+offload on one GPU)")
+    # glibc otherwise raises its mmap threshold as big blocks are freed and keeps later ones in a
+    # fragmented heap: FSDP's per-block gather buffers would then inflate the resident set it measures.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by the spawned workers
     cores = os.cpu_count() or 1
     load0 = os.getloadavg()[0]
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({cores} cores, gloo)"
