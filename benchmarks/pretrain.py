@@ -1,31 +1,112 @@
-"""Benchmark: the `pretrain` stage (Ray Train, 1 worker) against a plain PyTorch loop.
+"""Benchmark: a training stage's step (Ray Train, 1 worker) against a plain PyTorch loop.
 
-Same model (workers.model.transformer.GPT, same seed), same batches (workers.data.tokens.TokenBatches), same
-optimizer and LR schedule, same number of steps, same thread count. Startup is excluded:
-steady-state tokens/s is measured over the wall-clock time between the end of step WARMUP and
-the end of step STEPS - 1 (the stage: timestamps of rank 0's per-step metric events, which
-include everything its loop does per step; the plain loop: time.perf_counter at the same points).
-The last step is left out on both sides (the stage evaluates and checkpoints there).
+Both sides run the same ``TrainJob`` (built by the kind's own ``build_job``): the same model and
+seed, the same batches (the job's ``BatchSource``), loss, AdamW groups, LR schedule, grad clip,
+the same number of torch threads. The plain loop runs them in this process, nanoGPT-style; the
+stage runs ``kind.run`` on Ray Train with ``resources: {cpus: T, workers: 1}`` and its events go
+through the same ``EventBus`` a pipeline uses. The figure of a run is the **median wall time per
+step** over steps ``warmup+1 .. steps-1`` (the last step evaluates and checkpoints): the plain
+loop's ``perf_counter`` between step ends; the stage's own ``step_time_s`` metric, which is wall
+time between step ends inside the worker (logging, events, seeding, data included), as a user
+reads it in MLflow. Ray Train start-up is excluded on the stage's side.
 
-    python -m benchmarks.pretrain [--steps 30] [--warmup 5] [--threads 2]
+Cases: ``small`` is nanoGPT's CPU shakespeare_char model (4 layers, 4 heads, 128 wide, block 64,
+batch 12); ``12m`` is 6 layers, 6 heads, 384 wide (block 64, batch 12; 11.4 M parameters at vocab
+2048). ``--kinds finetune reward`` adds a full fine-tune and a reward-model step on ``small``.
+Method (``benchmarks.method``): ours and the plain loop interleaved, a warm-up round, then
+``--repeats`` rounds; medians, spreads, per-round ratios; load average before/after.
+
+    python -m benchmarks.pretrain                      # both sizes, 2 threads (~4 min idle)
+    python -m benchmarks.pretrain --threads 1          # the same with 1 thread
+    python -m benchmarks.pretrain --kinds finetune reward --sizes small
+    python -m benchmarks.pretrain --pipeline           # tokenize -> pretrain from the CLI, MLflow metrics
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import statistics
+import string
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256, "dropout": 0.0}
-VOCAB, EOS, BATCH = 2048, 2047, 8
+from benchmarks import method
+
+VOCAB, EOS = 2048, 2047
+SIZES = {
+    "small": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}, 150, 10),
+    "12m": ({"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 64, "dropout": 0.0}, 25, 5),
+}
+"""size -> (model, steps, warm-up steps excluded from the median)."""
+BATCH = 12
+PIPELINE = Path(__file__).with_name("pretrain_pipeline.yaml")
 
 
-def make_dataset(folder: Path) -> Path:
+# ----------------------------------------------------------------------------- the two sides
+
+
+def plain_loop(job, threads: int, warmup: int) -> float:
+    """The job's model, batches, loss and optimizer in a plain loop here; median seconds per step."""
+    from workers.training.loop import _BETAS, lr_at
+
+    torch.set_num_threads(threads)
+    cfg = job.config
+    torch.manual_seed(cfg.seed)
+    model = job.make_model()
+    opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, "cpu")
+    batches = job.make_batches(0, 1, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    times, prev = [], time.perf_counter()
+    for step in range(job.max_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, job.max_steps)
+        micro = batches.train(step)
+        for b in micro:
+            loss = job.loss_fn(model, b) / len(micro)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        now = time.perf_counter()
+        times.append(now - prev)
+        prev = now
+    return statistics.median(times[warmup:-1])
+
+
+def stage_steps(events: list[dict], warmup: int) -> list[dict]:
+    """The per-step training metrics of a stage's events, steps warmup+1 .. last-1."""
+    steps = [e["metrics"] for e in events if e["type"] == "metrics" and "step_time_s" in e["metrics"]]
+    return steps[warmup:-1]
+
+
+def stage_run(ray, kind, ctx, config, warmup: int) -> tuple[float, dict]:
+    """``kind.run`` on Ray Train, events through a pipeline's EventBus; median step_time_s and
+    the median share of each part (data, compute, overhead)."""
+    from orchestrator.runner import EventBus, RaySink
+
+    bus = EventBus.remote()
+    try:
+        kind.run(replace(ctx, sink=RaySink(bus)), config)
+        steps = stage_steps(ray.get(bus.drain.remote()), warmup)
+    finally:
+        ray.kill(bus)
+    parts = {k: statistics.median(m[k] for m in steps) for k in ("data_s", "compute_s", "overhead_s")}
+    return statistics.median(m["step_time_s"] for m in steps), parts
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+def make_token_dataset(folder: Path) -> Path:
     from tests.test_pretrain import write_token_dataset
 
     rng = np.random.default_rng(0)
@@ -34,100 +115,163 @@ def make_dataset(folder: Path) -> Path:
                                vocab_size=VOCAB, eos_id=EOS)
 
 
-def config(steps: int):
-    from workers.kinds.pretrain import Config
+def make_base(folder: Path, model: dict) -> Path:
+    """A random-init GPT of ``model``'s shape with a char tokenizer, as a pretrain stage leaves it."""
+    from workers.data import tokenizer as toks
+    from workers.model.transformer import GPT, config_for, save_pretrained
 
-    return Config(model=MODEL, batch_size=BATCH, grad_accum=1, max_steps=steps, lr=6e-4, min_lr=6e-5,
-                  warmup_steps=5, eval_every=steps, eval_steps=1, checkpoint_every=steps, seed=1)
-
-
-def steady_tokens_per_s(ends: list[float], tokens_per_step: int, warmup: int) -> float:
-    """ends[k]: time step k+1 finished. Tokens/s over steps warmup+1 .. len(ends)-1."""
-    span = ends[-2] - ends[warmup - 1]
-    return tokens_per_step * (len(ends) - 1 - warmup) / span
-
-
-def plain_loop(ds: Path, steps: int, threads: int) -> list[float]:
-    """nanoGPT-style loop on the same model, data, optimizer and schedule; returns step end times."""
-    from workers.model.transformer import GPT, config_for
-    from workers.data.tokens import TokenBatches, TokenDataset
-    from workers.training.loop import lr_at
-
-    torch.set_num_threads(threads)
-    cfg = config(steps)
-    dataset = TokenDataset.open(str(ds))
-    torch.manual_seed(cfg.seed)
-    model = GPT(config_for(MODEL, dataset.vocab_size))
-    opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), "cpu")
-    batches = TokenBatches(dataset, block_size=MODEL["block_size"], batch_size=BATCH, grad_accum=1,
-                           rank=0, world=1, seed=cfg.seed)
-    ends = []
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, steps)
-        for b in batches.train(step):
-            _, loss = model(b["idx"], b["targets"])
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        ends.append(time.perf_counter())
-    return ends
+    tok = toks.train_char([string.printable])
+    torch.manual_seed(0)
+    eos = toks.eos_id(tok)
+    save_pretrained(GPT(config_for(model, tok.get_vocab_size())), folder, extra={"eos_token_id": eos, "bos_token_id": eos})
+    toks.save(tok, folder)
+    return folder
 
 
-def stage_run(ray, ds: Path, tmp: Path, steps: int, threads: int) -> tuple[list[float], dict, list[dict]]:
-    from tests.test_pretrain import collector_sink
+@dataclass
+class Case:
+    name: str
+    kind: object
+    config: object
+    inputs: dict
+    warmup: int
+
+
+def make_case(kind_name: str, size: str, tmp: Path) -> Case:
+    from workers.data import records
+
+    model, steps, warmup = SIZES[size]
+    common = dict(batch_size=BATCH, grad_accum=1, max_steps=steps, warmup_steps=5, eval_every=steps, eval_steps=1,
+                  checkpoint_every=steps, seed=1)
+    if kind_name == "pretrain":
+        from workers.kinds import pretrain as kind
+
+        ds = make_token_dataset(tmp / "ds")
+        return Case(f"pretrain {size}", kind, kind.Config(model=model, **common),
+                    {"tok": {"dataset": str(ds), "tokenizer": str(ds / "tokenizer.json")}}, warmup)
+    base = make_base(tmp / f"base-{size}" / "checkpoint", model)
+    if kind_name == "finetune":
+        from workers.kinds import finetune as kind
+
+        data = records.write_jsonl(tmp / "sft.jsonl", records.synthetic_sft(400, seed=1))
+        config = kind.Config(data=str(data), val_fraction=0.1, **common)
+    elif kind_name == "reward":
+        from workers.kinds import reward as kind
+
+        data = records.write_jsonl(tmp / "prefs.jsonl", records.synthetic_preferences(400, seed=2))
+        config = kind.Config(data=str(data), val_fraction=0.1, **common)
+    else:
+        raise SystemExit(f"--kinds: got {kind_name!r}; allowed: pretrain, finetune, reward")
+    return Case(f"{kind_name} {size}", kind, config, {"base": {"checkpoint": str(base)}}, warmup)
+
+
+def bench_case(ray, case: Case, tmp: Path, threads: int, repeats: int) -> dict:
+    from workers.stage import Resources, local_context
+
+    counter = iter(range(1000))
+    parts: list[dict] = []
+
+    def ctx():
+        return local_context(tmp / f"run{next(counter)}", case.kind.__name__.rsplit(".", 1)[-1],
+                             inputs=case.inputs, resources=Resources(cpus=threads, workers=1))
+
+    job = case.kind.build_job(ctx(), case.config)
+    job = job[0] if isinstance(job, tuple) else job
+
+    def stage() -> float:
+        s, p = stage_run(ray, case.kind, ctx(), case.config, case.warmup)
+        parts.append(p)
+        return s * 1e3
+
+    runs = method.interleave({"plain loop": lambda: plain_loop(job, threads, case.warmup) * 1e3, "stage": stage},
+                             repeats=repeats, warmup=1)
+    print()
+    method.print_table(runs, reference="plain loop", unit="ms/step", lower_is_better=True,
+                       title=f"{case.name}: {threads} thread(s), batch {BATCH}, {job.max_steps} steps "
+                             f"(median of steps {case.warmup + 1}..{job.max_steps - 1} per run)")
+    p = {k: statistics.median(x[k] for x in parts[1:]) * 1e3 for k in parts[0]}
+    print(f"stage's step, median parts: data {p['data_s']:.2f} ms, compute {p['compute_s']:.2f} ms, "
+          f"overhead {p['overhead_s']:.2f} ms\n")
+    return runs
+
+
+# ----------------------------------------------------------------------------- the CLI pipeline
+
+
+def pipeline_rounds(tmp: Path, threads: int, repeats: int, steps: int, warmup: int) -> None:
+    """``tokenize -> pretrain`` (small model) run by the CLI, the stage's step_time_s read back from
+    MLflow, interleaved with the plain loop on the dataset that tokenize wrote."""
+    from orchestrator.tracking import open_client
     from workers.kinds import pretrain
     from workers.stage import Resources, local_context
 
-    ctx = local_context(tmp, "pretrain", resources=Resources(cpus=threads, workers=1),
-                        inputs={"tok": {"dataset": str(ds), "tokenizer": str(ds / "tokenizer.json")}})
-    ctx = replace(ctx, sink=collector_sink(ray))
-    outputs = pretrain.run(ctx, config(steps))
-    metrics = [e for e in ctx.sink.events() if e["type"] == "metrics" and "train_loss" in e["metrics"]]
-    return [e["ts"] for e in metrics], outputs, metrics
+    store = f"sqlite:///{tmp}/mlflow.db"
+    seeds = iter(range(1, 1000))
+
+    def cli_run() -> float:
+        seed = next(seeds)  # a new fingerprint: pretrain reruns, tokenize is cached after round 1
+        cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(PIPELINE), "--plain",
+               "--set", f"storage={tmp}/artifacts", "--set", f"tracking.uri={store}",
+               "--set", f"stages.pretrain.config.seed={seed}", "--set", f"stages.pretrain.config.max_steps={steps}",
+               "--set", f"stages.pretrain.resources.cpus={threads}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"--pipeline: {' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-3000:]}")
+        client = open_client(store)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.stage = 'pretrain'", order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        history = sorted(client.get_metric_history(runs[0].info.run_id, "step_time_s"), key=lambda m: m.step)
+        return statistics.median(m.value for m in history[warmup:-1]) * 1e3
+
+    cli_run()  # tokenize once, so that the plain loop can read its dataset
+    manifests = glob.glob(f"{tmp}/artifacts/**/manifest.json", recursive=True)
+    if not manifests:
+        raise SystemExit(f"--pipeline: no token dataset (manifest.json) under {tmp}/artifacts")
+    ds = str(Path(manifests[0]).parent)
+    # The same config as the pipeline file's pretrain stage (seed aside).
+    cfg = pretrain.Config(model=dict(SIZES["small"][0]), batch_size=BATCH, max_steps=steps, warmup_steps=5,
+                          eval_every=steps, eval_steps=1, checkpoint_every=steps, seed=1)
+    ctx = local_context(tmp / "plain", "pretrain", inputs={"tok": {"dataset": ds}},
+                        resources=Resources(cpus=threads, workers=1))
+    job, _ = pretrain.build_job(ctx, cfg)
+    runs = method.interleave({"plain loop": lambda: plain_loop(job, threads, warmup) * 1e3, "pipeline (CLI)": cli_run},
+                             repeats=repeats, warmup=0)
+    print()
+    method.print_table(runs, reference="plain loop", unit="ms/step", lower_is_better=True,
+                       title=f"tokenize -> pretrain from the CLI ({PIPELINE.name}), small model, {threads} thread(s), "
+                             f"{steps} steps; stage: step_time_s from MLflow")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--kinds", nargs="+", default=["pretrain"], help="pretrain, finetune, reward")
+    p.add_argument("--threads", type=int, nargs="+", default=[2])
+    p.add_argument("--repeats", type=int, default=method.MIN_REPEATS)
+    p.add_argument("--steps", type=int, help="override every case's step count")
+    p.add_argument("--pipeline", action="store_true", help="run tokenize -> pretrain from the CLI instead")
     args = p.parse_args()
 
-    import ray
-
-    from workers.model.transformer import GPT, config_for
-    from workers.training.loop import cpu_peak_flops
-
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     tmp = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
-    ds = make_dataset(tmp / "ds")
-    tokens_per_step = BATCH * MODEL["block_size"]
-    fpt = GPT(config_for(MODEL, VOCAB)).flops_per_token()
-    torch.set_num_threads(args.threads)
-    peak = cpu_peak_flops(args.threads)
+    with method.Load(uses_cpus=max(args.threads)):
+        if args.pipeline:
+            for t in args.threads:
+                pipeline_rounds(tmp / f"pipe{t}", t, args.repeats, args.steps or SIZES["small"][1], SIZES["small"][2])
+            return
+        import ray
 
-    results = {"plain": [], "stage": []}
-    for name in ("plain", "stage", "plain", "stage"):  # interleaved: the machine's load drifts
-        if name == "plain":
-            ends = plain_loop(ds, args.steps, args.threads)
-        else:
-            ends, outputs, metrics = stage_run(ray, ds, tmp / f"stage{len(results['stage'])}", args.steps, args.threads)
-            logged = float(np.median([m["metrics"]["tokens_per_s"] for m in metrics[args.warmup:-1]]))
-            print(f"  stage: logged median tokens/s {logged:,.0f}, final loss {outputs['final_train_loss']:.3f}")
-        tps = steady_tokens_per_s(ends, tokens_per_step, args.warmup)
-        results[name].append(tps)
-        print(f"  {name}: {tps:,.0f} tokens/s, MFU {fpt * tps / peak:.1%}")
-    plain, stage = max(results["plain"]), max(results["stage"])
-    print(f"model {MODEL} vocab {VOCAB}, batch {BATCH}x{MODEL['block_size']} tokens, {args.steps} steps "
-          f"(steady state: steps {args.warmup + 1}..{args.steps - 1}), {args.threads} threads, "
-          f"CPU peak {peak / 1e9:.1f} GFLOP/s (measured matmul)")
-    print(f"plain PyTorch loop : {plain:,.0f} tokens/s  MFU {fpt * plain / peak:.1%}  (best of {len(results['plain'])})")
-    print(f"pretrain stage     : {stage:,.0f} tokens/s  MFU {fpt * stage / peak:.1%}  (best of {len(results['stage'])})")
-    print(f"ratio stage / plain: {stage / plain:.3f}")
+        ray.init(num_cpus=max(args.threads), include_dashboard=False, log_to_driver=False)
+        for kind in args.kinds:
+            for size in args.sizes:
+                case = make_case(kind, size, tmp / f"{kind}-{size}")
+                if args.steps:
+                    case.config = case.config.model_copy(update={"max_steps": args.steps, "eval_every": args.steps,
+                                                                 "checkpoint_every": args.steps})
+                    case.warmup = min(case.warmup, args.steps // 3)
+                for t in args.threads:
+                    bench_case(ray, case, tmp / f"{kind}-{size}-t{t}", t, args.repeats)
+        ray.shutdown()
 
 
 if __name__ == "__main__":

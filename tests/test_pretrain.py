@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -253,6 +254,14 @@ def test_rank0_logs_training_metrics_and_progress(runs):
     last = [e for e in events if e["type"] == "metrics" and "train_loss" in e["metrics"]][-1]["metrics"]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"} <= set(last)
     assert last["tokens_per_s"] > 0 and 0 < last["mfu"] < 1
+    # Where a step's wall time goes: its data, its compute, and what the stage adds around them.
+    for m in [e["metrics"] for e in events if e["type"] == "metrics" and "train_loss" in e["metrics"]][1:]:
+        assert m["data_s"] > 0 and m["compute_s"] > 0 and m["overhead_s"] >= 0
+        assert m["data_s"] + m["compute_s"] + m["overhead_s"] == pytest.approx(m["step_time_s"], rel=1e-6)
+    # The worker took its CPUs back from Ray's niceness 15 (as root; otherwise it says what it got).
+    tags = {k: v for e in events if e["type"] == "tags" for k, v in e["tags"].items()}
+    assert tags["train.threads_per_worker"] == "1"
+    assert tags["train.niceness"] == ("0" if os.geteuid() == 0 else str(int(tags["train.niceness"])))
     assert len(metric_steps(events, "val_loss")) == STEPS // CKPT_EVERY
     progress = [e for e in events if e["type"] == "progress"]
     assert progress[-1]["done"] == STEPS and progress[-1]["total"] == STEPS and progress[-1]["unit"] == "steps"

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from workers import storage
+from workers.cpu import claim_cpus
 from workers.training.loop import ShardingConfig
 from workers.rl.ranking import Ranking, RankingPool, RewardConfig, code_digest, resolve_artifact, resolve_reward
 from workers.rl.rollout import Group, PromptSource, RolloutPool, carried_config, load_prompts
@@ -251,7 +252,7 @@ class Learner:
         from workers.model.transformer import default_device
         from workers.rl.rollout import load_policy
 
-        torch.set_num_threads(max(1, threads))
+        claim_cpus(threads)
         self.cfg = Config.model_validate(config)
         self.rank, self.world = rank, world
         self.device = torch.device(default_device())

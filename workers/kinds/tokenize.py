@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from workers import storage
+from workers.cpu import claim_cpus
 from workers.data import corpus
 from workers.data.corpus import CorpusError, Unit
 from workers.stage import StageContext
@@ -154,23 +155,18 @@ def encode_unit(tok, unit: Unit, *, text_field: str, eos_id: int, dtype: str, va
     doc_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
     encs = tok.encode_batch_fast(texts, add_special_tokens=False)
     del texts
-    seqs = [e.ids for e in encs]
+    # Every row ends with EOS: Arrow converts the id lists in C++ (no per-document numpy slices).
+    ids = pa.array([e.ids + [eos_id] for e in encs], type=pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))
     del encs
-    lens = np.fromiter((len(s) + 1 for s in seqs), dtype=np.int64, count=len(seqs))
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.empty(int(offsets[-1]), dtype=dtype)
-    for s, o in zip(seqs, offsets[1:]):
-        flat[o - len(s) - 1: o - 1] = s
-        flat[o - 1] = eos_id
-    del seqs
+    offsets = ids.offsets.to_numpy().astype(np.int64, copy=False)
+    lens = np.diff(offsets)
+    flat = ids.values.to_numpy()
     unknown = int(np.count_nonzero(flat == unk_id)) if unk_id is not None else 0
     doc_ids = np.asarray(ids_of, dtype=np.int64)
     keys = {f.index: f.key for f in unit.files}
     mask = np.fromiter((corpus.in_val(keys[d >> corpus.POSITION_BITS], d & ((1 << corpus.POSITION_BITS) - 1),
                                       seed, val_fraction) for d in ids_of), dtype=bool, count=len(ids_of))
-    table = pa.table({"doc_id": pa.array(doc_ids),
-                      "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))})
+    table = pa.table({"doc_id": pa.array(doc_ids), "ids": ids})
     shards = {}
     for split, rows in (("train", ~mask), ("val", mask)):
         part = table.filter(pa.array(rows))
@@ -193,9 +189,9 @@ class _Encoder:
     """One pool member: loads the tokenizer once, then encodes whole units."""
 
     def __init__(self, tokenizer_json: str, threads: int, **opts: Any) -> None:
-        # Before tokenizers builds its thread pool: use the CPUs this actor was given, no more.
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+        # Before tokenizers builds its thread pool: the CPUs this actor was given, no more, at
+        # normal priority (Ray starts actors at niceness 15).
+        claim_cpus(threads, torch_threads=False)
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)

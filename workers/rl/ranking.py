@@ -21,6 +21,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workers import storage
+from workers.cpu import claim_cpus
 
 __all__ = [
     "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
@@ -262,8 +263,7 @@ class RankingActor:
     """Holds one reward source; scores (prompt, completion) pairs."""
 
     def __init__(self, source: RewardSource, batch_size: int, threads: int):
-        import torch
-        torch.set_num_threads(max(1, threads))
+        claim_cpus(threads)
         self.scorer = make_scorer(source, batch_size)
 
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
+from workers.cpu import claim_cpus
 from workers.rl.ranking import format_prompt
 
 __all__ = [
@@ -215,8 +216,7 @@ class RolloutActor:
     """One copy of the policy: samples completions, and scores token sequences (evaluate)."""
 
     def __init__(self, checkpoint: str, threads: int = 1):
-        import torch
-        torch.set_num_threads(max(1, threads))
+        claim_cpus(threads)
         self.policy = load_policy(checkpoint)
         self.policy.model.eval()
         self.version = 0

@@ -36,10 +36,12 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workers import storage
+from workers.cpu import claim_cpus
 from workers.training import sharding
 
 STATE_FILE = "trainer_state.json"
 _BETAS = (0.9, 0.95)
+_PROGRESS_EVERY_S = 0.5
 
 
 class FsdpConfig(BaseModel):
@@ -290,8 +292,11 @@ def _train_worker(loop_config: dict) -> None:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" uses TF32 tensor cores, as peak_flops assumes
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        torch.set_num_threads(max(1, job.threads_per_worker))
+    # Normal priority (Ray starts workers at niceness 15) and the stage's CPUs as torch threads;
+    # here, in Ray Train's training thread, because OpenMP's thread count is per thread.
+    cpu = claim_cpus(job.threads_per_worker if device.type == "cpu" else 1)
+    if rank == 0:
+        ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"])})
     precision = resolve_precision(device, cfg.precision)
     from workers.model.transformer import autocast_context
 
@@ -325,6 +330,8 @@ def _train_worker(loop_config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     state_mb = None  # this rank's parameter + optimizer-state shards, once the optimizer has state
 
+    prev_end: float | None = None
+    last_progress = -math.inf
     for step in range(start, job.max_steps):
         if job.fault and rank == job.fault.rank and step == job.fault.step and not os.path.exists(job.fault.marker):
             # Let Ray Train register the checkpoints reported so far (its controller polls every
@@ -338,6 +345,7 @@ def _train_worker(loop_config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = batches.train(step)
+        t_data = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for k, b in enumerate(micro):
             # Gradients are reduced across workers on the last micro-batch only.
@@ -358,7 +366,13 @@ def _train_worker(loop_config: dict) -> None:
         # (loss, peak memory, state) of every rank; syncs the device, so the timing is real
         ranks = _gather([float(loss_sum), sharding.peak_memory_bytes(device) / 2**20, state_mb], world, device)
         train_loss = float(ranks[:, 0].sum()) / world
-        dt = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        # step_time_s: wall time from the previous step's end to this one's (so it includes the
+        # previous step's logging, evaluation and checkpointing); data_s + compute_s: this step's
+        # own work; overhead_s: the rest, what the stage adds to a plain loop.
+        dt = t_end - (prev_end if prev_end is not None else t0)
+        data_s, compute_s = t_data - t0, t_end - t_data
+        prev_end = t_end
         done = step + 1
         state.update(step=done, tokens=int(state["tokens"]) + job.tokens_per_step, train_loss=train_loss)
 
@@ -369,7 +383,8 @@ def _train_worker(loop_config: dict) -> None:
         if rank == 0:
             tps = job.tokens_per_step / dt
             metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_s": tps, "step_time_s": dt, "tokens": state["tokens"]}
+                       "tokens_per_s": tps, "step_time_s": dt, "data_s": data_s, "compute_s": compute_s,
+                       "overhead_s": max(0.0, dt - data_s - compute_s), "tokens": state["tokens"]}
             if peak:
                 metrics["mfu"] = flops_per_token * tps / (peak * world)
             metrics["peak_memory_mb"] = float(ranks[:, 1].max())
@@ -380,7 +395,9 @@ def _train_worker(loop_config: dict) -> None:
                 if state["val_loss"] is not None:
                     metrics["val_loss"] = state["val_loss"]
             ctx.log_metrics(metrics, step=done)
-            ctx.progress(done, job.max_steps, "steps")
+            if t_end - last_progress >= _PROGRESS_EVERY_S or done == job.max_steps:
+                ctx.progress(done, job.max_steps, "steps")  # for the live table: a few per second suffice
+                last_progress = t_end
         if done % cfg.checkpoint_every == 0 or done == job.max_steps:
             report = {k: v for k, v in state.items() if isinstance(v, (int, float))}
             # Every rank uploads its own shard; Ray Train merges them into one checkpoint folder.
