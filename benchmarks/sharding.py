@@ -9,12 +9,12 @@
    rung whose max-over-workers peak stays under the cap wins. Strategies: ddp, fsdp, and on GPU
    fsdp with CPU offload.
 2. Step time, FSDP vs DDP, on a model both fit: both placed in the same W processes, timed
-   interleaved (ddp, fsdp, ddp, fsdp, ...) after a warm-up; median and spread of >= 5 repeats.
+   interleaved after a warm-up round (``benchmarks.method``); median and spread of >= 5 rounds.
 
 The same command on a GPU machine gives GPU figures (one process per GPU, bf16 mixed precision).
 
     python benchmarks/sharding.py                         # 2 workers, 600 MB cap, 5 repeats
-    python benchmarks/sharding.py --cap-mb 300 --repeats 5 --max-width 512   # quick check
+    python benchmarks/sharding.py --cap-mb 150 --max-width 384 --time-width 128 --repeats 2 --steps 1  # quick check
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+from benchmarks import method  # noqa: E402
 
 VOCAB, BLOCK, BATCH, N_LAYER = 4096, 128, 4, 4
 
@@ -145,20 +146,26 @@ def measure_peak(world: int, width: int, strategy: str, cap_mb: float) -> tuple[
 def _timing_worker(rank, world, port, width, warmup, repeats, steps, out):
     import torch.distributed as dist
 
+    from benchmarks import method
+
     device = _setup(rank, world, port)
     runs = {s: _build(width, s, world, device) for s in ("ddp", "fsdp")}
-    for s, (model, tm, opt) in runs.items():
-        for _ in range(warmup):
-            _step(model, tm, opt, rank, world, device)
-    times: dict[str, list[float]] = {s: [] for s in runs}
-    for _ in range(repeats):
-        for s, (model, tm, opt) in runs.items():  # interleaved
+
+    def contender(strategy: str):
+        model, tm, opt = runs[strategy]
+
+        def run() -> float:
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(steps):
                 _step(model, tm, opt, rank, world, device)
             dist.barrier()
-            times[s].append((time.perf_counter() - t0) / steps)
+            return (time.perf_counter() - t0) / steps * 1e3
+
+        return run
+
+    # every rank runs the same rounds in the same order (the steps are collective)
+    times = method.interleave({s: contender(s) for s in runs}, repeats=repeats, warmup=warmup, verbose=rank == 0)
     if rank == 0:
         out.put(times)
     dist.destroy_process_group()
@@ -181,7 +188,7 @@ def main() -> None:
     ap.add_argument("--step-width", type=int, default=128, help="Ladder step of n_embd.")
     ap.add_argument("--time-width", type=int, default=256, help="n_embd of the step-time model (fits both).")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="Warm-up rounds.")
     ap.add_argument("--steps", type=int, default=3, help="Steps per timed repeat.")
     args = ap.parse_args()
 
@@ -192,12 +199,13 @@ def main() -> None:
     # glibc otherwise raises its mmap threshold as big blocks are freed and keeps later ones in a
     # fragmented heap: FSDP's per-block gather buffers would then inflate the resident set it measures.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # read by the spawned workers
-    cores = os.cpu_count() or 1
-    load0 = os.getloadavg()[0]
-    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({cores} cores, gloo)"
-    print(f"machine: {device}, torch {torch.__version__}; {args.workers} workers; load average {load0:.1f}")
-    if load0 > 0.5 * cores:
-        print(f"WARNING: load average {load0:.1f} on {cores} cores: not an idle machine, figures are indicative")
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores, gloo)"
+    print(f"machine: {device}, torch {torch.__version__}; {args.workers} workers")
+    with method.Load(uses_cpus=0 if cuda else args.workers):
+        _run(args, cuda)
+
+
+def _run(args, cuda: bool) -> None:
     print(f"model: GPT n_layer {N_LAYER}, vocab {VOCAB}, batch {BATCH} x {BLOCK} tokens per worker, "
           f"{'bf16 mixed precision' if cuda else 'fp32'}, AdamW")
 
@@ -226,17 +234,10 @@ def main() -> None:
     for s, got in largest.items():
         print(f"  {s:>13}: " + (f"n_embd {got[0]}, {got[1]:,} parameters" if got else "nothing fits"))
 
-    print(f"\n2. step time on n_embd {args.time_width} ({args.workers} workers; {args.repeats} interleaved repeats "
-          f"of {args.steps} steps after {args.warmup} warm-up steps)")
+    print(f"\n2. step time on n_embd {args.time_width} ({args.workers} workers; rounds of {args.steps} steps, "
+          f"{args.warmup} warm-up round(s), {args.repeats} measured, interleaved)")
     times = measure_step_times(args.workers, args.time_width, args.warmup, args.repeats, args.steps)
-    med = {s: statistics.median(t) for s, t in times.items()}
-    for s, t in times.items():
-        print(f"  {s:>5}: median {med[s] * 1e3:8.1f} ms/step  (min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f})")
-    print(f"  fsdp / ddp: {med['fsdp'] / med['ddp']:.2f}x")
-    load1 = os.getloadavg()[0]
-    print(f"\nload average before {load0:.1f}, after {load1:.1f}")
-    if max(load0, load1) > 0.5 * cores:
-        print("WARNING: the machine was not idle; re-run on an idle machine for the recorded figures")
+    method.print_table(times, reference="ddp", unit="ms/step", lower_is_better=True)
 
 
 if __name__ == "__main__":
