@@ -256,7 +256,6 @@ class Learner:
         self.cfg = Config.model_validate(config)
         self.rank, self.world = rank, world
         self.device = torch.device(default_device())
-        self.checkpoint = checkpoint
         pol = load_policy(checkpoint, device="cpu")
         self.policy, self.extra = pol.model, carried_config(pol.config)
         self.reference = load_policy(checkpoint, device="cpu").model.eval()

@@ -131,7 +131,8 @@ class TrainJob:
     config: TrainingConfig
     max_steps: int
     make_model: Callable[[], torch.nn.Module]
-    """Builds the freshly initialised model (called after seeding, identically on every rank)."""
+    """Builds the freshly initialised model (called after seeding, identically on every rank, and
+    once in the driver to receive the final weights for ``save_model``)."""
     make_batches: Callable[[int, int, torch.device], BatchSource]
     """(rank, world, device) -> this rank's BatchSource."""
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
