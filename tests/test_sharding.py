@@ -95,6 +95,24 @@ def test_strategy_errors_name_the_field():
         base_config(fsdp={"reshard": False})
 
 
+def test_resuming_with_another_global_batch_is_refused(tmp_path):
+    """The data order is a function of the step and the global batch: another global batch
+    would silently train on other data from the checkpoint on."""
+    import json
+
+    from workers.training.loop import STATE_FILE, load_checkpoint
+
+    ds = make_dataset(tmp_path / "ds")
+    ctx = local_context(tmp_path, "pretrain", inputs=dataset_inputs(ds), resources=Resources(workers=4))
+    job, _ = pretrain.build_job(ctx, base_config(batch_size=4, grad_accum=1))
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / STATE_FILE).write_text(json.dumps({"step": 4, "tokens_per_step": job.tokens_per_step // 2}))
+    assert job.tokens_per_step == 4 * 4 * 32
+    with pytest.raises(ValueError, match=r"trained with 256 tokens per step, this run takes 512; keep batch_size x "
+                                         r"grad_accum x workers"):
+        load_checkpoint(tmp_path / "ck", job, None, None)
+
+
 # ----------------------------------------------------------------------------- pretrain on Ray Train
 
 
