@@ -16,7 +16,7 @@ batch 12); ``12m`` is 6 layers, 6 heads, 384 wide (block 64, batch 12; 11.4 M pa
 Method (``benchmarks.method``): ours and the plain loop interleaved, a warm-up round, then
 ``--repeats`` rounds; medians, spreads, per-round ratios; load average before/after.
 
-    python -m benchmarks.pretrain                      # both sizes, 2 threads (~4 min idle)
+    python -m benchmarks.pretrain                      # both sizes, 2 threads (~4-5 min idle)
     python -m benchmarks.pretrain --threads 1          # the same with 1 thread
     python -m benchmarks.pretrain --kinds finetune reward --sizes small
     python -m benchmarks.pretrain --pipeline           # tokenize -> pretrain from the CLI, MLflow metrics
@@ -42,8 +42,8 @@ from benchmarks import method
 
 VOCAB, EOS = 2048, 2047
 SIZES = {
-    "small": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}, 150, 10),
-    "12m": ({"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 64, "dropout": 0.0}, 25, 5),
+    "small": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}, 100, 10),
+    "12m": ({"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 64, "dropout": 0.0}, 12, 3),
 }
 """size -> (model, steps, warm-up steps excluded from the median)."""
 BATCH = 12
@@ -55,13 +55,13 @@ PIPELINE = Path(__file__).with_name("pretrain_pipeline.yaml")
 
 def plain_loop(job, threads: int, warmup: int) -> float:
     """The job's model, batches, loss and optimizer in a plain loop here; median seconds per step."""
-    from workers.training.loop import _BETAS, lr_at
+    from workers.training.loop import ADAMW_BETAS, lr_at
 
     torch.set_num_threads(threads)
     cfg = job.config
     torch.manual_seed(cfg.seed)
     model = job.make_model()
-    opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, "cpu")
+    opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, ADAMW_BETAS, "cpu")
     batches = job.make_batches(0, 1, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     times, prev = [], time.perf_counter()
@@ -106,13 +106,19 @@ def stage_run(ray, kind, ctx, config, warmup: int) -> tuple[float, dict]:
 # ----------------------------------------------------------------------------- the cases
 
 
-def make_token_dataset(folder: Path) -> Path:
+def make_dataset(folder: Path) -> Path:
     from tests.test_pretrain import write_token_dataset
 
     rng = np.random.default_rng(0)
     docs = lambda n: [rng.integers(0, EOS, size=int(rng.integers(200, 800))).tolist() for _ in range(n)]  # noqa: E731
     return write_token_dataset(folder, {"train": [docs(100) for _ in range(2)], "val": [docs(10)]},
                                vocab_size=VOCAB, eos_id=EOS)
+
+
+def steady_tokens_per_s(ends: list[float], tokens_per_step: int, warmup: int) -> float:
+    """ends[k]: time step k+1 finished (e.g. metric event timestamps). Tokens/s over steps
+    warmup+1 .. len(ends)-1 (the last step evaluates and checkpoints). Used by benchmarks/scaling.py."""
+    return tokens_per_step * (len(ends) - 1 - warmup) / (ends[-2] - ends[warmup - 1])
 
 
 def make_base(folder: Path, model: dict) -> Path:
@@ -146,7 +152,7 @@ def make_case(kind_name: str, size: str, tmp: Path) -> Case:
     if kind_name == "pretrain":
         from workers.kinds import pretrain as kind
 
-        ds = make_token_dataset(tmp / "ds")
+        ds = make_dataset(tmp / "ds")
         return Case(f"pretrain {size}", kind, kind.Config(model=model, **common),
                     {"tok": {"dataset": str(ds), "tokenizer": str(ds / "tokenizer.json")}}, warmup)
     base = make_base(tmp / f"base-{size}" / "checkpoint", model)

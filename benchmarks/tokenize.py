@@ -9,7 +9,9 @@ Contenders, per N in ``--workers``:
 - ``stage w=N``: ``workers.kinds.tokenize.run`` end to end with N encoder actors of 1 CPU each:
   corpus planning, actor start-up, reading files, encoding, writing Parquet shards, manifest.
   ``stage w=N encode phase`` is the same run's ``encode_s`` metric (from submitting the first
-  unit to the last result: actor start-up, reading, encoding, writing).
+  unit to the last result: actor start-up, reading, encoding, writing); ``inside units`` counts
+  only the actors' time in their units (``encode_busy_s`` / N: reading, encoding, writing), so
+  the gap between the two is actor start-up, dispatch and the last unit's tail.
 - ``encode_batch_fast N thr``: the call the stage's actors make, in a fresh process with
   ``RAYON_NUM_THREADS=N`` (``TOKENIZERS_PARALLELISM=false`` for N = 1), on the texts already in
   memory: only the call is timed (reading and writing are excluded on its side, included on ours).
@@ -119,6 +121,7 @@ def main() -> None:
     counter = iter(range(10_000))
     first: dict[int, Path] = {}
     encode_phase: dict[int, list[float]] = {w: [] for w in args.workers}
+    in_units: dict[int, list[float]] = {w: [] for w in args.workers}  # time inside encode_unit only
     tokens_of: dict[str, int] = {}
 
     def stage(w: int):
@@ -131,6 +134,7 @@ def main() -> None:
             dt = time.perf_counter() - t0
             tokens = tokens_of["stage"] = out["train_tokens"] + out["val_tokens"]
             encode_phase[w].append(tokens / ctx.sink.metrics("encode_s")[-1])
+            in_units[w].append(tokens / (ctx.sink.metrics("encode_busy_s")[-1] / w))
             first.setdefault(w, ctx.artifact_dir)
             return tokens / dt
         return once
@@ -147,6 +151,7 @@ def main() -> None:
             name, ref_name = f"stage w={w} end to end", f"encode_batch_fast {w} thr"
             runs = method.interleave({ref_name: ref(w), name: stage(w)}, repeats=args.repeats, warmup=1)
             runs[f"stage w={w} encode phase"] = encode_phase[w][1:]  # the warm-up round left out
+            runs[f"stage w={w} inside units"] = in_units[w][1:]
             print()
             method.print_table(runs, reference=ref_name, unit="tokens/s", lower_is_better=False,
                                title=f"tokenize, {w} worker(s) of 1 CPU vs encode_batch_fast with {w} Rayon thread(s)")

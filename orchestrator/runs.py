@@ -71,8 +71,11 @@ def connect_ray(options: spec_mod.RayOptions, address: str | None = None) -> Non
     if addr:
         ray.init(address=addr, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        # "local": start one, as the spec promises, even if a `ray start` cluster runs on this machine
-        ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        # "local": start one, as the spec promises, even if a `ray start` cluster runs on this machine.
+        # Workers at normal priority: Ray's default niceness 15 lets any other process preempt a
+        # training step (see workers/cpu.py); `ray start` clusters get RAY_worker_niceness=0 (cluster.yaml).
+        ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 _system_config={"worker_niceness": 0})
 
 
 def cache_status(prep: Prepared) -> dict[str, str]:

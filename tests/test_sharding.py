@@ -25,7 +25,7 @@ from workers.data import records as sft_data
 from workers.kinds import finetune, pretrain, reward
 from workers.stage import Resources, local_context
 from workers.training import sharding
-from workers.training.loop import FaultInjection, lr_at
+from workers.training.loop import ADAMW_BETAS, FaultInjection, lr_at
 
 STEPS, CKPT, FAIL_AT = 12, 4, 6
 LLAMA = {"size": "llama-tiny", "block_size": 32}
@@ -41,7 +41,7 @@ def ddp_reference(job, world: int) -> tuple[list[float], int]:
     cfg = job.config
     torch.manual_seed(cfg.seed)
     model = job.make_model()
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, ADAMW_BETAS, "cpu")
     params = [p for p in model.parameters() if p.requires_grad]
     ranks = [job.make_batches(r, world, torch.device("cpu")) for r in range(world)]
     losses = []

@@ -5,8 +5,10 @@ raylet and GCS stay responsive. For a compute-bound worker that is costly: every
 normal priority on the node (Ray's own daemons, the driver, anything else) preempts it at once,
 and a preempted OpenMP or Rayon thread stalls its whole team at the next barrier. The issue-14
 profile found the pretrain stage's step 1.6x a plain loop's on an idle machine for this reason.
-``claim_cpus`` puts the process back at normal priority (where the OS allows it) and sets the
-thread pools to the worker's CPUs, once, at the start of the worker.
+``claim_cpus`` puts the process back at normal priority (where the OS allows it: root,
+CAP_SYS_NICE or RLIMIT_NICE) and sets the thread pools to the worker's CPUs, once, at the start
+of the worker. Where it may not renice, start Ray with ``worker_niceness`` 0 instead (the
+orchestrator's local Ray does; ``cluster.yaml`` sets ``RAY_worker_niceness=0``).
 """
 
 from __future__ import annotations

@@ -198,7 +198,10 @@ class _Encoder:
         self.opts = opts
 
     def encode(self, unit: Unit) -> dict[str, Any]:
-        return encode_unit(self.tok, unit, **self.opts)
+        t0 = time.perf_counter()
+        out = encode_unit(self.tok, unit, **self.opts)
+        out["busy_s"] = time.perf_counter() - t0
+        return out
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -439,6 +442,9 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     metrics = {"documents": documents, "bytes": nbytes, "tokens": tokens,
                "tokens_per_s": tokens / max(encode_s, 1e-9), "bytes_per_token": nbytes / max(tokens, 1),
                "workers": n_workers, "tokenizer_s": train_s, "encode_s": encode_s,
+               # encoders' time in units (reading, encoding, writing), summed: encode_s x workers minus
+               # this is what the pool lost to actor start-up, dispatch and the last unit's tail.
+               "encode_busy_s": sum(r["busy_s"] for r in results.values()),
                "actor_failures": len(lost), "units_redone": redone}
     if unknown:
         metrics["unknown_tokens"] = unknown

@@ -40,7 +40,7 @@ from workers.cpu import claim_cpus
 from workers.training import sharding
 
 STATE_FILE = "trainer_state.json"
-_BETAS = (0.9, 0.95)
+ADAMW_BETAS = (0.9, 0.95)
 _PROGRESS_EVERY_S = 0.5
 
 
@@ -295,7 +295,7 @@ def _train_worker(loop_config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
     # Normal priority (Ray starts workers at niceness 15) and the stage's CPUs as torch threads;
     # here, in Ray Train's training thread, because OpenMP's thread count is per thread.
-    cpu = claim_cpus(job.threads_per_worker if device.type == "cpu" else 1)
+    cpu = claim_cpus(job.threads_per_worker)
     if rank == 0:
         ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"])})
     precision = resolve_precision(device, cfg.precision)
@@ -309,7 +309,7 @@ def _train_worker(loop_config: dict) -> None:
     placed = sharding.place(model, cfg, world=world, device=device, precision=precision,
                             local_world=tctx.get_local_world_size())
     strategy, train_model = placed.strategy, placed.train_model
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, _BETAS, placed.optimizer_device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, ADAMW_BETAS, placed.optimizer_device)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None,
                              "tokens_per_step": job.tokens_per_step}
     resumed = ray.train.get_checkpoint()
