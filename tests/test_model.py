@@ -35,6 +35,7 @@ def test_forward_shapes_and_random_init_loss():
     h = m.hidden_states(idx)
     assert h.shape == (4, 32, 64)
     torch.testing.assert_close(m.lm_head(h), logits)
+    torch.testing.assert_close(m(idx, logits_to_keep=1)[0], logits[:, -1:])  # a prefill's only need
 
 
 def test_loss_mask_and_ignore_index_agree():

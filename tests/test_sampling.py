@@ -27,7 +27,7 @@ def model() -> GPT:
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() == 2 and "wte" not in name and "wpe" not in name:
-                p.normal_(0.0, 0.3)
+                p.copy_(torch.randn(p.shape) * 0.3)  # by logical index, whatever the strides
     return m.eval()
 
 

@@ -17,6 +17,7 @@ Tokenizer files, chat templates and generation_config.json are written elsewhere
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -34,7 +35,7 @@ __all__ = ["load_model", "save_model", "read_model_config", "read_config", "MODE
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -241,77 +242,84 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 # ----------------------------------------------------------------------------- loading
 
-class _Tensors:
-    """name -> tensor over one or several memory-mapped safetensors files."""
-
-    def __init__(self, folder: Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
-
-        where = f"checkpoint {str(folder)!r}"
-        if (folder / _SINGLE).exists():
-            files = {None: folder / _SINGLE}
-        elif (folder / _INDEX).exists():
-            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
-            files = {f: folder / f for f in sorted(set(weight_map.values()))}
-            for f, path in files.items():
-                if not path.exists():
-                    raise FileNotFoundError(f"{where}: {_INDEX} names {f!r}, which is missing")
-        else:
-            raise FileNotFoundError(f"{where}: no {_SINGLE} or {_INDEX} (pickled pytorch_model.bin "
-                                    "is not loaded, by design)")
-        self.where = where
-        self.owner: dict[str, object] = {}
-        for path in files.values():
-            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            for name in handle.keys():
-                self.owner[name] = handle
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.owner:
-            raise ValueError(f"{self.where}: missing weight {name!r}")
-        return self.owner[name].get_tensor(name)
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, or the shards its index names."""
+    where = f"checkpoint {str(folder)!r}"
+    if (folder / _SINGLE).exists():
+        return [folder / _SINGLE]
+    if not (folder / _INDEX).exists():
+        raise FileNotFoundError(f"{where}: no {_SINGLE} or {_INDEX} (pickled pytorch_model.bin "
+                                "is not loaded, by design)")
+    weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+    files = [folder / f for f in sorted(set(weight_map.values()))]
+    for path in files:
+        if not path.exists():
+            raise FileNotFoundError(f"{where}: {_INDEX} names {path.name!r}, which is missing")
+    return files
 
 
 def load_model(folder, *, dtype: torch.dtype | None = None, device="cpu") -> GPT:
     """A `GPT` from a transformers folder (gpt2, llama, mistral, qwen2) or one we wrote.
 
     Single or sharded safetensors (model.safetensors.index.json), fp32/bf16/fp16. Weights keep
-    their stored dtype unless `dtype` is given; each is read once from the memory map into a model
-    built on the meta device. The parsed config.json is kept on `model.hf_config`.
+    their stored dtype unless `dtype` is given. The model is built on the meta device, given
+    uninitialised storage in its final dtype and layout, and each stored tensor is copied once,
+    from the memory-mapped file straight into its place (a slice of a fused weight, converted
+    on the way if `dtype` says so); one file is mapped at a time. So a bf16 checkpoint of P
+    parameters holds 2P bytes once loaded, with no fp32 copy and no random init.
+    The parsed config.json is kept on `model.hf_config`.
     """
+    from safetensors import safe_open
+
     folder = Path(folder)
+    where = f"checkpoint {str(folder)!r}"
     hf = read_config(folder)
     cfg = read_model_config(folder)
     model_type = hf.get("model_type", "gpt2")
-    with contextlib.ExitStack() as stack:
-        tensors = _Tensors(folder, stack)
-        prefix = ""
-        if model_type == "gpt2" and "transformer.wte.weight" not in tensors.owner:
-            prefix = "transformer."  # older GPT-2 checkpoints: no "transformer." prefix
-        state: dict[str, torch.Tensor] = {}
-        used: set[str] = set()
-        for ours, w in _WEIGHT_MAPS[model_type](cfg).items():
-            parts = []
-            for name in w.hf:
-                stored = name.removeprefix(prefix)
-                used.add(stored)
-                t = tensors.get(stored)
-                t = t.to(dtype) if dtype is not None else t
-                parts.append(t.t().contiguous() if w.transposed else t)
-            state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        extra = [n for n in tensors.owner
-                 if n not in used and n != "lm_head.weight" and not n.endswith(_IGNORED_SUFFIXES)]
-        if extra:
-            raise ValueError(f"{tensors.where}: unexpected weights {sorted(extra)[:8]} "
-                             f"for model_type {model_type!r}")
-        if cfg.tie_embeddings:
-            state["lm_head.weight"] = state["transformer.wte.weight"]
-        with torch.device("meta"):
-            model = GPT(cfg)
-        model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
+    files = _weight_files(folder)
+    # HF name -> (our name, first row in ours, transposed)
+    places: dict[str, tuple[str, int, bool]] = {}
+    for ours, w in _WEIGHT_MAPS[model_type](cfg).items():
+        for name, row in zip(w.hf, [0, *itertools.accumulate(w.sizes)]):
+            places[name] = (ours, row, w.transposed)
+    if dtype is None:  # the stored dtype (of the first tensor; checkpoints hold one)
+        with safe_open(str(files[0]), framework="pt") as f:
+            stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+        if stored not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{where}: weights stored as {stored}; supported: {', '.join(_SAFETENSORS_DTYPES)} "
+                             "(or pass dtype=)")
+        dtype = _SAFETENSORS_DTYPES[stored]
+    with torch.device("meta"):
+        model = GPT(cfg).to(dtype)
+    model.tie_weights()                  # final layout, still without storage
+    model.to_empty(device=device)        # straight onto the device: no host copy of the model
+    model.tie_weights()                  # to_empty gives tied parameters separate storage
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = dict.fromkeys(params, 0)
+    unexpected: list[str] = []
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                key = name
+                if key not in places and model_type == "gpt2" and not key.startswith(("transformer.", "lm_head")):
+                    key = "transformer." + key  # older GPT-2 checkpoints: no "transformer." prefix
+                if key not in places:
+                    if not key.endswith(_IGNORED_SUFFIXES) and key != "lm_head.weight":
+                        unexpected.append(name)
+                    continue
+                ours, row, transposed = places[key]
+                t = f.get_tensor(name)
+                t = t.t() if transposed else t
+                with torch.no_grad():
+                    params[ours].narrow(0, row, t.size(0)).copy_(t)
+                filled[ours] += t.numel()
+    if unexpected:
+        raise ValueError(f"{where}: unexpected weights {sorted(unexpected)[:8]} for model_type {model_type!r}")
+    missing = [n for n, p in params.items() if filled[n] != p.numel()]
+    if missing:
+        raise ValueError(f"{where}: missing weights for {missing[:8]} (model_type {model_type!r})")
     model.hf_config = hf
-    return model.to(device)
+    return model
 
 
 # ----------------------------------------------------------------------------- saving

@@ -269,12 +269,12 @@ def _prefill(model: GPT, prompts, Tp: int, rows: int, expand: torch.Tensor, max_
         for i, p in enumerate(prompts):
             mask[i, Tp - len(p):Tp] = True
         mask = mask.to(device)
-        logits, _ = model(idx, attention_mask=mask[:, :Tp], kv_cache=cache)
+        logits, _ = model(idx, attention_mask=mask[:, :Tp], kv_cache=cache, logits_to_keep=1)
         pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=device)  # (P, 1)
         mask = mask.index_select(0, expand)
         pos = pos.index_select(0, expand)
     else:
-        logits, _ = model(idx, kv_cache=cache)
+        logits, _ = model(idx, kv_cache=cache, logits_to_keep=1)
     if rows != P:
         cache.reorder(expand)
     return logits[:, -1].float().index_select(0, expand), cache, mask, pos  # (rows, V)

@@ -256,7 +256,7 @@ class RoPE:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hs) rotated by cos/sin (B|1, 1, T, hs); the half-split layout transformers uses."""
+    """x (B, T, H, hs) rotated by cos/sin (B|1, T, 1, hs); the half-split layout transformers uses."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -272,7 +272,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused op; same arithmetic as below
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout without a module call per use: decoding pays nothing for it."""
+    return F.dropout(x, p, training=True) if p and training else x
 
 
 NORMS = {
@@ -290,25 +297,25 @@ class CausalSelfAttention(nn.Module):
         self.sizes = (config.n_head * config.head_size,) + (config.n_kv_head * config.head_size,) * 2
         self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.qkv_bias)  # q, k, v
         self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
     def forward(self, x, mask, is_causal, kv_cache: KVCache | None, layer: int, rope):
         B, T, _ = x.size()
-        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)     # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, self.head_size)   # (B, T, nh+2nkv, hs)
+        qk, v = qkv.split((nh + nkv, nkv), dim=2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)                                    # q and k in one go
+        q, k = qk.split((nh, nkv), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                           # (B, nkv, S, hs)
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)                     # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, -1)                           # (B, T, nh*hs)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, -1))              # (B, T, C)
+        return _dropout(y, self.dropout, self.training)
 
 
 class GeluMLP(nn.Module):
@@ -319,10 +326,11 @@ class GeluMLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        y = self.c_proj(self.gelu(self.c_fc(x)))
+        return _dropout(y, self.dropout, self.training)
 
 
 class SwiGLUMLP(nn.Module):
@@ -332,11 +340,12 @@ class SwiGLUMLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
         self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         gate, up = self.c_fc(x).chunk(2, dim=-1)                          # (B, T, I) each
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        y = self.c_proj(F.silu(gate) * up)
+        return _dropout(y, self.dropout, self.training)
 
 
 MLPS = {"gelu": GeluMLP, "swiglu": SwiGLUMLP}
@@ -377,6 +386,7 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.tie_weights()  # after init: the same seed gives the same values in any layout
 
     @staticmethod
     def _init_weights(module):
@@ -388,7 +398,21 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def tie_weights(self) -> None:
-        """Re-share lm_head and the token embedding (after loading tensors by assignment)."""
+        """Lay out wide Linear weights for decoding and share lm_head with the token embedding
+        when tied. Call again after assigning new parameter tensors (load_state_dict(assign=True)).
+
+        Layout: a Linear whose output is wider than its input (lm_head, c_attn, c_fc) stores its
+        (out, in) weight as the transpose of a contiguous (in, out) tensor. At batch 1 each of
+        these is a matrix-vector product, and x @ W with W laid out (in, out) runs 1.3-3x faster
+        on CPU (measured, 1 thread: lm_head 8192x384 1.26 -> 0.47 ms, 2048x384 95 -> 61 us).
+        Same values, shapes and state dict; only the strides differ, and .to() and
+        load_state_dict keep them.
+        """
+        for mod in self.modules():
+            w = getattr(mod, "weight", None)
+            if type(mod) is nn.Linear and mod.out_features > mod.in_features and w.is_contiguous():
+                with torch.no_grad():
+                    mod.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
         if self.config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
 
@@ -433,11 +457,11 @@ class GPT(nn.Module):
                 cos, sin = cos[past:S], sin[past:S]          # (T, hs)
             else:
                 cos, sin = cos[position_ids], sin[position_ids]  # (B, T, hs)
-            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))    # broadcast over heads
+            rope = (cos.unsqueeze(-2), sin.unsqueeze(-2))    # (B|1, T, 1, hs): broadcast over heads
+        elif position_ids is None:
+            x = x + self.transformer.wpe.weight[past:S]     # (T, C): a view, no lookup
         else:
-            if position_ids is None:
-                position_ids = torch.arange(past, S, device=idx.device)  # (T,)
-            x = x + self.transformer.wpe(position_ids)
+            x = x + self.transformer.wpe(position_ids)      # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, is_causal, kv_cache, i, rope)
@@ -466,16 +490,19 @@ class GPT(nn.Module):
         return (mask & attention_mask.bool()[:, None, None, :]) | (kpos == qpos), False
 
     def forward(self, idx, targets=None, *, attention_mask=None, position_ids=None,
-                kv_cache: KVCache | None = None, loss_mask=None):
+                kv_cache: KVCache | None = None, loss_mask=None, logits_to_keep: int = 0):
         """idx (B, T) -> (logits (B, T, V), loss or None).
 
         targets (B, T): -100 is ignored. loss_mask (B, T): extra weight per target (e.g. only
         response tokens in SFT); the loss is the mean over selected tokens.
         attention_mask (B, past + T): 1 real, 0 padding (left padding for batched generation).
         kv_cache: appended to, so the next call only feeds new tokens. Logits for every given
-        position are returned (the sampler picks the last).
+        position are returned, or only the last `logits_to_keep` (a prefill needs one: with a
+        128k vocabulary, logits for every prompt position would dwarf the model).
         """
         x = self._trunk(idx, attention_mask, position_ids, kv_cache)
+        if logits_to_keep and targets is None:
+            x = x[:, -logits_to_keep:]                      # (B, logits_to_keep, C)
         logits = self.lm_head(x)                            # (B, T, V)
         loss = None
         if targets is not None:
