@@ -144,6 +144,7 @@ def shard(model: nn.Module, *, world: int, device: torch.device, precision: str,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    _contiguous_parameters(model)
     mesh = init_device_mesh(device.type, (world,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if precision == "bf16" else MixedPrecisionPolicy())
@@ -154,6 +155,19 @@ def shard(model: nn.Module, *, world: int, device: torch.device, precision: str,
     # The root's parameters are used last in the forward, first in the backward: keep them.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
+
+
+def _contiguous_parameters(model: nn.Module) -> None:
+    """FSDP2 shards contiguous parameters only: a weight kept as a transposed view (the GPT's
+    decode-friendly layout, ``tie_weights``) becomes a plain copy, same values, ties kept."""
+    copies: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if id(p) not in copies and p.is_contiguous():
+                continue
+            if id(p) not in copies:
+                copies[id(p)] = nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad)
+            setattr(mod, name, copies[id(p)])
 
 
 def replicate(model: nn.Module, device: torch.device, world: int) -> nn.Module:
