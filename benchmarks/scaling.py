@@ -164,7 +164,7 @@ def main() -> None:
     finally:
         server.stop()
     base = next((r for r in rows if r[0] == 1), rows[0])
-    print(f"\n| raylets = workers | tokenize tokens/s | efficiency | pretrain tokens/s | efficiency |")
+    print("\n| raylets = workers | tokenize tokens/s | efficiency | pretrain tokens/s | efficiency |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for n, tok, pt in rows:
         k = n / base[0]

@@ -21,7 +21,7 @@ from workers.kinds import finetune
 from workers.data import records as sft_data
 from workers.data import tokenizer as toks
 from workers.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
-from workers.model.lora import LoRALinear, apply_lora, merge_lora
+from workers.model.lora import LoRALinear, apply_lora
 from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
 from workers.stage import Resources, local_context
 from workers.training.params import adamw
@@ -128,13 +128,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
         assert not torch.allclose(lora_logits, GPT.forward(_fresh(before), x)[0], atol=1e-4)  # adapters learned
         # saved merged (as the kind saves) -> plain GPT with the same logits
         finetune.save_policy(model, tmp_path, extra={})
-        assert (tmp_path / finetune.LORA_FILE).exists()
         assert torch.allclose(load_pretrained(tmp_path)(x)[0], lora_logits, atol=1e-5)
-        # resuming restores the adapters onto a fresh base
-        again = apply_lora(_fresh(before), rank=4, alpha=8, target_modules=["c_attn", "c_fc"]).eval()
-        finetune.load_policy_state(again, tmp_path)
-        assert torch.allclose(again(x)[0], lora_logits, atol=1e-6)
-        assert torch.allclose(merge_lora(again)(x)[0], lora_logits, atol=1e-5)
 
 
 def _fresh(state) -> GPT:
@@ -250,8 +244,7 @@ def test_full_finetuning_job_lowers_the_sft_loss(base, tmp_path):
     assert mean_loss(model, rows_of(job)) < 0.6 * before
     job.save_model(model, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    again = load_pretrained(base)
-    job.load_model(again, tmp_path / "ckpt")  # resume path
+    again = load_pretrained(tmp_path / "ckpt")
     assert mean_loss(again, rows_of(job)) == pytest.approx(mean_loss(model, rows_of(job)), rel=1e-6)
 
 

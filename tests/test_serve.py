@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 
 from workers.data import tokenizer as toks
 from tests.conftest import SERVE_CHAT_TEMPLATE, free_port

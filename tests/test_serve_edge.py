@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from workers.data import tokenizer as toks
 from workers.checkpoints import open_checkpoint
 from workers.serving.app import build_app, key_digest
 from workers.serving.engine import Engine

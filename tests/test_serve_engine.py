@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from workers.data import tokenizer as toks
 from workers.model.sampling import SamplingParams, generate

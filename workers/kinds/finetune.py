@@ -33,8 +33,6 @@ from workers.training.supervised import (RecordsConfig, config_extra, load_train
                                          write_splits)
 
 DISTRIBUTED = True
-LORA_FILE = "lora_adapter.safetensors"
-"""Unmerged adapter weights in training checkpoints (resume); not part of the final checkpoint."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -70,29 +68,13 @@ def _has_lora(model) -> bool:
 
 
 def save_policy(model, directory: Path, *, extra: dict) -> None:
-    """HF-layout checkpoint; with LoRA, the merged weights plus the raw adapters (for resume)."""
-    from safetensors.torch import save_file
-
-    from workers.model.lora import lora_state_dict, merge_lora
+    """HF-layout checkpoint; with LoRA, the adapters merged into the weights."""
     from workers.model.hf import save_model
+    from workers.model.lora import merge_lora
 
     if _has_lora(model):
-        save_file(lora_state_dict(model), str(Path(directory) / LORA_FILE), metadata={"format": "pt"})
         model = merge_lora(copy.deepcopy(model))
     save_model(model, directory, extra=extra)
-
-
-def load_policy_state(model, directory: Path) -> None:
-    """Resume: adapters only under LoRA (the frozen base comes from the original checkpoint)."""
-    from safetensors.torch import load_file
-
-    from workers.model.lora import load_lora_state_dict
-    from workers.model.hf import load_model
-
-    if _has_lora(model):
-        load_lora_state_dict(model, load_file(str(Path(directory) / LORA_FILE), device="cpu"))
-    else:
-        model.load_state_dict(load_model(directory).state_dict())
 
 
 def sft_batch(rows: dict[str, np.ndarray]):
@@ -157,7 +139,6 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
                                        to_batch=sft_batch),
         loss_fn=sft_loss,
         save_model=functools.partial(save_policy, extra=config_extra(base, chat, prompt_template)),
-        load_model=load_policy_state,
         tokens_per_step=global_rows * (width - 1),
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,

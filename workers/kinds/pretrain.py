@@ -88,11 +88,6 @@ def _save_model(model, directory, *, extra: dict):
     save_model(model, directory, extra=extra)
 
 
-def _load_model(model, directory):
-    from workers.model.hf import load_model
-    model.load_state_dict(load_model(directory).state_dict())
-
-
 def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple[TrainJob, "TokenDataset"]:
     """The TrainJob for this stage and the token dataset it trains on."""
     from workers.model.transformer import config_for
@@ -116,7 +111,6 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
                                        block_size=gpt_config.block_size),
         loss_fn=lm_loss,
         save_model=functools.partial(_save_model, extra={"eos_token_id": eos, "bos_token_id": eos}),
-        load_model=_load_model,
         tokens_per_step=tokens_per_step,
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,

@@ -50,11 +50,6 @@ def save_reward(model, directory, *, extra: dict) -> None:
     save_reward_model(model, directory, extra=extra)
 
 
-def load_reward_state(model, directory) -> None:
-    from workers.model.reward_head import load_reward_model
-    model.load_state_dict(load_reward_model(directory).state_dict())
-
-
 def pair_batch(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Rows of chosen/rejected ids (b, T) + lengths + margin -> tensors with attention masks."""
     out = {}
@@ -148,7 +143,6 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None
                                        to_batch=pair_batch),
         loss_fn=bt_loss,
         save_model=functools.partial(save_reward, extra=config_extra(base, chat, prompt_template)),
-        load_model=load_reward_state,
         tokens_per_step=2 * global_rows * arrays["chosen"].shape[1],
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,

@@ -4,17 +4,22 @@ Each iteration has four steps, each its own function with a typed hand-off:
 
 1. ``rollout``  rollout actors (copies of the policy) sample k completions per prompt -> ``Group``s;
 2. ``score``    the reward-ranking pool scores and ranks them -> ``ScoredGroup``s;
-3. ``update``   the learner actor turns them into the algorithm's examples and takes optimizer steps:
+3. ``update``   the learner group (``learner_workers`` data-parallel actors, DDP or FSDP as
+   ``strategy`` says) turns them into the algorithm's examples and takes optimizer steps, each
+   step's batch split between the learners:
    - ``best_of_n``: rejection-sampling fine-tuning (NLL) on each prompt's top-ranked completions;
    - ``dpo``: best vs worst completion of each prompt as a preference pair, reference = the
      frozen initial policy, ``beta`` = the implicit reward's temperature;
    - ``grpo``: advantages (r - mean) / std within each prompt's k samples, PPO-clipped ratio
      (``clip_eps``) to the sampling policy, plus ``beta`` x KL to the frozen initial policy
      (k3 estimator: exp(ref - pi) - (ref - pi) - 1, per token);
-4. ``sync``     the learner puts its weights in the object store once; every rollout actor loads them.
+4. ``sync``     learner rank 0 gathers the weights (layer by layer under FSDP, no other rank holds
+   them whole) and puts them in the object store once; every rollout actor loads them.
 
-The learner checkpoints after every iteration under ``ctx.scratch_uri`` (HF layout + optimizer
-state + ``state.json``), so a retried attempt resumes after the last finished iteration.
+The learners checkpoint after every iteration under ``ctx.scratch_uri`` (their shards of the policy
+and optimizer state, ``torch.distributed.checkpoint``, + ``state.json``), so a retried attempt
+resumes after the last finished iteration, at any number of learners; the output is consolidated
+from the last one, once, into the starting checkpoint's Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -32,18 +37,18 @@ from pydantic import Field
 
 from workers import storage
 from workers.cpu import claim_cpus
-from workers.checkpoints import Checkpoint, cast_model_files, copy_model_files, local_folder, open_checkpoint
+from workers.checkpoints import Checkpoint, cast_model_files, local_folder, open_checkpoint
 from workers.rl.ranking import Ranking, RankingPool, RewardConfig, resolve_reward, reward_modules
 from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
+from workers.training.loop import ShardingConfig
 from workers.training.params import OptimizerConfig, knob
 
 DISTRIBUTED = True
 STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest.json"
 
 
-class Config(OptimizerConfig):
+class Config(OptimizerConfig, ShardingConfig):
 
     policy: str | None = Field(None, description="The starting policy (and the frozen reference): an upstream "
                                "stage with a `checkpoint` output, or a checkpoint path/URI (ours or a Hugging Face "
@@ -69,6 +74,8 @@ class Config(OptimizerConfig):
     clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo: the ratio is clipped to [1 - eps, 1 + eps].")
     top_n: int = Field(1, ge=1, description="best_of_n: completions kept per prompt (the top-ranked).")
     rollout_workers: int | None = Field(None, ge=1, description="Rollout actors; default: resources.workers or 1.")
+    learner_workers: int = Field(1, ge=1, description="Data-parallel learner workers (each with resources.cpus/"
+                                 "gpus): every optimizer step's batch is split between them (strategy: ddp or fsdp).")
     seed: int = knob(OptimizerConfig, "seed", 0)
     keep_checkpoints: int = Field(2, ge=1, description="Iteration checkpoints kept in scratch storage.")
 
@@ -227,63 +234,111 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta:
 # ----------------------------------------------------------------------------- the learner
 
 
-class Learner:
-    """Holds the policy, the frozen reference (the initial policy) and the optimizer; runs as a
-    Ray actor so it gets the stage's GPU when there is one."""
+def _rank_slices(rows: list[int], rank: int, world: int, chunk: int) -> list[list[int]]:
+    """This rank's share (rows ``rank::world``) of ``rows`` in calls of at most ``chunk`` rows, the
+    same number of calls on every rank (FSDP's gathers are collective); a call may be empty."""
+    mine = rows[rank::world]
+    calls = -(-len(rows[0::world]) // chunk) if rows else 0
+    return [mine[k * chunk:(k + 1) * chunk] for k in range(calls)]
 
-    def __init__(self, checkpoint: str, config: dict, threads: int = 1):
+
+class Learner:
+    """One data-parallel rank of the learner: the policy, the frozen reference (the initial policy)
+    and the optimizer, replicated (DDP) or sharded (FSDP) over the group (see
+    ``workers.training.sharding``). Runs as a Ray actor, so it gets the stage's GPU when there is
+    one. Every rank receives the same scored groups and derives the same batches; each step's
+    batch is split between the ranks, each rank's loss weighted so that the gradient averaged
+    over the group is the whole batch's (the 1-worker learner's)."""
+
+    def __init__(self, checkpoint: str, config: dict, threads: int = 1, rank: int = 0, world: int = 1):
         import copy
 
         import torch
 
-        from workers.model.transformer import autocast_context, default_device
-        from workers.training.loop import resolve_precision
-        from workers.training.params import adamw
+        from workers.model.transformer import default_device
 
         claim_cpus(threads)
         self.cfg = Config.model_validate(config)
+        self.rank, self.world = rank, world
         self.device = torch.device(default_device())
         # fp32 master weights (autocast on GPU); the exported checkpoint is cast back to the stored dtype
-        pol = open_checkpoint(checkpoint, device=self.device, dtype=torch.float32, field="policy")
+        pol = open_checkpoint(checkpoint, device="cpu", dtype=torch.float32, field="policy")
         self.policy, self.extra = pol.model, pol.carried_config()
         self.reference = copy.deepcopy(self.policy).eval()
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
+
+    @staticmethod
+    def rendezvous() -> str:
+        """``tcp://ip:port`` on this actor's node for the group's process group (call on rank 0)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def setup(self, init_method: str) -> str:
+        """Join the group's process group and place the models; returns the strategy."""
+        import torch
+        import torch.distributed as dist
+
+        from workers.model.transformer import autocast_context
+        from workers.training import sharding
+        from workers.training.loop import resolve_precision
+        from workers.training.params import adamw
+
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=init_method,
+                                rank=self.rank, world_size=self.world)
+        precision = resolve_precision(self.device, self.cfg.precision)
+        placed = sharding.place(self.policy, self.cfg, world=self.world, device=self.device, precision=precision,
+                                local_world=self.world)
+        self.train_policy = placed.train_model
+        self.reference = sharding.place_frozen(self.reference, placed, world=self.world, device=self.device,
+                                               precision=precision)
         # decay matrices only, as the training loop does
-        self.optimizer = adamw(self.policy, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, device_type=self.device.type)
-        self.autocast = lambda: autocast_context(self.device, resolve_precision(self.device, self.cfg.precision))
+        self.optimizer = adamw(self.policy, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                               device_type=placed.optimizer_device)
+        self.autocast = lambda: autocast_context(self.device, precision)
+        return placed.strategy
 
     # -- weights and checkpoints
 
     def weights(self) -> list:
-        """[ref] of the policy's CPU state dict in the object store (a list, so Ray does not resolve it)."""
+        """[ref] of the policy's full CPU state dict in the object store, from rank 0 ([None] on the
+        others): under FSDP it is gathered layer by layer onto rank 0 only. Collective."""
         import ray
-        return [ray.put({k: v.detach().to("cpu") for k, v in self.policy.state_dict().items()})]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return [ray.put(sd) if self.rank == 0 else None]
 
     def save(self, uri: str, state: dict) -> None:
-        import torch
-
-        from workers.model.hf import save_model
+        """This rank's shard of the policy and optimizer (DCP) into ``uri``; rank 0 adds the state."""
+        from workers.training import sharding
 
         tmp = Path(tempfile.mkdtemp(prefix="rlhf-ckpt-"))
         try:
-            save_model(self.policy, tmp, extra=self.extra)
-            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-            storage.publish_dir(tmp, uri)
+            sharding.save_state(tmp, self.policy, self.optimizer)
+            if self.rank == 0:
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+            for f in tmp.iterdir():  # the ranks' files side by side in one folder
+                storage.write_bytes(storage.join(uri, f.name), f.read_bytes())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, uri: str) -> dict:
-        import torch
-
-        from workers.model.hf import load_model
+        from workers.training import sharding
 
         with local_folder(uri) as local:
-            self.policy.load_state_dict(load_model(local, device=self.device).state_dict())
-            self.optimizer.load_state_dict(torch.load(local / OPTIMIZER_FILE, map_location=self.device,
-                                                      weights_only=True))
+            sharding.load_state(local, self.policy, self.optimizer)
             return json.loads((local / STATE_FILE).read_text())
+
+    def peak_memory_bytes(self) -> int:
+        from workers.training import sharding
+        return sharding.peak_memory_bytes(self.device)
 
     # -- measuring
 
@@ -298,35 +353,65 @@ class Learner:
         B = self.cfg.batch_size
         return [order[k:k + B] for k in range(0, n, B)]
 
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
     def _fixed_logprobs(self, model, prompts, comps, chunk: int = 64) -> list:
-        """Each completion's token log-probs (1-D, no grad), computed in batches."""
-        out = []
-        for k in range(0, len(comps), chunk):
-            lp, _ = self._logprobs(model, prompts[k:k + chunk], comps[k:k + chunk])
-            out += [lp[i, :len(c)] for i, c in enumerate(comps[k:k + chunk])]
-        return out
+        """Each completion's token log-probs (1-D, no grad, on the device): every rank computes
+        its share, then all of them are exchanged."""
+        import torch.distributed as dist
+
+        mine = {}
+        for rows in _rank_slices(list(range(len(comps))), self.rank, self.world, chunk):
+            use = rows or [0]  # an empty call still joins FSDP's gathers
+            lp, _ = self._logprobs(model, [prompts[i] for i in use], [comps[i] for i in use])
+            mine.update({i: lp[r, :len(comps[i])].cpu() for r, i in enumerate(rows)})
+        parts = [mine]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, mine)
+        merged = {i: t for part in parts for i, t in part.items()}
+        return [merged[i].to(self.device) for i in range(len(comps))]
 
     def kl(self, groups: list[Group]) -> float:
         """Mean per-token KL(policy || reference) (k3) over the groups' samples."""
         prompts = [g.prompt_ids for g in groups for _ in g.samples]
         comps = [s.token_ids for g in groups for s in g.samples]
         total, count = 0.0, 0.0
-        for k in range(0, len(comps), 64):
-            lp, mask = self._logprobs(self.policy, prompts[k:k + 64], comps[k:k + 64])
-            ref, _ = self._logprobs(self.reference, prompts[k:k + 64], comps[k:k + 64])
-            total += float((kl_k3(lp, ref) * mask).sum())
-            count += float(mask.sum())
+        for rows in _rank_slices(list(range(len(comps))), self.rank, self.world, 64):
+            use = rows or [0]
+            lp, mask = self._logprobs(self.policy, [prompts[i] for i in use], [comps[i] for i in use])
+            ref, _ = self._logprobs(self.reference, [prompts[i] for i in use], [comps[i] for i in use])
+            weight = 1.0 if rows else 0.0
+            total += weight * float((kl_k3(lp, ref) * mask).sum())
+            count += weight * float(mask.sum())
+        total, count = self._all_reduce([total, count])
         return total / max(count, 1.0)
 
     # -- updating
 
-    def _step(self, loss) -> None:
+    def _step(self, chunk: list[int], loss_of) -> float:
+        """One optimizer step on ``chunk``: this rank's rows' share of the batch loss, times the
+        world size (gradients are averaged over the group); returns the batch's loss.
+        ``loss_of(rows)`` is the batch-normalised loss summed over ``rows``."""
         import torch
+
+        from workers.training import sharding
+
+        rows = chunk[self.rank::self.world]
+        loss = loss_of(rows or chunk[:1]) * (1.0 if rows else 0.0)  # an empty share still joins the reduction
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.world).backward()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+            sharding.to_local(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip))
         self.optimizer.step()
+        return self._all_reduce([loss.item()])[0]
 
     def update(self, scored: list[ScoredGroup], iteration: int) -> UpdateStats:
         self.policy.train()
@@ -341,11 +426,14 @@ class Learner:
         losses = []
         for epoch in range(self.cfg.epochs):
             for chunk in self._chunks(len(ex), iteration, epoch):
-                lp, mask = self._logprobs(self.policy, [ex[i].prompt_ids for i in chunk],
-                                          [ex[i].completion_ids for i in chunk], grad=True)
-                loss = nll_loss(lp, mask)
-                self._step(loss)
-                losses.append(loss.item())
+                tokens = sum(len(ex[i].completion_ids) for i in chunk)
+
+                def loss_of(rows):
+                    lp, mask = self._logprobs(self.train_policy, [ex[i].prompt_ids for i in rows],
+                                              [ex[i].completion_ids for i in rows], grad=True)
+                    return nll_loss(lp, mask) * mask.sum() / max(tokens, 1)  # the batch's per-token mean
+
+                losses.append(self._step(chunk, loss_of))
         return losses, len(ex)
 
     def _update_dpo(self, scored, iteration):
@@ -353,14 +441,16 @@ class Learner:
         losses = []
         for epoch in range(self.cfg.epochs):
             for chunk in self._chunks(len(pairs), iteration, epoch):
-                prompts = [pairs[i].prompt_ids for i in chunk] * 2
-                comps = [pairs[i].chosen_ids for i in chunk] + [pairs[i].rejected_ids for i in chunk]
-                lp, mask = self._logprobs(self.policy, prompts, comps, grad=True)
-                ref, _ = self._logprobs(self.reference, prompts, comps)
-                seq, ref_seq, B = (lp * mask).sum(1), (ref * mask).sum(1), len(chunk)
-                loss = dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], self.cfg.beta)
-                self._step(loss)
-                losses.append(loss.item())
+
+                def loss_of(rows):
+                    prompts = [pairs[i].prompt_ids for i in rows] * 2
+                    comps = [pairs[i].chosen_ids for i in rows] + [pairs[i].rejected_ids for i in rows]
+                    lp, mask = self._logprobs(self.train_policy, prompts, comps, grad=True)
+                    ref, _ = self._logprobs(self.reference, prompts, comps)
+                    seq, ref_seq, B = (lp * mask).sum(1), (ref * mask).sum(1), len(rows)
+                    return dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], self.cfg.beta) * B / len(chunk)
+
+                losses.append(self._step(chunk, loss_of))
         return losses, len(pairs)
 
     def _update_grpo(self, scored, iteration):
@@ -376,16 +466,46 @@ class Learner:
         losses = []
         for epoch in range(self.cfg.epochs):
             for chunk in self._chunks(len(ex), iteration, epoch):
-                lp, mask = self._logprobs(self.policy, [prompts[i] for i in chunk], [comps[i] for i in chunk], grad=True)
-                old_t, ref_t = torch.zeros_like(lp), torch.zeros_like(lp)
-                for row, i in enumerate(chunk):
-                    old_t[row, :len(old[i])] = old[i]
-                    ref_t[row, :len(ref[i])] = ref[i]
-                adv = torch.tensor([ex[i].advantage for i in chunk], device=lp.device)
-                loss = grpo_loss(lp, old_t, ref_t, adv, mask, self.cfg.clip_eps, self.cfg.beta)
-                self._step(loss)
-                losses.append(loss.item())
+
+                def loss_of(rows):
+                    lp, mask = self._logprobs(self.train_policy, [prompts[i] for i in rows], [comps[i] for i in rows],
+                                              grad=True)
+                    old_t, ref_t = torch.zeros_like(lp), torch.zeros_like(lp)
+                    for row, i in enumerate(rows):
+                        old_t[row, :len(old[i])] = old[i]
+                        ref_t[row, :len(ref[i])] = ref[i]
+                    adv = torch.tensor([ex[i].advantage for i in rows], device=lp.device)
+                    loss = grpo_loss(lp, old_t, ref_t, adv, mask, self.cfg.clip_eps, self.cfg.beta)
+                    return loss * len(rows) / len(chunk)
+
+                losses.append(self._step(chunk, loss_of))
         return losses, len(ex)
+
+
+class LearnerGroup:
+    """``n`` Learner actors joined in one torch.distributed process group: every call goes to
+    all ranks (they are collective) and rank 0's answer is returned."""
+
+    def __init__(self, checkpoint: str, config: Config, n: int, *, cpus: float, gpus: float):
+        import ray
+
+        remote = ray.remote(Learner).options(num_cpus=cpus, num_gpus=gpus)
+        self.actors = [remote.remote(checkpoint, config.model_dump(), max(1, int(cpus)), r, n) for r in range(n)]
+        init_method = ray.get(self.actors[0].rendezvous.remote())
+        self.strategy = ray.get([a.setup.remote(init_method) for a in self.actors])[0]
+
+    def call(self, method: str, *args):
+        import ray
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])[0]
+
+    def peak_memory_mb(self) -> list[float]:
+        import ray
+        return [b / 2**20 for b in ray.get([a.peak_memory_bytes.remote() for a in self.actors])]
+
+    def shutdown(self) -> None:
+        import ray
+        for a in self.actors:
+            ray.kill(a)
 
 
 # ----------------------------------------------------------------------------- checkpoints in scratch
@@ -401,11 +521,9 @@ def latest_iteration(root: str) -> int:
     return int(storage.read_json(pointer)["iteration"]) if storage.exists(pointer) else 0
 
 
-def checkpoint(learner, root: str, iteration: int, state: dict, keep: int) -> None:
-    """Learner writes iteration's folder, then the pointer moves (atomically), then old ones go."""
-    import ray
-
-    ray.get(learner.save.remote(_iter_dir(root, iteration), {**state, "iteration": iteration}))
+def checkpoint(learner: LearnerGroup, root: str, iteration: int, state: dict, keep: int) -> None:
+    """The learners write iteration's folder, then the pointer moves (atomically), then old ones go."""
+    learner.call("save", _iter_dir(root, iteration), {**state, "iteration": iteration})
     storage.write_json(storage.join(root, LATEST_FILE), {"iteration": iteration})
     old = iteration - keep
     if old >= 1 and storage.exists(_iter_dir(root, old)):
@@ -452,13 +570,13 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
     try:
         rollout_pool = RolloutPool(policy_uri, workers, cpus=res.cpus, gpus=res.gpus)
         ranking_pool = RankingPool.from_config(source, config.reward)
-        learner = ray.remote(Learner).options(num_cpus=res.cpus, num_gpus=res.gpus).remote(
-            policy_uri, config.model_dump(), max(1, int(res.cpus)))
+        learner = LearnerGroup(policy_uri, config, config.learner_workers, cpus=res.cpus, gpus=res.gpus)
+        ctx.set_tags({"learner.strategy": learner.strategy})
         start = latest_iteration(root)
         state: dict[str, Any] = {}
         if start:
-            state = ray.get(learner.restore.remote(_iter_dir(root, start)))
-            rollout_pool.sync(ray.get(learner.weights.remote())[0])
+            state = learner.call("restore", _iter_dir(root, start))
+            rollout_pool.sync(learner.call("weights")[0])
             ctx.set_tags({"resumed_from_iteration": str(start)})
             ctx.log_metrics({"resumed_from_iteration": start}, step=start)
         elif held_out:
@@ -476,9 +594,10 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
             t1 = time.perf_counter()
             scored = score(ranking_pool, groups)
             t2 = time.perf_counter()
-            stats: UpdateStats = ray.get(learner.update.remote(scored, n))
+            scored_ref = ray.put(scored)  # one copy for all the learners
+            stats: UpdateStats = learner.call("update", scored_ref, n)
             t3 = time.perf_counter()
-            sync_s = rollout_pool.sync(ray.get(learner.weights.remote())[0])
+            sync_s = rollout_pool.sync(learner.call("weights")[0])
             t4 = time.perf_counter()
             rewards = [x for s in scored for x in s.ranking.scores]
             state.setdefault("mean_reward_first_iteration", sum(rewards) / len(rewards))
@@ -492,6 +611,7 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
                 "ranking_completions_per_s": ranking_pool.last.per_s,
                 "time_generation_s": t1 - t0, "time_ranking_s": t2 - t1, "time_update_s": t3 - t2,
                 "time_sync_s": sync_s, "time_checkpoint_s": t5 - t4, "iteration_s": t5 - t0,
+                **{f"learner_peak_memory_mb_rank{r}": mb for r, mb in enumerate(learner.peak_memory_mb())},
             }, step=n)
             ctx.progress(n, config.iterations, "iterations")
 
@@ -501,13 +621,13 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         else:
             start_reward, end = state["mean_reward_first_iteration"], state["mean_reward_last_iteration"]
             groups = rollout(rollout_pool, _iteration_prompts(train, config, 0), config, config.seed)
-        kl = ray.get(learner.kl.remote(groups))
+        kl = learner.call("kl", groups)
         ctx.log_metrics({"mean_reward_end": end, "final_kl": kl}, step=config.iterations)
         out = Path(ctx.artifact_dir) / "checkpoint"
         _export(_iter_dir(root, latest_iteration(root)), policy, out)
     finally:
         if learner is not None:
-            ray.kill(learner)
+            learner.shutdown()
         for pool in (rollout_pool, ranking_pool):
             if pool is not None:
                 pool.shutdown()
@@ -525,10 +645,16 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
 
 
 def _export(iter_uri: str, policy: Checkpoint, out: Path) -> None:
-    """The last iteration's model files (in the policy's stored dtype) + the starting policy's
-    tokenizer side: self-contained."""
+    """The last iteration's weights, consolidated once from the learners' shards into the starting
+    policy's layout and stored dtype, plus its tokenizer side: self-contained."""
+    import torch
+
+    from workers.model.hf import save_model
+    from workers.training import sharding
+
+    base = open_checkpoint(policy.uri, device="cpu", dtype=torch.float32, field="policy")
     with local_folder(iter_uri) as local:
-        copy_model_files(local, out)
+        save_model(sharding.consolidate(local, base.model), out, extra=policy.carried_config())
     if policy.stored_dtype:
         cast_model_files(out, policy.stored_dtype)
     policy.write_tokenizer(out)

@@ -28,7 +28,7 @@ from workers.serving import protocol as oa
 
 if TYPE_CHECKING:  # the engine needs torch; importing this module (to validate a pipeline) must not
     from workers.checkpoints import Checkpoint
-    from workers.serving.engine import Engine, GenerationRequest
+    from workers.serving.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -2,16 +2,19 @@
 
 A kind describes its job as a ``TrainJob`` (a model factory, a batch-source factory, a loss
 function, the options in ``TrainingConfig``) and calls ``fit(ctx, job)``. ``fit`` runs the loop
-on ``ctx.resources.workers`` Ray Train workers (DDP: gloo on CPU, NCCL + bf16 autocast on GPU),
-checkpoints through ``ray.train.report`` into ``ctx.scratch_uri`` (so a retried attempt of the
-stage resumes too), restarts the worker group from the latest checkpoint when a worker dies, and
-returns the final checkpoint's folder and state.
+on ``ctx.resources.workers`` Ray Train workers (gloo on CPU, NCCL + bf16 autocast on GPU), the
+model replicated (DDP) or sharded (FSDP2) as ``workers.training.sharding`` decides, checkpoints
+through ``ray.train.report`` into ``ctx.scratch_uri`` (so a retried attempt of the stage resumes
+too), restarts the worker group from the latest checkpoint when a worker dies, and returns the
+final checkpoint's folder (consolidated once into the kind's Hugging Face layout) and state.
 
 Batches are a pure function of the step (see ``BatchSource``): a resumed run needs no data-loader
 state, and any number of workers sees the same global batch. Dropout randomness is re-seeded from
 ``(seed, step, rank)`` at every step for the same reason; a checkpoint therefore holds the
-weights (HF layout), the optimizer state (``optimizer.pt``, loaded with ``weights_only=True``)
-and ``trainer_state.json`` (step, tokens, seed, last losses), and nothing else is needed.
+trainable weights and optimizer state, sharded (``torch.distributed.checkpoint``: each rank writes
+its own part, any number of workers reads it back), and ``trainer_state.json`` (step, tokens,
+seed, last losses), and nothing else is needed. A run resumes on another number of workers when
+the global batch (batch_size x grad_accum x workers) stays the same.
 """
 
 from __future__ import annotations
@@ -26,24 +29,52 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workers import storage
 from workers.cpu import claim_cpus
+from workers.training import sharding
 from workers.training.params import OptimizerConfig, adamw
 
-OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 ADAMW_BETAS = (0.9, 0.95)
 _PROGRESS_EVERY_S = 0.5
 
 
-class TrainingConfig(OptimizerConfig):
-    """Options every kind trained by this loop shares; a kind's ``Config`` subclasses it."""
+class FsdpConfig(BaseModel):
+    """Options of ``strategy: fsdp`` (see workers.training.sharding)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reshard_after_forward: bool = Field(True, description="Free each block's gathered weights after its "
+                                        "forward and gather them again for the backward (less memory, one more "
+                                        "all-gather per block); false keeps them until the backward.")
+    cpu_offload: bool = Field(False, description="Keep parameter shards, gradients and the optimizer step in "
+                              "host memory (GPU only: fits larger models, slower steps).")
+
+
+class ShardingConfig(BaseModel):
+    """How the training workers hold the model (every training kind and the rlhf learner)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="ddp: every worker holds the whole model and optimizer state; fsdp: they are "
+        "sharded across the workers (FSDP2, per transformer block); auto: fsdp when the replicated training "
+        "state (16 bytes a trainable parameter) exceeds half of one worker's memory. With bf16 precision "
+        "fsdp gathers weights in bf16 and reduces gradients in fp32.")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="Options of the fsdp strategy.")
+    activation_checkpointing: bool = Field(False, description="Recompute each transformer block's activations "
+                                           "in the backward instead of storing them (less memory, ~1/3 more "
+                                           "compute); either strategy.")
+
+
+class TrainingConfig(OptimizerConfig, ShardingConfig):
+    """Options every training kind shares; a kind's ``Config`` subclasses it."""
 
     batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step; "
@@ -95,15 +126,15 @@ class TrainJob:
     config: TrainingConfig
     max_steps: int
     make_model: Callable[[], torch.nn.Module]
-    """Builds the freshly initialised model (called after seeding, identically on every rank)."""
+    """Builds the freshly initialised model (called after seeding, identically on every rank, and
+    once in the driver to receive the final weights for ``save_model``)."""
     make_batches: Callable[[int, int, torch.device], BatchSource]
     """(rank, world, device) -> this rank's BatchSource."""
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     """(model, micro-batch) -> mean loss of the micro-batch."""
     save_model: Callable[[torch.nn.Module, Path], None]
-    """Writes the weights (and model config) into a checkpoint folder."""
-    load_model: Callable[[torch.nn.Module, Path], None]
-    """Loads a checkpoint folder's weights into a model built by make_model."""
+    """Writes the final weights (and model config) into a folder in the kind's Hugging Face layout;
+    called once, in the driver, on a plain model built by make_model."""
     tokens_per_step: int
     """Tokens in one global batch (for tokens/s and the token count)."""
     threads_per_worker: int = 1
@@ -113,7 +144,8 @@ class TrainJob:
 @dataclass
 class FitResult:
     checkpoint_dir: Path
-    """A local folder holding the final checkpoint (valid until ``cleanup()``)."""
+    """A local folder holding the final checkpoint, its weights written by ``job.save_model``
+    (valid until ``cleanup()``)."""
     state: dict[str, Any]
     """The final trainer_state.json."""
     _tmp: str | None = None
@@ -188,17 +220,24 @@ def resolve_precision(device: torch.device, precision: str) -> str:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(directory: Path, job: TrainJob, model: torch.nn.Module, optimizer, state: dict) -> None:
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer, state: dict, rank: int) -> None:
+    """This rank's shard of the training state into ``directory`` (rank 0 adds the trainer state)."""
     directory.mkdir(parents=True, exist_ok=True)
-    job.save_model(model, directory)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    sharding.save_state(directory, model, optimizer)
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
-def load_checkpoint(directory: Path, job: TrainJob, model: torch.nn.Module, optimizer, device) -> dict:
-    job.load_model(model, directory)
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True))
-    return json.loads((directory / STATE_FILE).read_text())
+def load_checkpoint(directory: Path, job: TrainJob, model: torch.nn.Module, optimizer) -> dict:
+    state = json.loads((directory / STATE_FILE).read_text())
+    trained = state.get("tokens_per_step", job.tokens_per_step)
+    if trained != job.tokens_per_step:
+        raise ValueError(
+            f"{job.name}: the checkpoint at step {state['step']} was trained with {trained} tokens per step, "
+            f"this run takes {job.tokens_per_step}; keep batch_size x grad_accum x workers (the global batch) "
+            "as it was to resume on another number of workers")
+    sharding.load_state(directory, model, optimizer)
+    return state
 
 
 # ----------------------------------------------------------------------------- the worker loop
@@ -208,6 +247,16 @@ def _all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _gather(values: list[float], world: int, device) -> torch.Tensor:
+    """(world, len(values)): every rank's values, on every rank."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    if world == 1:
+        return mine.unsqueeze(0).cpu()
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine)
+    return torch.stack(out).cpu()
 
 
 def _evaluate(model, batches: BatchSource, job: TrainJob, autocast, world: int, device) -> float | None:
@@ -251,28 +300,32 @@ def _train_worker(loop_config: dict) -> None:
         return autocast_context(device, precision) if device.type == "cuda" else nullcontext()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = job.make_model().to(device)
-    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=ADAMW_BETAS, device_type=device.type)
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None}
+    model = job.make_model()
+    placed = sharding.place(model, cfg, world=world, device=device, precision=precision,
+                            local_world=tctx.get_local_world_size())
+    strategy, train_model = placed.strategy, placed.train_model
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=ADAMW_BETAS,
+                      device_type=placed.optimizer_device)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None,
+                             "tokens_per_step": job.tokens_per_step}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            state = load_checkpoint(Path(d), job, model, optimizer, device)
+            state = load_checkpoint(Path(d), job, model, optimizer)
     start = int(state["step"])
-    if rank == 0 and resumed is not None:
-        ctx.set_tags({"resumed_from_step": str(start)})
-        ctx.log_metrics({"resumed_from_step": start}, step=start)
+    if rank == 0:
+        ctx.set_tags({"train.strategy": strategy})
+        if resumed is not None:
+            ctx.set_tags({"resumed_from_step": str(start)})
+            ctx.log_metrics({"resumed_from_step": start}, step=start)
 
-    train_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
     batches = job.make_batches(rank, world, device)
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
     peak = peak_flops(device, precision) if rank == 0 and flops_per_token else None
     params = [p for p in model.parameters() if p.requires_grad]
+    state_mb = None  # this rank's parameter + optimizer-state shards, once the optimizer has state
 
     prev_end: float | None = None
     last_progress = -math.inf
@@ -292,9 +345,8 @@ def _train_worker(loop_config: dict) -> None:
         t_data = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for k, b in enumerate(micro):
-            # DDP all-reduces gradients on the last micro-batch only.
-            sync = nullcontext() if (world == 1 or k == len(micro) - 1) else train_model.no_sync()
-            with sync:
+            # Gradients are reduced across workers on the last micro-batch only.
+            with sharding.gradient_sync(train_model, k == len(micro) - 1):
                 with autocast():
                     loss = job.loss_fn(train_model, b) / len(micro)
                 loss.backward()
@@ -302,10 +354,15 @@ def _train_worker(loop_config: dict) -> None:
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = sharding.to_local(grad_norm)  # FSDP: the norm of the sharded gradients, reduced
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = float(_all_reduce_sum(loss_sum, world)) / world  # syncs the device: timing is real
+        if state_mb is None:
+            state_mb = sharding.local_state_bytes(model, optimizer) / 2**20
+        # (loss, peak memory, state) of every rank; syncs the device, so the timing is real
+        ranks = _gather([float(loss_sum), sharding.peak_memory_bytes(device) / 2**20, state_mb], world, device)
+        train_loss = float(ranks[:, 0].sum()) / world
         t_end = time.perf_counter()
         # step_time_s: wall time from the previous step's end to this one's (so it includes the
         # previous step's logging, evaluation and checkpointing); data_s + compute_s: this step's
@@ -327,6 +384,10 @@ def _train_worker(loop_config: dict) -> None:
                        "overhead_s": max(0.0, dt - data_s - compute_s), "tokens": state["tokens"]}
             if peak:
                 metrics["mfu"] = flops_per_token * tps / (peak * world)
+            metrics["peak_memory_mb"] = float(ranks[:, 1].max())
+            for r in range(world):
+                metrics[f"peak_memory_mb_rank{r}"] = float(ranks[r, 1])
+                metrics[f"train_state_mb_rank{r}"] = float(ranks[r, 2])
             if done % cfg.eval_every == 0 or done == job.max_steps:
                 if state["val_loss"] is not None:
                     metrics["val_loss"] = state["val_loss"]
@@ -336,13 +397,11 @@ def _train_worker(loop_config: dict) -> None:
                 last_progress = t_end
         if done % cfg.checkpoint_every == 0 or done == job.max_steps:
             report = {k: v for k, v in state.items() if isinstance(v, (int, float))}
-            if rank == 0:
-                with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
-                    save_checkpoint(Path(d), job, model, optimizer, state)
-                    ray.train.report(report, checkpoint=Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=f"checkpoint-{done:08d}")
-            else:
-                ray.train.report(report, checkpoint=None, checkpoint_dir_name=f"checkpoint-{done:08d}")
+            # Every rank uploads its own shard; Ray Train merges them into one checkpoint folder.
+            with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
+                save_checkpoint(Path(d), model, optimizer, state, rank)
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"checkpoint-{done:08d}")
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -397,4 +456,6 @@ def fit(ctx, job: TrainJob) -> FitResult:
     tmp = tempfile.mkdtemp(prefix="final-ckpt-")
     local = Path(result.checkpoint.to_directory(os.path.join(tmp, "checkpoint")))
     state = json.loads((local / STATE_FILE).read_text())
+    # The one place the whole trained model is assembled: here, from the shards, for the export.
+    job.save_model(sharding.consolidate(local, job.make_model()), local)
     return FitResult(checkpoint_dir=local, state=state, _tmp=tmp)
