@@ -69,6 +69,7 @@ def _build(width: int, strategy: str, world: int, device):
     from workers.model.transformer import GPT, GPTConfig
     from workers.training import sharding
     from workers.training.loop import ADAMW_BETAS
+    from workers.training.params import adamw
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=N_LAYER, n_head=max(1, width // 64),
@@ -76,7 +77,7 @@ def _build(width: int, strategy: str, world: int, device):
     precision = "bf16" if device.type == "cuda" else "fp32"
     placed = sharding.place(model, _options(strategy), world=world, device=device, precision=precision,
                             local_world=world)
-    opt = model.configure_optimizers(0.1, 1e-4, ADAMW_BETAS, placed.optimizer_device)
+    opt = adamw(model, lr=1e-4, weight_decay=0.1, betas=ADAMW_BETAS, device_type=placed.optimizer_device)
     return model, placed.train_model, opt
 
 

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from workers.training.params import adamw
+
 from workers.model.transformer import (GPT, SIZES, GPTConfig, KVCache, autocast_context, config_for,
                            default_device, load_pretrained, read_config, save_pretrained)
 
@@ -167,7 +169,7 @@ def test_load_refuses_pickle_only_checkpoint(tmp_path):
 
 def test_loss_falls_when_overfitting_a_tiny_batch():
     m = tiny().train()
-    opt = m.configure_optimizers(weight_decay=0.1, lr=3e-3, betas=(0.9, 0.95), device_type="cpu")
+    opt = adamw(m, weight_decay=0.1, lr=3e-3)
     idx = torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(9))
     x, y = idx[:, :-1], idx[:, 1:]
     losses = []
@@ -182,7 +184,7 @@ def test_loss_falls_when_overfitting_a_tiny_batch():
 
 def test_optimizer_groups_decay_only_matrices():
     m = tiny()
-    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = adamw(m, weight_decay=0.1, lr=1e-3)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])

@@ -312,7 +312,9 @@ def test_llama_family_size_trains_from_scratch_and_saves_as_llama(tmp_path):
     torch.manual_seed(0)
     model = job.make_model()
     assert (model.config.position, model.config.n_kv_head) == ("rope", 1)
-    opt = model.configure_optimizers(0.0, 1e-2)
+    from workers.training.params import adamw
+
+    opt = adamw(model, lr=1e-2, weight_decay=0.0)
     batch = job.make_batches(0, 1, torch.device("cpu")).train(0)[0]
     losses = []
     for _ in range(15):

@@ -17,7 +17,6 @@ are applied from outside.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -518,18 +517,6 @@ class GPT(nn.Module):
         """Final-norm output (B, T, C), e.g. for a reward model's scalar head."""
         return self._trunk(idx, attention_mask)
 
-    # -- training helpers
-
-    def configure_optimizers(self, weight_decay: float, lr: float, betas=(0.9, 0.95),
-                             device_type: str = "cpu"):
-        """AdamW with decay on 2-D params only (matmul weights, embeddings); fused on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **({"fused": True} if fused else {}))
 
 
 # ----------------------------------------------------------------------------- devices
