@@ -166,7 +166,8 @@ class EngineStats:
     aborted: int = 0
     failed: int = 0
     rejected: int = 0
-    rebuilds: int = 0
+    rebuilds: int = 0         # whole-batch re-prefills
+    resizes: int = 0          # cache grown or compacted in place
     alive: bool = True
     batch_hist: dict[int, int] = field(default_factory=dict)  # sequences per step -> steps
 
@@ -348,7 +349,7 @@ class Engine:
                 self.stats.running = 0
             return bool(admitted)
         # 3. feed every row its pending token; 4. sample the next one
-        if self._cache.pos >= self._cache.max_len:
+        if self._cache.pos >= self._cache.max_len and not self._make_room(self._cache.pos + 1):
             self._rebuild(self._rows)
         logits = self._forward_isolated()
         if logits is not None:
@@ -411,9 +412,12 @@ class Engine:
             self._rebuild(new)
         else:
             P = self._cache.pos
-            if max(len(s.tokens) - 1 for s in new) > P or self._needed_len(new) > self._cache.max_len + 32:
+            # newcomers are laid out at columns [.., P) and generate from P on
+            need = min(self.block_size, P + max(s.req.params.max_tokens for s in new))
+            if max(len(s.tokens) - 1 for s in new) > P or not self._make_room(need):
                 self._rebuild(self._rows + new)
             else:
+                P = self._cache.pos  # room may have been made by dropping leading padding columns
                 cache, mask = self._prefill(new, P, self._cache.max_len)
                 counts, seen = self._penalty_rows(new)
                 k = [torch.cat((a, b)) for a, b in zip(self._cache.k, cache.k)]
@@ -455,6 +459,34 @@ class Engine:
         self._rows = list(seqs)
         with self._lock:
             self.stats.rebuilds += 1
+
+    def _make_room(self, need: int) -> bool:
+        """Make the cache ``need`` columns long (as counted now) without prefilling anything again:
+        drop the leading columns no row uses any more and grow geometrically (up to block_size).
+        Positions come from the mask, so moving columns changes nothing. False when even that
+        cannot fit (then the caller rebuilds)."""
+        cache = self._cache
+        if need <= cache.max_len:
+            return True
+        pos = cache.pos
+        used = self._mask[:, :pos].any(0)
+        start = int(used.to(torch.int8).argmax()) if bool(used.any()) else pos
+        need -= start
+        if need > self.block_size:
+            return False
+        max_len = min(self.block_size, max(need, 2 * cache.max_len))
+        for kv in (cache.k, cache.v):
+            for layer, old in enumerate(kv):
+                new = old.new_empty((*old.shape[:2], max_len, old.shape[3]))
+                new[:, :, :pos - start] = old[:, :, start:pos]
+                kv[layer] = new
+        mask = self._mask.new_zeros((self._mask.size(0), max_len))
+        mask[:, :pos - start] = self._mask[:, start:pos]
+        self._mask = mask
+        cache.pos = pos - start
+        with self._lock:
+            self.stats.resizes += 1
+        return True
 
     def _select(self, keep: list[int]) -> None:
         if not keep:
