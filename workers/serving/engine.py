@@ -349,7 +349,7 @@ class Engine:
                 self.stats.running = 0
             return bool(admitted)
         # 3. feed every row its pending token; 4. sample the next one
-        if self._cache.pos >= self._cache.max_len and not self._make_room(self._cache.pos + 1):
+        if not self._make_room(0, 1):
             self._rebuild(self._rows)
         logits = self._forward_isolated()
         if logits is not None:
@@ -411,13 +411,11 @@ class Engine:
         if not self._rows:
             self._rebuild(new)
         else:
-            P = self._cache.pos
-            # newcomers are laid out at columns [.., P) and generate from P on
-            need = min(self.block_size, P + max(s.req.params.max_tokens for s in new))
-            if max(len(s.tokens) - 1 for s in new) > P or not self._make_room(need):
+            # newcomers are laid out right-aligned at the cache's position and generate from there
+            if not self._make_room(max(len(s.tokens) - 1 for s in new), max(s.req.params.max_tokens for s in new)):
                 self._rebuild(self._rows + new)
             else:
-                P = self._cache.pos  # room may have been made by dropping leading padding columns
+                P = self._cache.pos
                 cache, mask = self._prefill(new, P, self._cache.max_len)
                 counts, seen = self._penalty_rows(new)
                 k = [torch.cat((a, b)) for a, b in zip(self._cache.k, cache.k)]
@@ -460,30 +458,33 @@ class Engine:
         with self._lock:
             self.stats.rebuilds += 1
 
-    def _make_room(self, need: int) -> bool:
-        """Make the cache ``need`` columns long (as counted now) without prefilling anything again:
-        drop the leading columns no row uses any more and grow geometrically (up to block_size).
-        Positions come from the mask, so moving columns changes nothing. False when even that
-        cannot fit (then the caller rebuilds)."""
+    def _make_room(self, width: int, extra: int) -> bool:
+        """Lay the cache out, without prefilling anything again, so that rows of up to ``width``
+        tokens fit right-aligned at its position and ``extra`` more columns follow (up to
+        block_size): drop the leading columns no row uses any more, add empty ones on the left
+        for a longer newcomer, grow geometrically. Positions come from the mask, so moving
+        columns changes nothing. False when it cannot fit (then the caller rebuilds)."""
         cache = self._cache
-        if need <= cache.max_len:
-            return True
         pos = cache.pos
+        if width <= pos and pos + extra <= cache.max_len:
+            return True
         used = self._mask[:, :pos].any(0)
         start = int(used.to(torch.int8).argmax()) if bool(used.any()) else pos
-        need -= start
-        if need > self.block_size:
+        left = max(0, width - (pos - start))
+        new_pos = pos - start + left
+        if new_pos >= self.block_size:
             return False
-        max_len = min(self.block_size, max(need, 2 * cache.max_len))
+        need = min(self.block_size, new_pos + extra)
+        max_len = cache.max_len if need <= cache.max_len else min(self.block_size, max(need, 2 * cache.max_len))
         for kv in (cache.k, cache.v):
             for layer, old in enumerate(kv):
                 new = old.new_empty((*old.shape[:2], max_len, old.shape[3]))
-                new[:, :, :pos - start] = old[:, :, start:pos]
+                new[:, :, left:new_pos] = old[:, :, start:pos]
                 kv[layer] = new
         mask = self._mask.new_zeros((self._mask.size(0), max_len))
-        mask[:, :pos - start] = self._mask[:, start:pos]
+        mask[:, left:new_pos] = self._mask[:, start:pos]
         self._mask = mask
-        cache.pos = pos - start
+        cache.pos = new_pos
         with self._lock:
             self.stats.resizes += 1
         return True
