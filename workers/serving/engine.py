@@ -412,17 +412,28 @@ class Engine:
             self._rebuild(new)
         else:
             # newcomers are laid out right-aligned at the cache's position and generate from there
-            if not self._make_room(max(len(s.tokens) - 1 for s in new), max(s.req.params.max_tokens for s in new)):
+            width = max(len(s.tokens) - 1 for s in new)
+            if not self._make_room(width, max(s.req.params.max_tokens for s in new)):
                 self._rebuild(self._rows + new)
             else:
-                P = self._cache.pos
-                cache, mask = self._prefill(new, P, self._cache.max_len)
+                # prefilled at their own width (positions come from the mask, so the keys and
+                # values are the same), then placed in columns [P - width, P)
+                P, B = self._cache.pos, len(self._rows)
+                cache, mask = self._prefill(new, width, max(width, 1))
                 counts, seen = self._penalty_rows(new)
-                k = [torch.cat((a, b)) for a, b in zip(self._cache.k, cache.k)]
-                v = [torch.cat((a, b)) for a, b in zip(self._cache.v, cache.v)]
+                k, v = [], []
+                for old_kv, new_kv, out in ((self._cache.k, cache.k, k), (self._cache.v, cache.v, v)):
+                    for a, b in zip(old_kv, new_kv):
+                        t = a.new_empty((B + len(new), *a.shape[1:]))
+                        t[:B] = a
+                        t[B:, :, :P - width] = 0
+                        t[B:, :, P - width:P] = b[:, :, :width]
+                        out.append(t)
+                rows_mask = self._mask.new_zeros((len(new), self._mask.size(1)))
+                rows_mask[:, P - width:P] = mask[:, :width]
                 # state changes only once everything above worked
                 self._cache.k, self._cache.v = k, v
-                self._mask = torch.cat((self._mask, mask))
+                self._mask = torch.cat((self._mask, rows_mask))
                 self._counts = torch.cat((self._counts, counts))
                 self._seen = torch.cat((self._seen, seen))
                 self._rows = self._rows + new
