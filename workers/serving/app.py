@@ -518,11 +518,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     serve.start(http_options={"host": host, "port": port})
 
     options: dict[str, Any] = dict(
-        # the request handlers run on the replica's own event loop, not a second loop thread:
-        # every chunk and request otherwise crosses threads, Python work that holds the GIL
-        # the engine thread needs (they never block: the engine runs in its own thread)
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus,
-                           "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}},
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         # the replica must see every request it may queue itself (its own 503 carries the
         # OpenAI body); Serve's queue in front of the replicas is bounded too
         max_ongoing_requests=max_batch_size + max_queue + 8,
