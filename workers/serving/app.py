@@ -36,10 +36,6 @@ APP_NAME = "orchestrator-serve"
 STREAM_INTERVAL_S = 0.05
 """Least time between two SSE chunks of one stream after the first: tokens of the steps in
 between are coalesced, so a busy replica sends fewer, bigger chunks through the proxy."""
-SWITCH_INTERVAL_S = 0.0005
-"""The replica's GIL switch interval (Python's default is 5 ms). The engine thread releases the
-GIL in every torch op and must win it back from the event-loop threads each time; with the
-default, a busy loop thread makes it wait up to 5 ms per op."""
 STREAM_CHUNKS_PER_S = 200
 """Under load the interval grows so that a replica's streams together send about this many
 chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
@@ -209,37 +205,20 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
     streams = 0  # SSE streams open on this replica (its event loop's; no lock needed)
 
-    class Inbox:
-        """A request's engine events, on its event loop; ``ended`` is set once one of its
-        prompts is done, so that a coalesced stream sends its last chunk without waiting."""
-
-        def __init__(self):
-            self.queue: asyncio.Queue = asyncio.Queue()
-            self.ended = asyncio.Event()
-
-        def put(self, events: list) -> None:
-            self.queue.put_nowait(events)
-            if isinstance(events[-1], Done):  # a request's Done is its last event
-                self.ended.set()
-
-    async def events(reqs: list[GenerationRequest], inbox: Inbox, interval: float):
+    async def events(reqs: list[GenerationRequest], queue: asyncio.Queue, interval: float):
         """Yield lists of engine events of ``reqs`` (all that arrived since the last yield; after
         the first, at most one list per ``interval``, longer while many streams are open) until
         every request is done; abort them if we are cancelled (client gone) or the consumer
         stops early. A failed request raises its error."""
         pending = len(reqs)
-        queue = inbox.queue
         last = None
         try:
             while pending:
                 batch = await queue.get()
                 if interval and last is not None:
                     wait = last + max(interval, streams / STREAM_CHUNKS_PER_S) - time.monotonic()
-                    if wait > 0 and not inbox.ended.is_set():
-                        try:
-                            await asyncio.wait_for(inbox.ended.wait(), wait)
-                        except TimeoutError:
-                            pass
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 while not queue.empty():
                     batch.extend(queue.get_nowait())
                 for ev in batch:
@@ -323,7 +302,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             pass
         engine.abort(reqs)
 
-    async def respond(request: Request, body, reqs: list[GenerationRequest], inbox: Inbox, *,
+    async def respond(request: Request, body, reqs: list[GenerationRequest], queue: asyncio.Queue, *,
                       chat: bool, prompt_tokens: int):
         name, n = loaded.name, body.n
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
@@ -331,7 +310,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         if not body.stream:
             watch = asyncio.ensure_future(abort_on_disconnect(request, reqs))
             try:
-                async for _ in events(reqs, inbox, 0.0):
+                async for _ in events(reqs, queue, 0.0):
                     pass
             finally:
                 watch.cancel()
@@ -340,7 +319,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = events(reqs, inbox, stream_interval_s)
+        stream = events(reqs, queue, stream_interval_s)
 
         async def sse():
             nonlocal streams
@@ -372,11 +351,11 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
     async def generate(request: Request, body, prompts: list[list[int]], *, chat: bool, param: str):
         loop = asyncio.get_running_loop()
-        inbox = Inbox()
-        reqs = make_requests(body, prompts, param=param, emit=inbox.put, loop=loop)
+        queue: asyncio.Queue = asyncio.Queue()
+        reqs = make_requests(body, prompts, param=param, emit=queue.put_nowait, loop=loop)
         # submitted before any byte is sent, so an overloaded server answers a plain 503
         engine.submit(reqs)
-        return await respond(request, body, reqs, inbox, chat=chat, prompt_tokens=sum(map(len, prompts)))
+        return await respond(request, body, reqs, queue, chat=chat, prompt_tokens=sum(map(len, prompts)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -435,11 +414,7 @@ def _deployment():
     class OpenAIServer:
         def __init__(self, checkpoint: str, *, model_name: str | None, key_digest: str | None,
                      max_batch_size: int, max_queue: int, stream_interval_s: float):
-            import sys
-
             from workers.checkpoints import open_checkpoint
-
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
 
             self.loaded = open_checkpoint(checkpoint)
             self.loaded.name = model_name or self.loaded.name
