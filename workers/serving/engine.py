@@ -172,15 +172,6 @@ class EngineStats:
     batch_hist: dict[int, int] = field(default_factory=dict)  # sequences per step -> steps
 
 
-def _dead(s: Seq) -> bool:
-    """Whether row ``s`` is a free slot: finished, failed or abandoned."""
-    return s.finish is not None or s.req.cancelled or s.req.done
-
-
-def _live(rows: list[Seq]) -> int:
-    return sum(1 for s in rows if not _dead(s))
-
-
 FaultHook = Callable[[str, list[GenerationRequest]], None]
 """Called before each phase ("admit", "forward", "sample", "beam") with the requests it covers;
 tests raise from it to inject failures. None in production."""
@@ -248,7 +239,7 @@ class Engine:
         """Queue ``reqs`` (all or none): 503 + Retry-After when the wait queue would overflow."""
         with self._lock:
             # requests beyond the free batch slots wait; at most max_queue of them
-            queued = len(self._waiting) + len(reqs) - max(0, self.max_batch_size - _live(self._rows))
+            queued = len(self._waiting) + len(reqs) - max(0, self.max_batch_size - len(self._rows))
             if queued > self.max_queue:
                 self.stats.rejected += 1
                 raise APIError(f"server overloaded: {len(self._waiting)} requests already wait for a batch "
@@ -342,14 +333,13 @@ class Engine:
             return self._step()
 
     def _step(self) -> bool:
-        # 1. finished, failed and abandoned rows become free slots, which newcomers take over in
-        # place; the batch is compacted (a copy of the whole cache) only once a quarter is free
-        dead = [s for s in self._rows if _dead(s)]
-        for s in dead:
-            if s.req.cancelled:  # no-op when it finished before the client left
-                self._finish(s.req, self._outbox, aborted=True)
-        if dead and 4 * len(dead) >= len(self._rows):
-            self._select([i for i, s in enumerate(self._rows) if not _dead(s)])
+        # 1. drop finished, failed and abandoned rows
+        gone = {id(s.req): s.req for s in self._rows if s.finish is not None or s.req.cancelled or s.req.done}
+        if gone:
+            self._select([i for i, s in enumerate(self._rows) if id(s.req) not in gone])
+            for req in gone.values():
+                if req.cancelled:  # no-op when it finished before the client left
+                    self._finish(req, self._outbox, aborted=True)
         # 2. admit waiting requests that fit (FIFO); beam searches go to their own thread
         admitted = self._take_waiting()
         if admitted:
@@ -361,13 +351,11 @@ class Engine:
         # 3. feed every row its pending token; 4. sample the next one
         if not self._make_room(0, 1):
             self._rebuild(self._rows)
-            if not self._rows:
-                return True
         logits = self._forward_isolated()
         if logits is not None:
             self._sample_and_emit(logits)
         with self._lock:
-            B = _live(self._rows)
+            B = len(self._rows)
             self.stats.steps += 1
             self.stats.running = B
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, B)
@@ -379,7 +367,7 @@ class Engine:
         their own thread, cancelled ones end here."""
         taken: list[GenerationRequest] = []
         popped: list[GenerationRequest] = []
-        slots = self.max_batch_size - _live(self._rows)
+        slots = self.max_batch_size - len(self._rows)
         with self._lock:
             while self._waiting:
                 req = self._waiting[0]
@@ -433,25 +421,6 @@ class Engine:
                 P, B = self._cache.pos, len(self._rows)
                 cache, mask = self._prefill(new, width, max(width, 1))
                 counts, seen = self._penalty_rows(new)
-                rows_mask = self._mask.new_zeros((len(new), self._mask.size(1)))
-                rows_mask[:, P - width:P] = mask[:, :width]
-                free = [i for i, s in enumerate(self._rows) if _dead(s)][:len(new)]
-                if len(free) == len(new):  # into free slots, in place
-                    index = torch.tensor(free, dtype=torch.long, device=self.device)
-                    for layer in range(len(self._cache.k)):
-                        for kv, b in ((self._cache.k, cache.k), (self._cache.v, cache.v)):
-                            kv[layer][index, :, :P - width] = 0
-                            kv[layer][index, :, P - width:P] = b[layer][:, :, :width]
-                    self._mask[index] = rows_mask
-                    self._counts[index] = counts
-                    self._seen[index] = seen
-                    rows = list(self._rows)
-                    for i, seq in zip(free, new):
-                        rows[i] = seq
-                    self._rows = rows
-                    for req in reqs:
-                        req.seqs = [s for s in new if s.req is req]
-                    return
                 k, v = [], []
                 for old_kv, new_kv, out in ((self._cache.k, cache.k, k), (self._cache.v, cache.v, v)):
                     for a, b in zip(old_kv, new_kv):
@@ -460,6 +429,8 @@ class Engine:
                         t[B:, :, :P - width] = 0
                         t[B:, :, P - width:P] = b[:, :, :width]
                         out.append(t)
+                rows_mask = self._mask.new_zeros((len(new), self._mask.size(1)))
+                rows_mask[:, P - width:P] = mask[:, :width]
                 # state changes only once everything above worked
                 self._cache.k, self._cache.v = k, v
                 self._mask = torch.cat((self._mask, rows_mask))
@@ -489,10 +460,6 @@ class Engine:
 
     def _rebuild(self, seqs: list[Seq]) -> None:
         """Lay every row out afresh (first batch, a newcomer longer than the cache, or a full cache)."""
-        seqs = [s for s in seqs if not _dead(s)]
-        if not seqs:
-            self._rows, self._cache = [], None
-            return
         width = max(len(s.tokens) - 1 for s in seqs)
         max_len = max(self._needed_len(seqs), width + 1)
         cache, mask = self._prefill(seqs, width, max_len)
@@ -512,8 +479,7 @@ class Engine:
         pos = cache.pos
         if width <= pos and pos + extra <= cache.max_len:
             return True
-        live = [i for i, s in enumerate(self._rows) if not _dead(s)]
-        used = self._mask[live, :pos].any(0) if live else self._mask.new_zeros(pos)
+        used = self._mask[:, :pos].any(0)
         start = int(used.to(torch.int8).argmax()) if bool(used.any()) else pos
         left = max(0, width - (pos - start))
         new_pos = pos - start + left
@@ -558,7 +524,7 @@ class Engine:
         dropped (its logits rows are never read). None when no row is left."""
         col = self._cache.pos
         try:
-            self._hook("forward", [r for r, _ in self._requests_of(self._rows) if not r.done])
+            self._hook("forward", [r for r, _ in self._requests_of(self._rows)])
             return self._forward(self._rows, self._cache, self._mask, col)
         except Exception:  # noqa: BLE001 - find the request at fault, one at a time
             self._cache.pos = col
@@ -570,8 +536,7 @@ class Engine:
                           [v.index_select(0, index) for v in self._cache.v])
             sub.pos = col
             try:
-                if not req.done:
-                    self._hook("forward", [req])
+                self._hook("forward", [req])
                 out = self._forward([self._rows[i] for i in idx], sub, self._mask[index], col)
             except Exception as e:  # noqa: BLE001
                 self._fail(req, "decoding", e)
@@ -620,8 +585,7 @@ class Engine:
         tokens = torch.zeros(B, dtype=torch.long, device=logits.device)
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, s in enumerate(rows):
-            if not _dead(s):  # a free slot's token is never read
-                groups[s.key].append(i)
+            groups[s.key].append(i)
         with torch.inference_mode():
             for idx in groups.values():
                 try:
@@ -645,13 +609,13 @@ class Engine:
             host_top = (top.values.tolist(), top.indices.tolist()) if top is not None else None
 
         with self._lock:
-            self.stats.tokens += sum(map(len, groups.values()))
+            self.stats.tokens += B
         for req, idx in self._requests_of(rows):
             if req.done:
                 continue
             try:
                 deltas = [self._advance(rows[i], host_tok[i], host_lp[i], host_top and
-                                        (host_top[0][i], host_top[1][i])) for i in idx if rows[i].finish is None]
+                                        (host_top[0][i], host_top[1][i])) for i in idx]
             except Exception as e:  # noqa: BLE001
                 self._fail(req, "detokenizing", e)
                 continue
