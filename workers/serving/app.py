@@ -557,5 +557,5 @@ def api_key_from(env: str | None = None, file: str | os.PathLike | None = None) 
     return None
 
 
-__all__ = ["APP_NAME", "Guard", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app", "key_digest",
-           "serve_checkpoint", "shutdown", "wait_healthy"]
+__all__ = ["APP_NAME", "Guard", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
+           "key_digest", "serve_checkpoint", "shutdown", "wait_healthy"]
