@@ -9,9 +9,11 @@ same prompts, sampling parameters and concurrency submitted straight to a
 This process is the load generator; the server runs in its own Ray Serve replica (and proxy).
 
 Server and engine runs alternate, ``--runs`` times after a warm-up; figures are the median over
-runs (with min-max of tokens/s). The load average is printed before and after.
+runs (with min-max of tokens/s); the server/engine ratio (and the verdict line) is the median of
+the per-round ratios, each round's pair having run back to back. The load average is printed
+before and after.
 
-    python -m benchmarks.serve                      # small random model, concurrency 1,8,32, 3 runs
+    python -m benchmarks.serve                      # small random model, concurrency 1,8,32, 5 runs
     python -m benchmarks.serve --concurrency 32 --runs 5 --requests 96
 """
 
@@ -191,7 +193,7 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=0, help="requests per level and run (default: max(8, 2 x c))")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-words", type=int, default=8)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--stream-interval-ms", type=float, default=None,
                     help="the server's least time between two chunks of a stream (default: its own)")
     args = ap.parse_args(argv)
@@ -243,10 +245,14 @@ def main(argv=None) -> None:
             tps = [r["out_tok_s"] for r in rs]
             print(" | ".join(fmt.format(med[name]).rjust(len(name)) for name, fmt in cols)
                   + f" | {min(tps):.0f}-{max(tps):.0f}")
-        ratios[c] = statistics.median(s["out_tok_s"] / e["out_tok_s"] for s, e in zip(runs["server"], runs["engine"]))
-    for c, r in ratios.items():
-        print(f"server / in-process engine, output tokens/s at concurrency {c}: {r:.2f}x (median of {args.runs} "
-              f"paired runs; target >= 0.6x at 32)")
+        ratios[c] = [s["out_tok_s"] / e["out_tok_s"] for s, e in zip(runs["server"], runs["engine"])]
+    for c, rs in ratios.items():
+        print(f"server / in-process engine, output tokens/s at concurrency {c}: {statistics.median(rs):.2f}x "
+              f"(median of {len(rs)} per-round ratios: {' '.join(f'{r:.2f}' for r in rs)})")
+    top = max(levels)
+    verdict = statistics.median(ratios[top])
+    print(f"VERDICT: at concurrency {top} the server reaches {verdict:.2f}x the in-process engine's tokens/s "
+          f"(median of the per-round ratios; target >= 0.6x at 32): {'met' if verdict >= 0.6 else 'NOT met'}")
     print(f"load average after {os.getloadavg()[0]:.1f}")
     engine.stop()
     shutdown()

@@ -36,6 +36,10 @@ APP_NAME = "orchestrator-serve"
 STREAM_INTERVAL_S = 0.05
 """Least time between two SSE chunks of one stream after the first: tokens of the steps in
 between are coalesced, so a busy replica sends fewer, bigger chunks through the proxy."""
+STREAM_CHUNKS_PER_S = 200
+"""Under load the interval grows so that a replica's streams together send about this many
+chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
+thread needs) and a hop through the Serve proxy, while the engine's cost per token is fixed."""
 
 
 # ============================================================================================
@@ -199,18 +203,20 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                                          emit=emit, loop=loop, ignore_eos=body.ignore_eos))
         return out
 
+    streams = 0  # SSE streams open on this replica (its event loop's; no lock needed)
+
     async def events(reqs: list[GenerationRequest], queue: asyncio.Queue, interval: float):
         """Yield lists of engine events of ``reqs`` (all that arrived since the last yield; after
-        the first, at most one list per ``interval``) until every request is done; abort them
-        if we are cancelled (client gone) or the consumer stops early. A failed request raises
-        its error."""
+        the first, at most one list per ``interval``, longer while many streams are open) until
+        every request is done; abort them if we are cancelled (client gone) or the consumer
+        stops early. A failed request raises its error."""
         pending = len(reqs)
         last = None
         try:
             while pending:
                 batch = await queue.get()
                 if interval and last is not None:
-                    wait = last + interval - time.monotonic()
+                    wait = last + max(interval, streams / STREAM_CHUNKS_PER_S) - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
                 while not queue.empty():
@@ -316,7 +322,9 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         stream = events(reqs, queue, stream_interval_s)
 
         async def sse():
+            nonlocal streams
             completion_tokens = 0
+            streams += 1
             try:
                 if chat:
                     yield oa.sse(make(rid, name, [{"index": r.tag * n + j, "delta": {"role": "assistant", "content": ""},
@@ -335,6 +343,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                 yield oa.sse(e.body())
                 yield oa.SSE_DONE
             finally:
+                streams -= 1
                 await stream.aclose()  # aborts unfinished requests (client went away)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -548,5 +557,5 @@ def api_key_from(env: str | None = None, file: str | os.PathLike | None = None) 
     return None
 
 
-__all__ = ["APP_NAME", "Guard", "STREAM_INTERVAL_S", "api_key_from", "build_app", "key_digest",
-           "serve_checkpoint", "shutdown", "wait_healthy"]
+__all__ = ["APP_NAME", "Guard", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
+           "key_digest", "serve_checkpoint", "shutdown", "wait_healthy"]

@@ -166,7 +166,8 @@ class EngineStats:
     aborted: int = 0
     failed: int = 0
     rejected: int = 0
-    rebuilds: int = 0
+    rebuilds: int = 0         # whole-batch re-prefills
+    resizes: int = 0          # cache grown or compacted in place
     alive: bool = True
     batch_hist: dict[int, int] = field(default_factory=dict)  # sequences per step -> steps
 
@@ -348,7 +349,7 @@ class Engine:
                 self.stats.running = 0
             return bool(admitted)
         # 3. feed every row its pending token; 4. sample the next one
-        if self._cache.pos >= self._cache.max_len:
+        if not self._make_room(0, 1):
             self._rebuild(self._rows)
         logits = self._forward_isolated()
         if logits is not None:
@@ -410,17 +411,29 @@ class Engine:
         if not self._rows:
             self._rebuild(new)
         else:
-            P = self._cache.pos
-            if max(len(s.tokens) - 1 for s in new) > P or self._needed_len(new) > self._cache.max_len + 32:
+            # newcomers are laid out right-aligned at the cache's position and generate from there
+            width = max(len(s.tokens) - 1 for s in new)
+            if not self._make_room(width, max(s.req.params.max_tokens for s in new)):
                 self._rebuild(self._rows + new)
             else:
-                cache, mask = self._prefill(new, P, self._cache.max_len)
+                # prefilled at their own width (positions come from the mask, so the keys and
+                # values are the same), then placed in columns [P - width, P)
+                P, B = self._cache.pos, len(self._rows)
+                cache, mask = self._prefill(new, width, max(width, 1))
                 counts, seen = self._penalty_rows(new)
-                k = [torch.cat((a, b)) for a, b in zip(self._cache.k, cache.k)]
-                v = [torch.cat((a, b)) for a, b in zip(self._cache.v, cache.v)]
+                k, v = [], []
+                for old_kv, new_kv, out in ((self._cache.k, cache.k, k), (self._cache.v, cache.v, v)):
+                    for a, b in zip(old_kv, new_kv):
+                        t = a.new_empty((B + len(new), *a.shape[1:]))
+                        t[:B] = a
+                        t[B:, :, :P - width] = 0
+                        t[B:, :, P - width:P] = b[:, :, :width]
+                        out.append(t)
+                rows_mask = self._mask.new_zeros((len(new), self._mask.size(1)))
+                rows_mask[:, P - width:P] = mask[:, :width]
                 # state changes only once everything above worked
                 self._cache.k, self._cache.v = k, v
-                self._mask = torch.cat((self._mask, mask))
+                self._mask = torch.cat((self._mask, rows_mask))
                 self._counts = torch.cat((self._counts, counts))
                 self._seen = torch.cat((self._seen, seen))
                 self._rows = self._rows + new
@@ -455,6 +468,37 @@ class Engine:
         self._rows = list(seqs)
         with self._lock:
             self.stats.rebuilds += 1
+
+    def _make_room(self, width: int, extra: int) -> bool:
+        """Lay the cache out, without prefilling anything again, so that rows of up to ``width``
+        tokens fit right-aligned at its position and ``extra`` more columns follow (up to
+        block_size): drop the leading columns no row uses any more, add empty ones on the left
+        for a longer newcomer, grow geometrically. Positions come from the mask, so moving
+        columns changes nothing. False when it cannot fit (then the caller rebuilds)."""
+        cache = self._cache
+        pos = cache.pos
+        if width <= pos and pos + extra <= cache.max_len:
+            return True
+        used = self._mask[:, :pos].any(0)
+        start = int(used.to(torch.int8).argmax()) if bool(used.any()) else pos
+        left = max(0, width - (pos - start))
+        new_pos = pos - start + left
+        if new_pos >= self.block_size:
+            return False
+        need = min(self.block_size, new_pos + extra)
+        max_len = cache.max_len if need <= cache.max_len else min(self.block_size, max(need, 2 * cache.max_len))
+        for kv in (cache.k, cache.v):
+            for layer, old in enumerate(kv):
+                new = old.new_empty((*old.shape[:2], max_len, old.shape[3]))
+                new[:, :, left:new_pos] = old[:, :, start:pos]
+                kv[layer] = new
+        mask = self._mask.new_zeros((self._mask.size(0), max_len))
+        mask[:, left:new_pos] = self._mask[:, start:pos]
+        self._mask = mask
+        cache.pos = new_pos
+        with self._lock:
+            self.stats.resizes += 1
+        return True
 
     def _select(self, keep: list[int]) -> None:
         if not keep:
