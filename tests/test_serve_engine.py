@@ -199,3 +199,27 @@ def test_stopping_the_engine_gives_every_request_its_final_event(loaded):
 
 # A replica's remote checkpoint leaves no temp folder: tests/test_checkpoints.py covers open_checkpoint,
 # the one loader a replica uses.
+
+
+def test_samples_of_one_request_that_end_at_different_steps_all_finish(loaded):
+    """n > 1 where one sample stops early (a stop string): its siblings go on to their own end and
+    the request gets its final event (dropping the whole request with its first finished sample
+    left the client waiting forever)."""
+    model, tok = loaded
+    engine = Engine(model, tok, eos_token_id=toks.eos_id(tok), max_batch_size=6, max_queue=8)
+    cases = [("the quick brown fox", dict(max_tokens=20, temperature=1.0, seed=7, n=4, stop=("e",)))]
+    sink = Collector(len(cases))
+    reqs = make(loaded, cases, sink)
+    engine.submit(reqs)
+    for _ in range(200):
+        engine.step()
+        engine.drain()
+        if sink.done:
+            break
+    assert sorted(sink.done) == [0] and sink.done[0].error is None
+    finishes = [s.finish for s in reqs[0].seqs]
+    lengths = {len(s.token_ids) for s in reqs[0].seqs}
+    assert None not in finishes and len(lengths) > 1, (finishes, lengths)  # they did end apart
+    ref = reference(loaded, cases[0][0], **cases[0][1])
+    assert [s.token_ids for s in reqs[0].seqs] == [c.token_ids for c in ref]
+    assert engine.stats.in_flight == 0

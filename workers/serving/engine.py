@@ -333,10 +333,12 @@ class Engine:
             return self._step()
 
     def _step(self) -> bool:
-        # 1. drop finished, failed and abandoned rows
-        gone = {id(s.req): s.req for s in self._rows if s.finish is not None or s.req.cancelled or s.req.done}
-        if gone:
-            self._select([i for i, s in enumerate(self._rows) if id(s.req) not in gone])
+        # 1. drop finished rows, and every row of a failed or abandoned request; a request's other
+        # samples (n > 1) go on when one of them finishes first
+        gone = {id(s.req): s.req for s in self._rows if s.req.cancelled or s.req.done}
+        keep = [i for i, s in enumerate(self._rows) if s.finish is None and id(s.req) not in gone]
+        if len(keep) < len(self._rows):
+            self._select(keep)
             for req in gone.values():
                 if req.cancelled:  # no-op when it finished before the client left
                     self._finish(req, self._outbox, aborted=True)
