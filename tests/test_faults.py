@@ -12,7 +12,10 @@ redone whole) — that path is the stage-retry one tests/test_rlhf.py exercises 
 The module builds its own cluster: a head with no CPU (the driver, the stage runners and the Ray
 Train controller ask for none and stay there; a head with a busy CPU lets Ray spread them onto the
 victim), a one-CPU survivor and one one-CPU victim node per test; actors holding the CPUs of the
-other nodes steer the Train worker onto its victim.
+other nodes steer the Train worker onto its victim. The kill waits on events, never on time: the
+Train worker stops mid-run (``FaultInjection(hang=True)``, given to the pipeline's pretrain stage
+by a worker setup hook) once its checkpoint is registered, and the tokenizer's victim dies once
+the first units are done.
 The session's local Ray is stopped first and restarted at the end (``conftest.start_local_ray``).
 Runs take minutes on a loaded 2-core machine (raylet start-up, two Ray Train worker groups).
 """
@@ -33,7 +36,37 @@ from tests.conftest import moto_s3, start_local_ray
 pytestmark = pytest.mark.slow
 
 ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-MAX_STEPS, CKPT_EVERY = 500, 20  # steps take ~15 ms: the kill (seen at step ~44) must land mid-training
+# The Train worker waits at the start of step PAUSE_AT (the step-CKPT_EVERY checkpoint registered)
+# until its node is killed: the run resumes from CKPT_EVERY and redoes the steps after it.
+MAX_STEPS, CKPT_EVERY, PAUSE_AT = 30, 10, 15
+
+
+def pause_pretraining(marker: str):
+    """A worker setup hook: the pipeline's ``pretrain`` stage runs with a fault hook that stops
+    its rank 0 at step PAUSE_AT, once (``marker``), until the test kills the node under it.
+    (The executor never passes a fault hook; the stage's runner resolves kinds through
+    ``workers.load_kind``, so the hook wraps that in every worker process of the cluster.)"""
+
+    def setup():
+        import functools
+        import types
+
+        import workers
+
+        load = workers.load_kind
+
+        def load_kind(kind):
+            module = load(kind)
+            if kind != "pretrain":
+                return module
+            from workers.training.loop import FaultInjection
+
+            fault = FaultInjection(rank=0, step=PAUSE_AT, marker=marker, hang=True)
+            return types.SimpleNamespace(Config=module.Config, run=functools.partial(module.run, fault=fault))
+
+        workers.load_kind = load_kind
+
+    return setup
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +78,13 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def cluster(s3):
+def pause_marker(tmp_path_factory) -> Path:
+    """Written by the paused Train worker (see pause_pretraining)."""
+    return tmp_path_factory.mktemp("pause") / "paused"
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, pause_marker):
     """A head with no CPU (so tasks asking for none, like stage runners, stay on it), a one-CPU
     'survivor' and one one-CPU victim node per test, all started up front (raylets start slowly
     on a loaded 2-core machine)."""
@@ -69,7 +108,8 @@ def cluster(s3):
                 c.shutdown()
                 if not tries_left:
                     raise
-        ray.init(address=c.address, runtime_env={"env_vars": {**ENV, **s3}}, log_to_driver=False)
+        ray.init(address=c.address, log_to_driver=False,
+                 runtime_env={"env_vars": {**ENV, **s3}, "worker_process_setup_hook": pause_pretraining(str(pause_marker))})
         c.wait_for_nodes()
         yield c, nodes
     finally:
@@ -143,15 +183,15 @@ def registered_checkpoint(store: Path) -> dict | None:
     enough: a report still in flight when the worker dies is lost)."""
     try:
         for snap in store.rglob("checkpoint_manager_snapshot.json"):
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
-            if latest:
+            if latest := json.loads(snap.read_text()).get("latest_checkpoint_result"):
                 return latest
     except (OSError, ValueError):
         pass  # being written or rotated: look again
     return None
 
 
-def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(cluster, tmp_path, tracking_uri):
+def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(cluster, pause_marker, tmp_path,
+                                                                                tracking_uri):
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -197,15 +237,19 @@ def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(c
     t0 = time.monotonic()
     bg = Background(lambda: runs.start_run(prep, stream=io.StringIO(), live=False))
     try:
-        first = wait_for(lambda: registered_checkpoint(store) or bg.error or (not bg.is_alive() and "ended"),
-                         "the first registered Ray Train checkpoint", timeout=300)
+        # The worker waits at step PAUSE_AT for as long as its node lives: the kill lands mid-run.
+        wait_for(lambda: pause_marker.exists() or bg.error or (not bg.is_alive() and "ended"),
+                 f"the Train worker to pause at step {PAUSE_AT}", timeout=300)
     finally:
         for b in held:  # the surviving nodes' CPUs are free for the restarted worker group
             ray.kill(b)
-    assert bg.error is None and isinstance(first, dict), f"the run ended before the kill: {bg.error or bg.result}"
+    assert bg.error is None and pause_marker.exists(), f"the run ended before the pause: {bg.error or bg.result}"
+    first = wait_for(lambda: registered_checkpoint(store), "the registered checkpoint on storage", timeout=60)
+    assert first["metrics"]["step"] == CKPT_EVERY, first
     c.remove_node(victim)
     killed_after = time.monotonic() - t0
     record = bg.join(timeout=300)
+    ended_after = time.monotonic() - t0
 
     pre = record.stages["pretrain"]
     assert record.state == RunState.SUCCEEDED, (record.state, pre.error)
@@ -214,9 +258,9 @@ def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(c
 
     client = MlflowClient(tracking_uri)
     run = client.get_run(pre.child_run_id)
-    assert "train.failures" in run.data.tags, f"the victim was removed after training ended? tags: {run.data.tags}"
+    assert "train.failures" in run.data.tags, f"no worker failure recorded; tags: {run.data.tags}"
     resumed = int(run.data.tags["resumed_from_step"])
-    assert CKPT_EVERY <= resumed < MAX_STEPS and resumed % CKPT_EVERY == 0, (resumed, first)
+    assert resumed == CKPT_EVERY, (resumed, first)
     assert int(run.data.tags["train.failures"]) >= 1
     assert "rank 0" in run.data.tags["train.last_failure"], run.data.tags["train.last_failure"]
     assert run.data.tags["attempts"] == "1" and run.data.tags["state"] == "SUCCEEDED"
@@ -226,8 +270,9 @@ def test_worker_node_dies_mid_pretraining_and_training_resumes_on_the_survivor(c
                                     key=lambda m: (m.timestamp, m.step))]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart:] == list(range(resumed + 1, MAX_STEPS + 1)), (resumed, steps[restart - 3:restart + 3])
-    assert steps[:restart][0] == 1 and steps[restart - 1] >= resumed
-    print(f"victim removed {killed_after:.1f}s into the run, at step ~{steps[restart - 1]}; resumed from step {resumed}")
+    assert steps[:restart] == list(range(1, PAUSE_AT + 1)), steps[:restart]
+    print(f"victim removed {killed_after:.1f}s into the run, paused at step {PAUSE_AT}; resumed from step {resumed}; "
+          f"the run ended at {ended_after:.1f}s")
 
 
 # ----------------------------------------------------------------------------- tokenizing

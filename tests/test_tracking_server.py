@@ -98,15 +98,23 @@ class MlflowServer:
             time.sleep(0.2)
 
 
-@pytest.fixture
-def server(tmp_path, _empty_mlflow_db):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, _empty_mlflow_db):
+    """One MLflow server for the module (a server start takes many seconds on a busy machine);
+    each test has its own experiment. A test that stops it starts it again on the same port."""
     import shutil
 
-    shutil.copy(_empty_mlflow_db, tmp_path / "server.db")  # schema made once per session: migrations are slow
-    srv = MlflowServer(tmp_path)
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(_empty_mlflow_db, root / "server.db")  # schema made once per session: migrations are slow
+    srv = MlflowServer(root)
     srv.start()
     yield srv
     srv.stop()
+
+
+def _spool_has(store: Path, needle: str) -> bool:
+    """Whether a tracking write containing ``needle`` waits in a run's spool under ``store``."""
+    return any(needle in f.read_text() for f in store.glob("_runs/*/spool/writes.jsonl"))
 
 
 @pytest.mark.slow
@@ -135,7 +143,10 @@ def test_every_node_logs_to_the_server_and_an_outage_loses_nothing(ray_session, 
 
     server.stop()  # mid-stage: the next five metrics, the stage's end and `after`'s run wait for it
     go.touch()
-    time.sleep(6)  # `talk` ends and `after` must be created while the server is down
+    deadline = time.time() + 120  # `talk` ends and `after` runs (its run created) while the server is down
+    while not _spool_has(tmp_path / "store", '"x",42.0'):
+        assert time.time() < deadline and t.is_alive(), "the run must wait for the tracking server, not fail"
+        time.sleep(0.1)
     assert t.is_alive(), "the run must wait for the tracking server, not fail"
     server.start()
     t.join(180)
@@ -270,22 +281,10 @@ class Outage:
                 dst.shutdown(socket.SHUT_WR)
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory, _empty_mlflow_db):
-    """One MLflow server for the outage tests (each has its own experiment), behind a relay."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    shutil.copy(_empty_mlflow_db, root / "server.db")
-    srv = MlflowServer(root)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
-def outage(shared_server):
-    relay = Outage(shared_server.port)
+def outage(server):
+    """The module's MLflow server behind a relay."""
+    relay = Outage(server.port)
     yield relay
     relay.down()
 

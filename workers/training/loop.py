@@ -110,12 +110,15 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Test hook: rank ``rank`` exits hard at the start of step ``step``, once (``marker`` file),
-    after Ray Train has registered every checkpoint reported before it."""
+    """Test hook: rank ``rank`` stops at the start of step ``step``, once (``marker`` file),
+    after Ray Train has registered every checkpoint reported before it: it exits hard, or with
+    ``hang`` it writes the marker and waits there, so that a test can kill its node while the
+    run provably has steps left."""
 
     rank: int
     step: int
     marker: str
+    hang: bool = False
 
 
 @dataclass
@@ -334,7 +337,9 @@ def _train_worker(loop_config: dict) -> None:
             # Let Ray Train register the checkpoints reported so far (its controller polls every
             # few seconds; a report still in flight when a worker dies is lost), then die.
             ray.train.get_all_reported_checkpoints()
-            Path(job.fault.marker).write_text(f"rank {rank} exited at step {step}\n")
+            Path(job.fault.marker).write_text(f"rank {rank} {'waits' if job.fault.hang else 'exited'} at step {step}\n")
+            while job.fault.hang:
+                time.sleep(1)
             os._exit(1)
         t0 = time.perf_counter()
         torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout: a function of the step
