@@ -112,11 +112,6 @@ def server(tmp_path_factory, _empty_mlflow_db):
     srv.stop()
 
 
-def _spool_has(store: Path, needle: str) -> bool:
-    """Whether a tracking write containing ``needle`` waits in a run's spool under ``store``."""
-    return any(needle in f.read_text() for f in store.glob("_runs/*/spool/writes.jsonl"))
-
-
 @pytest.mark.slow
 def test_every_node_logs_to_the_server_and_an_outage_loses_nothing(ray_session, server, tmp_path):
     (tmp_path / "tfuncs.py").write_text(FUNCS)
@@ -143,10 +138,7 @@ def test_every_node_logs_to_the_server_and_an_outage_loses_nothing(ray_session, 
 
     server.stop()  # mid-stage: the next five metrics, the stage's end and `after`'s run wait for it
     go.touch()
-    deadline = time.time() + 120  # `talk` ends and `after` runs (its run created) while the server is down
-    while not _spool_has(tmp_path / "store", '"x",42.0'):
-        assert time.time() < deadline and t.is_alive(), "the run must wait for the tracking server, not fail"
-        time.sleep(0.1)
+    time.sleep(6)  # `talk` ends and `after` must be created while the server is down
     assert t.is_alive(), "the run must wait for the tracking server, not fail"
     server.start()
     t.join(180)
