@@ -335,7 +335,8 @@ def _train_worker(loop_config: dict) -> None:
     for step in range(start, job.max_steps):
         if job.fault and rank == job.fault.rank and step == job.fault.step and not os.path.exists(job.fault.marker):
             # Let Ray Train register the checkpoints reported so far (its controller polls every
-            # few seconds; a report still in flight when a worker dies is lost), then die.
+            # few seconds; a report still in flight when a worker dies is lost), then die, or
+            # wait for the test to kill this worker's node.
             ray.train.get_all_reported_checkpoints()
             Path(job.fault.marker).write_text(f"rank {rank} {'waits' if job.fault.hang else 'exited'} at step {step}\n")
             while job.fault.hang:
