@@ -492,6 +492,8 @@ class Engine:
         for kv in (cache.k, cache.v):
             for layer, old in enumerate(kv):
                 new = old.new_empty((*old.shape[:2], max_len, old.shape[3]))
+                # masked columns are still multiplied (0 * NaN = NaN): never leave them uninitialised
+                new[:, :, :left] = 0
                 new[:, :, left:new_pos] = old[:, :, start:pos]
                 kv[layer] = new
         mask = self._mask.new_zeros((self._mask.size(0), max_len))
