@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from workers.data import tokenizer as toks
 from workers.model.sampling import SamplingParams, generate
@@ -56,7 +57,20 @@ def make(loaded, cases, sink: Collector, **extra):
             for i, (p, kw) in enumerate(cases)]
 
 
-def test_engine_admitting_mid_batch_matches_one_batch_generate(loaded):
+@pytest.fixture
+def poisoned_empty():
+    """Every uninitialised tensor (torch.empty, new_empty) comes filled with NaN, so a step that
+    reads a cache column nobody wrote fails every time, not only when the allocator hands back
+    memory that held a NaN or an inf (masked attention still multiplies it: 0 * NaN = NaN)."""
+    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_engine_admitting_mid_batch_matches_one_batch_generate(loaded, poisoned_empty):
     """Continuous batching (requests joining a running batch, each with its own params and seed)
     gives exactly what workers.model.sampling.generate gives for each request on its own."""
     model, tok = loaded
@@ -102,7 +116,7 @@ def _texts(reqs):
     return [[s.token_ids for s in r.seqs] for r in reqs]
 
 
-def test_a_failing_request_ends_alone_and_the_other_streams_finish_as_in_a_quiet_run(loaded):
+def test_a_failing_request_ends_alone_and_the_other_streams_finish_as_in_a_quiet_run(loaded, poisoned_empty):
     model, tok = loaded
     quiet_sink = Collector(len(GOOD))
     quiet = make(loaded, GOOD, quiet_sink)
@@ -223,3 +237,27 @@ def test_samples_of_one_request_that_end_at_different_steps_all_finish(loaded):
     ref = reference(loaded, cases[0][0], **cases[0][1])
     assert [s.token_ids for s in reqs[0].seqs] == [c.token_ids for c in ref]
     assert engine.stats.in_flight == 0
+
+
+
+def test_a_newcomer_longer_than_the_cache_leaves_the_running_rows_as_they_were(loaded, poisoned_empty):
+    """A prompt longer than the cache's used span widens it on the left; the running rows must
+    not see what was in the new columns (they got NaN logits -> token 0 = end of text: the
+    one-token answer the isolation test met once in a while)."""
+    model, tok = loaded
+    engine = Engine(model, tok, eos_token_id=toks.eos_id(tok), max_batch_size=4, max_queue=4)
+    cases = [("0", dict(max_tokens=20, temperature=0, seed=None)),
+             ("the quick brown fox jumps over", dict(max_tokens=12, temperature=0.8, seed=3))]
+    sink = Collector(len(cases))
+    reqs = make(loaded, cases, sink)
+    engine.submit(reqs[:1])
+    for step in range(200):
+        if step == 2:
+            engine.submit(reqs[1:])
+        engine.step()
+        engine.drain()
+        if len(sink.done) == len(reqs):
+            break
+    assert all(sink.done[i].error is None for i in range(len(reqs)))
+    for req, (p, kw) in zip(reqs, cases):
+        assert [s.token_ids for s in req.seqs] == [c.token_ids for c in reference(loaded, p, **kw)], p

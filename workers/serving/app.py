@@ -414,8 +414,15 @@ def _deployment():
     class OpenAIServer:
         def __init__(self, checkpoint: str, *, model_name: str | None, key_digest: str | None,
                      max_batch_size: int, max_queue: int, stream_interval_s: float):
-            from workers.checkpoints import open_checkpoint
+            import ray
 
+            from workers.checkpoints import open_checkpoint
+            from workers.cpu import claim_cpus
+
+            # normal priority and one torch thread per CPU of the replica, before the engine
+            # thread starts (it inherits both): at Ray's niceness 15 any other process preempts
+            # the decode loop, and the proxy and clients it feeds are on the same cores
+            claim_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
             self.loaded = open_checkpoint(checkpoint)
             self.loaded.name = model_name or self.loaded.name
             lm = self.loaded
@@ -487,7 +494,9 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
         raise ValueError(f"max_batch_size={max_batch_size}, max_queue={max_queue}: need max_batch_size >= 1 "
                          "and max_queue >= 0")
     if not ray.is_initialized():
-        ray.init()
+        # workers (the replicas and Serve's proxy) at normal priority, as the orchestrator's own
+        # local Ray (orchestrator/runs.py): see workers/cpu.py
+        ray.init(_system_config={"worker_niceness": 0})
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     serve.start(http_options={"host": host, "port": port})

@@ -1,8 +1,9 @@
 """Continuous batching over one model, in one serving replica.
 
 A background thread runs the decode loop; between two steps it admits waiting requests into the
-running batch (their prompts are prefilled into the shared KV cache, left-padded to the cache's
-current length) and drops finished or abandoned ones. Every sequence keeps its own sampling
+running batch (their prompts are prefilled on their own and written into free rows of the
+batch's buffers, right-aligned at the cache's position: ``workers.serving.batch``) and drops
+finished or abandoned ones. Every sequence keeps its own sampling
 parameters and seed; logits go through ``workers.model.sampling``'s pipeline, its sampler and
 its stop-string hold-back, so a request gives what ``sampling.generate`` gives it alone.
 
@@ -32,6 +33,7 @@ import torch
 from workers.model.sampling import (Completion, GenerationCancelled, SamplingParams, apply_stops, generate,
                                     penalty_counts, prefill, process_logits, sample)
 from workers.model.transformer import KVCache, autocast_context, default_device
+from workers.serving.batch import BatchState
 from workers.serving.protocol import APIError, server_error
 
 log = logging.getLogger(__name__)
@@ -203,10 +205,7 @@ class Engine:
         self._beams: set[GenerationRequest] = set()
         self._beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="beam-search")
         self._rows: list[Seq] = []
-        self._cache: KVCache | None = None  # over self._rows
-        self._mask = None      # (B, max_len) bool: which cache columns are real for each row
-        self._counts = None    # (B, V) float: generated-token counts (presence/frequency)
-        self._seen = None      # (B, V) bool: prompt + generated tokens (repetition)
+        self._batch: BatchState | None = None  # KV cache, mask and penalty state of self._rows
         self.stats = EngineStats()
         self._thread: threading.Thread | None = None
         self._outbox: list[tuple[GenerationRequest, Event]] = []  # events of the current step
@@ -323,7 +322,7 @@ class Engine:
             self._waiting.clear()
             self._admitting = []
         reqs = {id(s.req): s.req for s in self._rows}
-        self._rows, self._cache = [], None
+        self._rows, self._batch = [], None
         for r in [*pending, *reqs.values()]:
             self._finish(r, self._outbox, error=error)
 
@@ -351,7 +350,7 @@ class Engine:
                 self.stats.running = 0
             return bool(admitted)
         # 3. feed every row its pending token; 4. sample the next one
-        if not self._make_room(0, 1):
+        if self._make_room(0, 1) is None:
             self._rebuild(self._rows)
         logits = self._forward_isolated()
         if logits is not None:
@@ -413,31 +412,18 @@ class Engine:
         if not self._rows:
             self._rebuild(new)
         else:
-            # newcomers are laid out right-aligned at the cache's position and generate from there
+            # newcomers are laid out right-aligned at the cache's position and generate from
+            # there, prefilled at their own width (positions come from the mask, so the keys and
+            # values are the same), written into free rows: the running rows stay where they are
             width = max(len(s.tokens) - 1 for s in new)
-            if not self._make_room(width, max(s.req.params.max_tokens for s in new)):
+            if self._make_room(width, max(s.req.params.max_tokens for s in new)) is None:
                 self._rebuild(self._rows + new)
             else:
-                # prefilled at their own width (positions come from the mask, so the keys and
-                # values are the same), then placed in columns [P - width, P)
-                P, B = self._cache.pos, len(self._rows)
                 cache, mask = self._prefill(new, width, max(width, 1))
                 counts, seen = self._penalty_rows(new)
-                k, v = [], []
-                for old_kv, new_kv, out in ((self._cache.k, cache.k, k), (self._cache.v, cache.v, v)):
-                    for a, b in zip(old_kv, new_kv):
-                        t = a.new_empty((B + len(new), *a.shape[1:]))
-                        t[:B] = a
-                        t[B:, :, :P - width] = 0
-                        t[B:, :, P - width:P] = b[:, :, :width]
-                        out.append(t)
-                rows_mask = self._mask.new_zeros((len(new), self._mask.size(1)))
-                rows_mask[:, P - width:P] = mask[:, :width]
                 # state changes only once everything above worked
-                self._cache.k, self._cache.v = k, v
-                self._mask = torch.cat((self._mask, rows_mask))
-                self._counts = torch.cat((self._counts, counts))
-                self._seen = torch.cat((self._seen, seen))
+                self._batch.reserve(len(new), self.max_batch_size)
+                self._batch.append(cache, mask, counts, seen, width)
                 self._rows = self._rows + new
         for req in reqs:
             req.seqs = [s for s in new if s.req is req]
@@ -466,52 +452,27 @@ class Engine:
         max_len = max(self._needed_len(seqs), width + 1)
         cache, mask = self._prefill(seqs, width, max_len)
         counts, seen = self._penalty_rows(seqs)
-        self._cache, self._mask, self._counts, self._seen = cache, mask, counts, seen
+        self._batch = BatchState(cache, mask, counts, seen)
         self._rows = list(seqs)
         with self._lock:
             self.stats.rebuilds += 1
 
-    def _make_room(self, width: int, extra: int) -> bool:
-        """Lay the cache out, without prefilling anything again, so that rows of up to ``width``
-        tokens fit right-aligned at its position and ``extra`` more columns follow (up to
-        block_size): drop the leading columns no row uses any more, add empty ones on the left
-        for a longer newcomer, grow geometrically. Positions come from the mask, so moving
-        columns changes nothing. False when it cannot fit (then the caller rebuilds)."""
-        cache = self._cache
-        pos = cache.pos
-        if width <= pos and pos + extra <= cache.max_len:
-            return True
-        used = self._mask[:, :pos].any(0)
-        start = int(used.to(torch.int8).argmax()) if bool(used.any()) else pos
-        left = max(0, width - (pos - start))
-        new_pos = pos - start + left
-        if new_pos >= self.block_size:
-            return False
-        need = min(self.block_size, new_pos + extra)
-        max_len = cache.max_len if need <= cache.max_len else min(self.block_size, max(need, 2 * cache.max_len))
-        for kv in (cache.k, cache.v):
-            for layer, old in enumerate(kv):
-                new = old.new_empty((*old.shape[:2], max_len, old.shape[3]))
-                new[:, :, left:new_pos] = old[:, :, start:pos]
-                kv[layer] = new
-        mask = self._mask.new_zeros((self._mask.size(0), max_len))
-        mask[:, left:new_pos] = self._mask[:, start:pos]
-        self._mask = mask
-        cache.pos = new_pos
-        with self._lock:
-            self.stats.resizes += 1
-        return True
+    def _make_room(self, width: int, extra: int) -> bool | None:
+        """See :meth:`BatchState.make_room`; None: the batch must be rebuilt."""
+        moved = self._batch.make_room(width, extra, self.block_size)
+        if moved:
+            with self._lock:
+                self.stats.resizes += 1
+        return moved
 
-    def _select(self, keep: list[int]) -> None:
+    def _select(self, keep: list[int]) -> list[int]:
+        """Keep rows ``keep`` (ascending); returns the new order (new row i was row order[i])."""
         if not keep:
-            self._rows, self._cache = [], None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._cache.reorder(index)
-        self._mask = self._mask.index_select(0, index)
-        self._counts = self._counts.index_select(0, index)
-        self._seen = self._seen.index_select(0, index)
-        self._rows = [self._rows[i] for i in keep]
+            self._rows, self._batch = [], None
+            return []
+        order = self._batch.keep(keep)
+        self._rows = [self._rows[i] for i in order]
+        return order
 
     def _requests_of(self, rows: list[Seq]) -> list[tuple[GenerationRequest, list[int]]]:
         by: dict[int, tuple[GenerationRequest, list[int]]] = {}
@@ -524,38 +485,39 @@ class Engine:
     def _forward_isolated(self):
         """Next-token logits (B, V) for every row; a request whose rows fail is failed and
         dropped (its logits rows are never read). None when no row is left."""
-        col = self._cache.pos
+        batch = self._batch
+        cache, mask, col = batch.cache, batch.mask, batch.pos
         try:
             self._hook("forward", [r for r, _ in self._requests_of(self._rows)])
-            return self._forward(self._rows, self._cache, self._mask, col)
+            return self._forward(self._rows, cache, mask, col)
         except Exception:  # noqa: BLE001 - find the request at fault, one at a time
-            self._cache.pos = col
+            cache.pos = col
         logits = torch.zeros((len(self._rows), self.vocab_size), device=self.device)
         failed = set()
         for req, idx in self._requests_of(self._rows):
             index = torch.tensor(idx, dtype=torch.long, device=self.device)
-            sub = KVCache([k.index_select(0, index) for k in self._cache.k],
-                          [v.index_select(0, index) for v in self._cache.v])
+            sub = KVCache([k.index_select(0, index) for k in cache.k],
+                          [v.index_select(0, index) for v in cache.v])
             sub.pos = col
             try:
                 self._hook("forward", [req])
-                out = self._forward([self._rows[i] for i in idx], sub, self._mask[index], col)
+                out = self._forward([self._rows[i] for i in idx], sub, mask[index], col)
             except Exception as e:  # noqa: BLE001
                 self._fail(req, "decoding", e)
                 failed.update(idx)
                 continue
-            for layer in range(len(self._cache.k)):
-                self._cache.k[layer][index, :, col] = sub.k[layer][:, :, col]
-                self._cache.v[layer][index, :, col] = sub.v[layer][:, :, col]
+            for layer in range(len(cache.k)):
+                cache.k[layer][index, :, col] = sub.k[layer][:, :, col]
+                cache.v[layer][index, :, col] = sub.v[layer][:, :, col]
             logits[index] = out
-        self._cache.pos = col + 1
-        self._mask[:, col] = True
+        cache.pos = col + 1
+        mask[:, col] = True
         keep = [i for i in range(len(self._rows)) if i not in failed]
         if len(keep) < len(self._rows):
-            self._select(keep)
+            order = self._select(keep)
             if not keep:
                 return None
-            logits = logits[torch.tensor(keep, dtype=torch.long, device=self.device)]
+            logits = logits[torch.tensor(order, dtype=torch.long, device=self.device)]
         return logits
 
     def _forward(self, rows: list[Seq], cache: KVCache, mask, col: int):
@@ -575,7 +537,7 @@ class Engine:
         params = rows[idx[0]].req.params
         sel = torch.tensor(idx, device=logits.device)
         proc = process_logits(logits.index_select(0, sel), params,
-                              self._counts.index_select(0, sel), self._seen.index_select(0, sel))
+                              self._batch.counts.index_select(0, sel), self._batch.seen.index_select(0, sel))
         if params.temperature == 0:
             tokens[sel] = proc.argmax(-1)
         else:
@@ -603,8 +565,8 @@ class Engine:
                             self._fail(req, "sampling", e)
             logp = logits.log_softmax(-1)  # raw-model log-probs, as workers.model.sampling reports
             lp = logp.gather(1, tokens[:, None]).squeeze(1)
-            self._counts.scatter_add_(1, tokens[:, None], torch.ones((B, 1), device=logits.device))
-            self._seen.scatter_(1, tokens[:, None], True)
+            self._batch.counts.scatter_add_(1, tokens[:, None], torch.ones((B, 1), device=logits.device))
+            self._batch.seen.scatter_(1, tokens[:, None], True)
             k = min(max((s.req.top_logprobs or 0) for s in rows), logits.size(-1))
             top = logp.topk(k, dim=-1) if k > 0 else None
             host_tok, host_lp = tokens.tolist(), lp.tolist()
