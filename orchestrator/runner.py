@@ -45,6 +45,9 @@ class RaySink:
     def emit(self, event: dict[str, Any]) -> None:
         self.bus.push.remote([event])
 
+    def emit_many(self, events: list[dict[str, Any]]) -> None:
+        self.bus.push.remote(list(events))
+
 
 def _check_json(stage: str, outputs: Any) -> None:
     if not isinstance(outputs, dict):

@@ -256,8 +256,14 @@ class Tracker:
         return rid
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None, ts: float) -> None:
-        ms = [Metric(k, float(v), int(ts * 1000), step or 0) for k, v in metrics.items()]
-        self._call("log_batch", run_id, metrics=ms)
+        self.log_metric_steps(run_id, [(metrics, step, ts)])
+
+    def log_metric_steps(self, run_id: str, rows: list[tuple[dict[str, float], int | None, float]]) -> None:
+        """Metrics of several steps, ``(metrics, step, ts)`` each, in as few writes as MLflow takes
+        (``log_batch``: up to 1000 metrics)."""
+        ms = [Metric(k, float(v), int(ts * 1000), step or 0) for metrics, step, ts in rows for k, v in metrics.items()]
+        for i in range(0, len(ms), 1000):
+            self._call("log_batch", run_id, metrics=ms[i:i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self._call("log_batch", run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])

@@ -161,13 +161,25 @@ def _parquet_file(uri: str) -> pq.ParquetFile:
         raise CorpusError(f"{uri}: not a readable Parquet file ({e})") from None
 
 
+TAIL_UNITS, TAIL_SPLIT = 2, 4
+"""The last ``TAIL_UNITS * unit_bytes`` of a corpus are planned as units ``TAIL_SPLIT`` times
+smaller, so that the workers finish together: with equal units, the worker that takes the
+last one leaves the others idle for about half a unit."""
+
+
 def plan_units(files: list[SourceFile], unit_bytes: int, text_field: str = "text") -> list[Unit]:
-    """Split the corpus into work units of about ``unit_bytes`` of input each (a single file
-    or row group larger than that is one unit by itself). Depends only on the corpus and
-    ``unit_bytes``, never on the number of workers."""
+    """Split the corpus into work units of about ``unit_bytes`` of input each (smaller at the
+    end, see ``TAIL_UNITS``; a single file or row group larger than that is one unit by itself).
+    Depends only on the corpus and ``unit_bytes``, never on the number of workers."""
     units: list[Unit] = []
     group: list[SourceFile] = []
     group_bytes = 0
+    tail_from = sum(f.size for f in files) - TAIL_UNITS * unit_bytes
+    pos = 0  # input bytes before the file being planned
+
+    def limit(at: int) -> int:
+        """The unit size for input starting at byte ``at`` of the corpus."""
+        return unit_bytes if at < tail_from else max(1, unit_bytes // TAIL_SPLIT)
 
     def add(**kw) -> None:
         units.append(Unit(index=len(units), **kw))
@@ -179,17 +191,22 @@ def plan_units(files: list[SourceFile], unit_bytes: int, text_field: str = "text
         group, group_bytes = [], 0
 
     for f in files:
+        at, pos = pos, pos + f.size
         if f.format == "text":
-            if group and group_bytes + f.size > unit_bytes:
+            if group and group_bytes + f.size > limit(at - group_bytes):
                 flush()
             group.append(f)
             group_bytes += f.size
             continue
         flush()
         if f.format == "jsonl":
-            for start in range(0, max(f.size, 1), unit_bytes):
-                add(format="jsonl", files=(f,), start=start, end=min(start + unit_bytes, f.size),
-                    nbytes=min(unit_bytes, f.size - start))
+            start = 0
+            while True:
+                end = min(start + limit(at + start), f.size)
+                add(format="jsonl", files=(f,), start=start, end=end, nbytes=end - start)
+                if end >= f.size:
+                    break
+                start = end
         else:  # parquet: whole row groups, checked for the text column up front
             pf = _parquet_file(f.uri)
             names = pf.schema_arrow.names
@@ -198,17 +215,19 @@ def plan_units(files: list[SourceFile], unit_bytes: int, text_field: str = "text
             md = pf.metadata
             row = 0
             rgs: list[int] = []
-            first, acc = 0, 0
+            first, acc, rg_at = 0, 0, 0  # rg_at: the file's (uncompressed) bytes before row group g
+            scale = f.size / max(1, sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups)))
             for g in range(md.num_row_groups):
                 rg = md.row_group(g)
                 size = rg.total_byte_size
-                if rgs and acc + size > unit_bytes:
+                if rgs and acc + size > limit(at + int((rg_at - acc) * scale)):
                     add(format="parquet", files=(f,), start=first, row_groups=tuple(rgs), nbytes=acc)
                     rgs, acc = [], 0
                 if not rgs:
                     first = row
                 rgs.append(g)
                 acc += size
+                rg_at += size
                 row += rg.num_rows
             if rgs:
                 add(format="parquet", files=(f,), start=first, row_groups=tuple(rgs), nbytes=acc)

@@ -191,15 +191,21 @@ def _write_shard(table: pa.Table, root: str, rel: str) -> dict[str, Any]:
 
 
 class _Encoder:
-    """One pool member: loads the tokenizer once, then encodes whole units."""
+    """One pool member: started before the tokenizer is known (its process start and imports
+    overlap the driver's planning), then loads the tokenizer once and encodes whole units."""
 
-    def __init__(self, tokenizer_json: str, threads: int, **opts: Any) -> None:
+    def __init__(self, threads: int) -> None:
         # Before tokenizers builds its thread pool: the CPUs this actor was given, no more, at
         # normal priority (Ray starts actors at niceness 15).
         claim_cpus(threads, torch_threads=False)
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
+        self._from_str = Tokenizer.from_str
+        self.tok = None
+        self.opts: dict[str, Any] = {}
+
+    def load(self, tokenizer_json: str, **opts: Any) -> None:
+        self.tok = self._from_str(tokenizer_json)
         self.opts = opts
 
     def encode(self, unit: Unit) -> dict[str, Any]:
@@ -207,6 +213,48 @@ class _Encoder:
         out = encode_unit(self.tok, unit, **self.opts)
         out["busy_s"] = time.perf_counter() - t0
         return out
+
+
+class _Pool:
+    """The encoder actors and the units in flight on each.
+
+    A unit goes to the least busy actor; an actor queues a second unit behind its running one
+    (so it never waits for the driver between units) only while more units remain than actors,
+    so that near the end no unit waits behind another while an actor is idle (the tail)."""
+
+    def __init__(self, make: Any, n: int) -> None:
+        self.make = make
+        self.inflight: dict[Any, int] = {}
+        self.setup: tuple[str, dict[str, Any]] | None = None
+        for _ in range(n):
+            self.add()
+
+    def add(self) -> None:
+        a = self.make()
+        self.inflight[a] = 0
+        if self.setup is not None:
+            a.load.remote(self.setup[0], **self.setup[1])
+
+    def load(self, tokenizer_json: str, opts: dict[str, Any]) -> None:
+        """Every actor (and any replacement) loads the tokenizer before its first unit
+        (an actor runs one caller's calls in order)."""
+        self.setup = (tokenizer_json, opts)
+        for a in self.inflight:
+            a.load.remote(tokenizer_json, **opts)
+
+    def pick(self, remaining: int) -> Any | None:
+        """The actor to give the next unit to, of ``remaining`` undispatched ones; None: wait."""
+        a = min(self.inflight, key=self.inflight.__getitem__)
+        n = self.inflight[a]
+        if n >= _WINDOW_PER_WORKER or (n and remaining <= len(self.inflight)):
+            return None
+        return a
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.inflight:
+            ray.kill(a)
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -272,6 +320,27 @@ def _pool_size(ctx: StageContext, n_units: int, node_id: str | None) -> int:
     return max(1, min(int(avail // cpus), n_units))
 
 
+def _tokenizer_json(spec: TokenizerSpec, units: list[Unit], config: Config, cpus: float,
+                    placement: dict[str, Any]) -> tuple[str, str]:
+    """(tokenizer.json text, EOS token): read from the given file, or trained on a sample in a
+    Ray task with the stage's CPUs."""
+    import ray
+
+    from workers.data import tokenizer as tk
+
+    if isinstance(spec, FileTokenizer):
+        uri = spec.path if "://" in spec.path else str(Path(spec.path).expanduser())
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"tokenizer.path={spec.path!r}: no such file (expected a tokenizer.json)")
+        return storage.read_bytes(uri).decode(), spec.eos_token
+    train = ray.remote(_train_tokenizer).options(num_cpus=cpus, **placement)
+    try:
+        return ray.get(train.remote(spec, units, config.text_field, config.max_bytes, config.max_documents)), \
+            tk.EOS_TOKEN
+    except ray.exceptions.RayTaskError as e:
+        raise _unwrap(e) from None
+
+
 def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -291,45 +360,45 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
         root = storage.join(ctx.scratch_uri, f"tokenize-attempt-{ctx.attempt}")
         node_id, placement = None, {}
     cpus = ctx.resources.cpus
-
-    # 1. the tokenizer
-    t0 = time.perf_counter()
     spec = config.tokenizer
-    if isinstance(spec, FileTokenizer):
-        uri = spec.path if "://" in spec.path else str(Path(spec.path).expanduser())
-        if not storage.exists(uri):
-            raise FileNotFoundError(f"tokenizer.path={spec.path!r}: no such file (expected a tokenizer.json)")
-        tok_json = storage.read_bytes(uri).decode()
-        eos_token = spec.eos_token
-    else:
-        train = ray.remote(_train_tokenizer).options(num_cpus=cpus, **placement)
-        try:
-            tok_json = ray.get(train.remote(spec, units, config.text_field, config.max_bytes, config.max_documents))
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e) from None
-        eos_token = tk.EOS_TOKEN
-    from tokenizers import Tokenizer
+    Encoder = ray.remote(_Encoder).options(num_cpus=cpus, **placement)
+    threads = max(1, int(cpus))
 
+    def start_pool() -> _Pool:
+        return _Pool(lambda: Encoder.remote(threads), _pool_size(ctx, len(units), node_id))
+
+    # 1. the tokenizer. Given as a file, the encoder pool starts first, so that its processes
+    # start and import while the driver reads it (a trained one needs the CPUs the pool holds).
+    t0 = time.perf_counter()
+    pool = start_pool() if isinstance(spec, FileTokenizer) else None
     try:
-        tok = Tokenizer.from_str(tok_json)
-    except Exception as e:
-        raise ValueError(f"tokenizer.path={getattr(spec, 'path', '')!r} is not a valid tokenizer.json: {e}") from None
-    eos_id = tk.eos_id(tok, eos_token)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
-    tok_path = tk.save(tok, art, eos_token)
+        tok_json, eos_token = _tokenizer_json(spec, units, config, cpus, placement)
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(tok_json)
+        except Exception as e:
+            raise ValueError(f"tokenizer.path={getattr(spec, 'path', '')!r} is not a valid tokenizer.json: "
+                             f"{e}") from None
+        eos_id = tk.eos_id(tok, eos_token)
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        dtype = "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
+        tok_path = tk.save(tok, art, eos_token)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     train_s = time.perf_counter() - t0
 
     # 2. encode every unit on the actor pool
+    pool = pool or start_pool()
+    capped = config.max_bytes is not None or config.max_documents is not None
+    pool.load(tok_json, dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype,
+                             val_fraction=config.val_fraction, seed=config.seed, root=root,
+                             unk_id=tok.token_to_id(tk.UNK_TOKEN), keep_index=capped))
     for split in ("train", "val"):
         storage.delete(storage.join(root, split))  # leftovers of an earlier attempt
-    capped = config.max_bytes is not None or config.max_documents is not None
-    n_workers = _pool_size(ctx, len(units), node_id)
-    opts = dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype, val_fraction=config.val_fraction,
-                seed=config.seed, root=root, unk_id=tok.token_to_id(tk.UNK_TOKEN), keep_index=capped)
-    Encoder = ray.remote(_Encoder)
-    actors = [Encoder.options(num_cpus=cpus, **placement).remote(tok_json, max(1, int(cpus)), **opts)
-              for _ in range(n_workers)]
+    n_workers = len(pool.inflight)
     results: dict[int, dict[str, Any]] = {}
     room_docs = float(config.max_documents or "inf")
     room_bytes = float(config.max_bytes or "inf")
@@ -341,22 +410,26 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     redo: deque[int] = deque()  # units whose actor died, dispatched before new ones
     lost: list[str] = []  # one line per dead actor
     try:
-        free = deque(a for a in actors for _ in range(_WINDOW_PER_WORKER))
         pending: dict[Any, tuple[Any, int]] = {}
         nxt = 0
         while True:
-            while free and (redo or nxt < len(units)) and stop is None:
-                a = free.popleft()
+            while (redo or nxt < len(units)) and stop is None:
+                a = pool.pick(len(redo) + len(units) - nxt)
+                if a is None:
+                    break
                 if redo:
                     i = redo.popleft()
                 else:
                     i, nxt = nxt, nxt + 1
                 tries[i] = tries.get(i, 0) + 1
+                pool.inflight[a] += 1
                 pending[a.encode.remote(units[i])] = (a, i)
             if not pending:
                 break
             [ref], _ = ray.wait(list(pending), num_returns=1)
             a, i = pending.pop(ref)
+            if a in pool.inflight:
+                pool.inflight[a] -= 1
             try:
                 results[i] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
@@ -368,17 +441,13 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
                 if tries[i] >= _MAX_UNIT_TRIES:
                     raise RuntimeError(f"tokenize unit {i} ({', '.join(f.uri for f in units[i].files)[:200]}) lost "
                                        f"its encoder actor {tries[i]} times; last error: {e}") from None
-                if a in actors:
-                    actors.remove(a)
+                if a in pool.inflight:
+                    del pool.inflight[a]
                     lost.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-                    free = deque(x for x in free if x is not a)
-                    if not actors:  # nobody left: start a replacement where the cluster has room
-                        actors.append(Encoder.options(num_cpus=cpus, **placement).remote(
-                            tok_json, max(1, int(cpus)), **opts))
-                        free.extend([actors[-1]] * _WINDOW_PER_WORKER)
+                    if not pool.inflight:  # nobody left: start a replacement where the cluster has room
+                        pool.add()
                 redo.append(i)
                 continue
-            free.append(a)
             bar.update(1)
             ctx.progress(len(results), len(units), "shards")
             # Caps are applied in corpus order, so the result does not depend on timing.
@@ -395,8 +464,7 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
                             step=len(results))
     finally:
         bar.close()
-        for a in actors:
-            ray.kill(a)
+        pool.close()
     encode_s = time.perf_counter() - t1
     redone = sum(t - 1 for t in tries.values())
     if lost:

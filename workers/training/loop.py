@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
@@ -276,13 +276,23 @@ def _evaluate(model, batches: BatchSource, job: TrainJob, autocast, world: int, 
 
 
 def _train_worker(loop_config: dict) -> None:
+    """Ray Train's worker function: the loop, its events batched (one actor call per ~0.5 s,
+    not per step: see ``BatchingSink``)."""
+    from workers.stage import BatchingSink
+
+    sink = BatchingSink(loop_config["ctx"].sink, every_s=_PROGRESS_EVERY_S)
+    try:
+        _train(loop_config["job"], replace(loop_config["ctx"], sink=sink))
+    finally:
+        sink.flush()
+
+
+def _train(job: TrainJob, ctx: Any) -> None:
     """Runs in every Ray Train worker: resume, train, evaluate, checkpoint."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
-    job: TrainJob = loop_config["job"]
-    ctx = loop_config["ctx"]
     cfg = job.config
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
