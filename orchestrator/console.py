@@ -110,7 +110,13 @@ class StageDisplay:
 
     def __enter__(self) -> StageDisplay:
         if self.live_mode:
-            self._live = Live(stage_table(self.record, self.order), console=self.console, refresh_per_second=4)
+            # Rich's Live routes sys.stdout/sys.stderr through the table by default. When the table
+            # writes to a copy of the terminal (quiet runs: fds 1 and 2 go to ray.log), that would put
+            # what the driver's Ray threads print to sys.stdout (the raylet's "N PYTHON worker
+            # processes have been started" warning, relayed by Ray's error listener) back on it.
+            own = self.stream in (sys.stdout, sys.stderr)
+            self._live = Live(stage_table(self.record, self.order), console=self.console, refresh_per_second=4,
+                              redirect_stdout=own, redirect_stderr=own)
             self._live.__enter__()
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -91,6 +92,32 @@ def test_run_terminal_reads_cleanly_and_a_print_reaches_the_stage_run(tmp_path):
     text = Path(client.download_artifacts(child.info.run_id, "logs/output.log", str(tmp_path))).read_text()
     assert "hello from the stage" in text and "and from its stderr" in text
     assert ":orchestrator_stage:" not in text
+
+
+def test_live_table_on_a_copy_of_the_terminal_leaves_stdout_where_it_goes(capsys):
+    """Quiet runs point fds 1/2 at ray.log and draw the live table on a copy of the terminal:
+    what Ray's driver threads print to sys.stdout/sys.stderr meanwhile (the raylet's worker-pool
+    warning) must go on to ray.log, not be pulled onto the table's terminal by rich's Live."""
+    import io
+
+    from orchestrator.console import StageDisplay
+    from orchestrator.state import RunRecord, RunState, StageRecord, StageState
+
+    train = StageRecord("train", "python", "f1", state=StageState.RUNNING, attempts=1)
+    record = RunRecord("r1", "demo", RunState.RUNNING, {}, "demo.yaml", "/tmp", "sqlite://", "demo", {"train": train})
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:  # rich redirects stdio only while drawing on a terminal
+            return True
+
+    terminal = Terminal()
+    warning = "(raylet) WARNING: 5 PYTHON worker processes have been started on node ..."
+    with StageDisplay(record, ["train"], stream=terminal, live=True) as display:
+        print(warning)
+        print(warning, file=sys.stderr)
+        display.update()
+    assert warning not in terminal.getvalue() and "train" in terminal.getvalue()
+    captured = capsys.readouterr()
+    assert warning in captured.out and warning in captured.err
 
 
 def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
