@@ -132,9 +132,11 @@ def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
     ev = StageRecord("evaluate", "evaluate", "f2", state=StageState.SUCCEEDED, attempts=1, outputs={
         "win_rate": 0.97, "win_rate_judge": "the reward the model was trained against", "kl": 3.2,
         "comparison": {"pretrain": {"mean_reward": -1.0, "check_python_syntax": 0.1},
-                       "finetune (baseline)": {"mean_reward": 0.1, "check_python_syntax": 0.6},
+                       "finetune (baseline)": {"mean_reward": 0.1, "check_python_syntax": 0.6,
+                                               "check_python_syntax_se": 0.05},
                        "rlhf (evaluated)": {"mean_reward": 0.9, "check_python_syntax": 0.2}},
-        "warnings": ["possible reward hacking: the reward rose (0.1 -> 0.9) but ..."]})
+        "warnings": ["possible reward hacking: the reward rose (0.1 -> 0.9) but ..."],
+        "samples_per_model": 24, "prompts_per_model": 12})
     record = RunRecord("r1", "demo", RunState.RUNNING, {}, "demo.yaml", "/tmp", "sqlite://", "demo",
                        {"train": train, "evaluate": ev})
     out = io.StringIO()
@@ -149,5 +151,7 @@ def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
     assert "train            RUNNING attempt 1" in text and "train            FAILED: ValueError: bad batch" in text
     assert '    File "x.py", line 19' in text and 'line 3\n' not in text  # the tail, not the whole traceback
     assert "judged by the reward the model was trained against" in text
-    assert "python_syntax (check)" in text and "0.6" in text and "warning: evaluate: possible reward hacking" in text
+    assert "python_syntax (check)" in text and "0.6 ± 0.05" in text and "warning: evaluate: possible reward hacking" in text
+    assert "24 completions a model (12 prompts); ± is the standard error over prompts" in text
+    assert "_se" not in text
     assert "\x1b[" not in text
