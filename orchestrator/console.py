@@ -65,6 +65,13 @@ def traceback_tail(tb: str | None, lines: int = 6) -> str:
     return "\n".join("    " + l for l in rows[-lines:])
 
 
+def _value(row: dict[str, float], metric: str) -> str:
+    if metric not in row:
+        return ""
+    se = row.get(f"{metric}_se")
+    return f"{row[metric]:.3g}" + (f" ± {se:.2g}" if se is not None else "")
+
+
 def verdict(record: RunRecord, order: list[str]) -> tuple[Table, str] | None:
     """The models an `evaluate` stage compared, side by side, and a line on its win rate's
     judge and the KL estimate."""
@@ -73,15 +80,22 @@ def verdict(record: RunRecord, order: list[str]) -> tuple[Table, str] | None:
         comparison = out.get("comparison") if record.stages[name].kind == "evaluate" else None
         if not comparison:
             continue
-        metrics = list(dict.fromkeys(m for row in comparison.values() for m in row))
+        metrics = list(dict.fromkeys(m for row in comparison.values() for m in row if not m.endswith("_se")))
         t = Table(title=f"{name}: the same held-out prompts, each model", title_justify="left")
         t.add_column("metric")
         for label in comparison:
             t.add_column(label, justify="right")
+        trained = out.get("checks_trained_against") or []
         for m in metrics:
-            t.add_row(m.removeprefix("check_") + (" (check)" if m.startswith("check_") else ""),
-                      *(f"{row[m]:.3g}" if m in row else "" for row in comparison.values()))
+            check = m.removeprefix("check_")
+            kind = "" if check == m else " (trained against)" if check in trained else " (check)"
+            t.add_row(check + kind, *(_value(row, m) for row in comparison.values()))
         notes = []
+        if "samples_per_model" in out:
+            notes.append(f"{out['samples_per_model']} completions a model ({out['prompts_per_model']} prompts); "
+                         "± is the standard error over prompts")
+        if trained:
+            notes.append(f"{', '.join(trained)}: part of the evaluated model's reward, so not an independent check of it")
         if "win_rate" in out:
             notes.append(f"win rate {out['win_rate']:.2f} over the baseline, judged by {out.get('win_rate_judge', 'the reward')}")
         if "kl" in out:
@@ -110,7 +124,13 @@ class StageDisplay:
 
     def __enter__(self) -> StageDisplay:
         if self.live_mode:
-            self._live = Live(stage_table(self.record, self.order), console=self.console, refresh_per_second=4)
+            # Rich's Live routes sys.stdout/sys.stderr through the table by default. When the table
+            # writes to a copy of the terminal (quiet runs: fds 1 and 2 go to ray.log), that would put
+            # what the driver's Ray threads print to sys.stdout (the raylet's "N PYTHON worker
+            # processes have been started" warning, relayed by Ray's error listener) back on it.
+            own = self.stream in (sys.stdout, sys.stderr)
+            self._live = Live(stage_table(self.record, self.order), console=self.console, refresh_per_second=4,
+                              redirect_stdout=own, redirect_stderr=own)
             self._live.__enter__()
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -93,6 +94,32 @@ def test_run_terminal_reads_cleanly_and_a_print_reaches_the_stage_run(tmp_path):
     assert ":orchestrator_stage:" not in text
 
 
+def test_live_table_on_a_copy_of_the_terminal_leaves_stdout_where_it_goes(capsys):
+    """Quiet runs point fds 1/2 at ray.log and draw the live table on a copy of the terminal:
+    what Ray's driver threads print to sys.stdout/sys.stderr meanwhile (the raylet's worker-pool
+    warning) must go on to ray.log, not be pulled onto the table's terminal by rich's Live."""
+    import io
+
+    from orchestrator.console import StageDisplay
+    from orchestrator.state import RunRecord, RunState, StageRecord, StageState
+
+    train = StageRecord("train", "python", "f1", state=StageState.RUNNING, attempts=1)
+    record = RunRecord("r1", "demo", RunState.RUNNING, {}, "demo.yaml", "/tmp", "sqlite://", "demo", {"train": train})
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:  # rich redirects stdio only while drawing on a terminal
+            return True
+
+    terminal = Terminal()
+    warning = "(raylet) WARNING: 5 PYTHON worker processes have been started on node ..."
+    with StageDisplay(record, ["train"], stream=terminal, live=True) as display:
+        print(warning)
+        print(warning, file=sys.stderr)
+        display.update()
+    assert warning not in terminal.getvalue() and "train" in terminal.getvalue()
+    captured = capsys.readouterr()
+    assert warning in captured.out and warning in captured.err
+
+
 def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
     """No Ray: the transition lines a pipe gets, a failure's last traceback lines, and the
     summary's side-by-side comparison with the judge named and the reward-hacking warning."""
@@ -105,9 +132,11 @@ def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
     ev = StageRecord("evaluate", "evaluate", "f2", state=StageState.SUCCEEDED, attempts=1, outputs={
         "win_rate": 0.97, "win_rate_judge": "the reward the model was trained against", "kl": 3.2,
         "comparison": {"pretrain": {"mean_reward": -1.0, "check_python_syntax": 0.1},
-                       "finetune (baseline)": {"mean_reward": 0.1, "check_python_syntax": 0.6},
+                       "finetune (baseline)": {"mean_reward": 0.1, "check_python_syntax": 0.6,
+                                               "check_python_syntax_se": 0.05},
                        "rlhf (evaluated)": {"mean_reward": 0.9, "check_python_syntax": 0.2}},
-        "warnings": ["possible reward hacking: the reward rose (0.1 -> 0.9) but ..."]})
+        "warnings": ["possible reward hacking: the reward rose (0.1 -> 0.9) but ..."],
+        "samples_per_model": 24, "prompts_per_model": 12})
     record = RunRecord("r1", "demo", RunState.RUNNING, {}, "demo.yaml", "/tmp", "sqlite://", "demo",
                        {"train": train, "evaluate": ev})
     out = io.StringIO()
@@ -122,5 +151,7 @@ def test_display_shows_a_failed_stages_traceback_tail_and_the_verdict():
     assert "train            RUNNING attempt 1" in text and "train            FAILED: ValueError: bad batch" in text
     assert '    File "x.py", line 19' in text and 'line 3\n' not in text  # the tail, not the whole traceback
     assert "judged by the reward the model was trained against" in text
-    assert "python_syntax (check)" in text and "0.6" in text and "warning: evaluate: possible reward hacking" in text
+    assert "python_syntax (check)" in text and "0.6 ± 0.05" in text and "warning: evaluate: possible reward hacking" in text
+    assert "24 completions a model (12 prompts); ± is the standard error over prompts" in text
+    assert "_se" not in text
     assert "\x1b[" not in text

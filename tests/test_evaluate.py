@@ -139,6 +139,18 @@ def test_better_policy_wins_and_reward_hacking_is_called_out(ray_session, tmp_pa
     assert out["start_check_variety"] == out["baseline_check_variety"]
     assert list(out["comparison"]) == ["start", "sft (baseline)", "rlhf (evaluated)"]
     assert ctx.sink.metrics("baseline_check_degeneracy") and ctx.sink.metrics("check_variety")
+    assert out["samples_per_model"] == 32 and out["prompts_per_model"] == 16
+    assert 0 <= out["check_variety_se"] < 0.5 and "check_variety_se" in out["comparison"]["rlhf (evaluated)"]
+
+
+def test_standard_error_is_over_prompts_not_samples():
+    """Two samples of a prompt agree with each other: the spread that counts is the prompts'."""
+    from workers.kinds.evaluate import standard_error
+
+    prompts = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    assert standard_error(prompts, [1, 1, 0, 0, 1, 1, 0, 0]) == pytest.approx(math.sqrt(1 / 3 / 4))
+    assert standard_error(prompts, [1, 0] * 4) == 0.0  # every prompt's mean is 0.5
+    assert standard_error(["a", "a"], [1.0, 0.0]) == 0.0
 
 
 def test_checks_fail_blank_docstring_only_and_looping_completions():

@@ -14,8 +14,11 @@ estimate, and independent checks of the completions.
 - kl: mean over the model's samples of log p_model - log p_baseline of the completion (a Monte
   Carlo estimate of KL(model || baseline); exact in expectation at temperature 1, no top-k/p);
 - checks (``workers.rl.checks``): functions of (prompt, completion) no stage trained against,
-  logged as ``check_<name>`` for the model, ``baseline_check_<name>`` and ``<ref>_check_<name>``;
-  where the reward rose over the baseline but a check got worse, ``warnings`` says so;
+  logged as ``check_<name>`` for the model, ``baseline_check_<name>`` and ``<ref>_check_<name>``,
+  each with its standard error over prompts (``..._se``); where the reward rose over the
+  baseline but a check got worse, ``warnings`` says so. A check that was part of the model's
+  reward (an `rlhf` upstream's ``reward_checks``) is not independent: ``checks_trained_against``
+  names it, and it raises no warning;
 - references: more models sampled and scored on the same prompts (e.g. the pretrained model),
   so ``comparison`` holds every model's figures side by side.
 
@@ -171,6 +174,21 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> tuple[float, 
 # ----------------------------------------------------------------------------- verdict
 
 
+def standard_error(prompts: list[str], values: list[float]) -> float:
+    """Standard error of the mean of ``values`` over prompts: a prompt's samples are not
+    independent of each other (an easy prompt is easy for all of them), so the spread that
+    counts is that of the per-prompt means; 0 with fewer than two prompts."""
+    by_prompt: dict[str, list[float]] = {}
+    for p, v in zip(prompts, values):
+        by_prompt.setdefault(p, []).append(v)
+    means = [sum(v) / len(v) for v in by_prompt.values()]
+    n = len(means)
+    if n < 2:
+        return 0.0
+    mean = sum(means) / n
+    return math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1) / n)
+
+
 def _name(ref: str) -> str:
     """A metric prefix for a reference model: its stage name, or its folder's name."""
     import re
@@ -179,12 +197,15 @@ def _name(ref: str) -> str:
 
 
 def reward_hacking(out: dict[str, Any], checks: list[Check]) -> list[str]:
-    """Plain-words warnings where the reward rose over the baseline but an independent check fell."""
+    """Plain-words warnings where the reward rose over the baseline but an independent check fell
+    (a check the model was trained against is not independent: ``checks_trained_against``)."""
     if "baseline_mean_reward" not in out or out["mean_reward"] <= out["baseline_mean_reward"]:
         return []
     warnings = []
     old_r, new_r = out["baseline_mean_reward"], out["mean_reward"]
     for c in checks:
+        if c.name in out.get("checks_trained_against", ()):
+            continue
         new, old = out[f"check_{c.name}"], out[f"baseline_check_{c.name}"]
         if (new < old) if c.higher_is_better else (new > old):
             direction = "" if c.higher_is_better else ", lower is better"
@@ -262,6 +283,10 @@ def run(ctx, config: Config) -> dict[str, Any]:
         for c in checks:
             values = c(ps, cs)
             out[f"{prefix}check_{c.name}"] = sum(values) / len(values)
+            out[f"{prefix}check_{c.name}_se"] = standard_error(ps, values)
+    if texts:
+        out["samples_per_model"] = len(next(iter(texts.values()))[0])
+        out["prompts_per_model"] = len(prompts)
     if baseline and scores:
         out["win_rate"], counts = win_rate(scores[""], scores["baseline_"])
         out.update(counts)
@@ -271,6 +296,12 @@ def run(ctx, config: Config) -> dict[str, Any]:
         out["win_rate_judge"] = ("the reward the model was trained against" if trained_against
                                  else f"{source.describe()} (not trained against)")
         ctx.set_tags({"win_rate_judge": out["win_rate_judge"]})
+    # checks that were part of the evaluated model's reward (an `rlhf` upstream's reward_checks)
+    trained = sorted({name for out_ in ctx.inputs.values() if out_.get("checkpoint") == checkpoint
+                      for name in out_.get("reward_checks") or ()} & {c.name for c in checks})
+    if trained:
+        out["checks_trained_against"] = trained
+        ctx.set_tags({"checks_trained_against": ", ".join(trained)})
     out["warnings"] = reward_hacking(out, checks)
     out["comparison"] = _comparison(out, config, models)
     ctx.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -288,7 +319,7 @@ def _comparison(out: dict[str, Any], config: Config, models: dict[str, str]) -> 
     if "baseline_" in models:
         labels["baseline_"] = f"{config.baseline or 'baseline'} (baseline)"
     labels[""] = f"{config.checkpoint or 'model'} (evaluated)"
-    metrics = ["perplexity", "mean_reward"] + [k for k in out if k.startswith("check_")]
+    metrics = ["perplexity", "mean_reward"] + [k for k in out if k.startswith("check_")]  # with their _se
     table = {}
     for prefix, label in labels.items():
         row = {m: out[prefix + m] for m in metrics if isinstance(out.get(prefix + m), (int, float))}

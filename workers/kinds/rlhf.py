@@ -641,6 +641,7 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         "algorithm": config.algorithm,
         "iterations": config.iterations,
         "reward": source.describe(),  # evaluate tells a win rate judged by this reward apart
+        "reward_checks": source.check_names,  # ... and checks that were part of the reward
     }
 
 

@@ -40,6 +40,11 @@ class RewardConfig(BaseModel):
                               "upstream with a `reward_model` output.")
     function: str | None = Field(None, pattern=ENTRYPOINT, description="A verifiable reward instead: "
                                  "module:function(prompt, completion) -> float.")
+    checks: dict[str, float] = Field(default_factory=dict, description="Verifiable terms added to the reward: "
+                                     "check (python_syntax, degeneracy or module:function) -> weight; the reward is "
+                                     "the model's (or function's) score + sum of weight x check (a check where lower "
+                                     "is better takes a negative weight). A policy trained so is no longer judged "
+                                     "independently by these checks: `evaluate` says so.")
     num_actors: int = Field(1, ge=1, description="Reward-ranking actors the scoring is spread over.")
     batch_size: int = Field(32, ge=1, description="Sequences per reward-model forward pass.")
     cpus: float = Field(1.0, gt=0, description="CPUs per ranking actor.")
@@ -61,9 +66,18 @@ class RewardSource:
     kind: str
     ref: str
     sys_path: tuple[str, ...] = ()
+    checks: tuple[tuple[str, float], ...] = ()  # (check reference, weight): terms added to the score
 
     def describe(self) -> str:
+        """The model or function (without the check terms: ``check_names`` lists those)."""
         return f"{self.kind}:{self.ref}"
+
+    @property
+    def check_names(self) -> list[str]:
+        """The names (as ``evaluate`` logs them) of the checks in this reward."""
+        from workers.rl.checks import resolve_check
+
+        return [resolve_check(ref).name for ref, _ in self.checks]
 
 
 @dataclass
@@ -120,21 +134,33 @@ def resolve_function(entrypoint: str) -> Callable[[str, str], float]:
 
 
 def reward_modules(reward: RewardConfig | None) -> list[str]:
-    """The user module a reward function lives in (its source joins the stage's fingerprint)."""
-    return [reward.function.partition(":")[0]] if reward is not None and reward.function else []
+    """The user modules a reward function and its user checks live in (their source joins the
+    stage's fingerprint)."""
+    if reward is None:
+        return []
+    refs = ([reward.function] if reward.function else []) + [c for c in reward.checks if ":" in c]
+    return [ref.partition(":")[0] for ref in refs]
 
 
 def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSource:
-    """The reward source ``config`` names, checked now (import the function, find the folder)."""
+    """The reward source ``config`` names, checked now (import the function and the checks,
+    find the folder)."""
+    from workers.rl.checks import resolve_check
+
+    for ref in config.checks:
+        resolve_check(ref, f"{field}.checks")
+    checks = tuple(config.checks.items())
     if config.function is not None:
         try:
             resolve_function(config.function)
         except Exception as e:  # noqa: BLE001 - the user's module: report why it failed
             raise ValueError(f"{field}.function: cannot import {config.function!r}: {type(e).__name__}: {e}") from None
-        root = _import_root(config.function.partition(":")[0])
-        return RewardSource("function", config.function, (root,) if root else ())
+    # where the user's modules were found, so that the ranking actors import them too
+    roots = tuple(dict.fromkeys(r for r in map(_import_root, reward_modules(config)) if r))
+    if config.function is not None:
+        return RewardSource("function", config.function, roots, checks)
     uri = ctx.upstream("reward_model", config.model, field=f"{field}.model")
-    return RewardSource("model", uri)
+    return RewardSource("model", uri, roots, checks)
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -196,13 +222,28 @@ class RewardModelScorer:
         return scores
 
 
+class WithChecks:
+    """A scorer plus weighted checks: score + sum of weight x check(prompt, completion)."""
+
+    def __init__(self, scorer: Callable[[list[str], list[str]], list[float]], checks: tuple[tuple[str, float], ...]):
+        from workers.rl.checks import resolve_check
+
+        self.scorer = scorer
+        self.checks = [(resolve_check(ref), weight) for ref, weight in checks]
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        scores = self.scorer(prompts, completions)
+        for check, weight in self.checks:
+            scores = [s + weight * v for s, v in zip(scores, check(prompts, completions))]
+        return scores
+
+
 def make_scorer(source: RewardSource, batch_size: int = 32) -> Callable[[list[str], list[str]], list[float]]:
     for p in reversed(source.sys_path):
         if p not in sys.path:
             sys.path.insert(0, p)
-    if source.kind == "function":
-        return FunctionScorer(source.ref)
-    return RewardModelScorer(source.ref, batch_size)
+    scorer = FunctionScorer(source.ref) if source.kind == "function" else RewardModelScorer(source.ref, batch_size)
+    return WithChecks(scorer, source.checks) if source.checks else scorer
 
 
 # ----------------------------------------------------------------------------- the actor pool
