@@ -3,10 +3,10 @@
 Same random weights (written with our `save_model`, read back with `AutoModelForCausalLM`, so
 GPT-2 sizes run against GPT2LMHeadModel and Llama sizes against LlamaForCausalLM), same prompts,
 greedy, fp32, KV cache on every side, same thread count. References: `transformers` with its
-default dynamic cache, and with its static cache (`cache_implementation="static"`). Runs are
-interleaved (ours, dynamic, static, ours, ...) after a warm-up; prints the median tokens/s, the
-spread (min-max), the ratio of medians, whether greedy tokens match, and the load average before
-and after, with a warning when the machine is not idle.
+default dynamic cache, and with its static cache (`cache_implementation="static"`). The method is
+`benchmarks.method`'s: runs interleaved after a warm-up, median tokens/s and min..max, the median
+of the per-round ratios, the load average before and after (warning when not idle); plus whether
+the greedy tokens are equal to transformers' token for token.
 
     python benchmarks/generate.py                                   # 4 models, batch 1, 5 repeats
     python benchmarks/generate.py --models small llama-small --repeats 2 --new-tokens 32   # quick check
@@ -22,13 +22,12 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks import method  # noqa: E402
 from workers.model.hf import save_model  # noqa: E402
 from workers.model.sampling import SamplingParams, generate  # noqa: E402
 from workers.model.transformer import GPT, config_for  # noqa: E402
@@ -44,30 +43,6 @@ def make_model(size: str, vocab: int, seed: int) -> GPT:
             if p.dim() == 2 and "wte" not in name and "wpe" not in name:
                 p.normal_(0.0, 0.3 / (m.config.n_embd / 64) ** 0.5)
     return m.eval()
-
-
-def interleaved(runs: dict, repeats: int, clock=time.perf_counter) -> dict[str, tuple[list[float], object]]:
-    """Each function once as warm-up, then `repeats` rounds in rotating order so background load
-    hits all alike. Returns name -> (seconds per run, last output)."""
-    for f in runs.values():
-        f()
-    names = list(runs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    outs: dict[str, object] = {}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = clock()
-            outs[n] = runs[n]()
-            times[n].append(clock() - t0)
-    return {n: (times[n], outs[n]) for n in names}
-
-
-def load_line(tag: str) -> float:
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    warn = f"  WARNING: not idle (load {load:.1f} on {cores} cores); figures are contention" if load > 0.5 else ""
-    print(f"load average {tag}: {load:.2f}{warn}", flush=True)
-    return load
 
 
 def main() -> None:
@@ -94,42 +69,50 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     N = args.new_tokens
     print(f"vocab={args.vocab} prompt={args.prompt_len} new_tokens={N} threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} clock={args.clock} torch={torch.__version__}")
-    before = load_line("before")
-    for size in args.models:
-        ours = make_model(size, args.vocab, args.seed)
-        with tempfile.TemporaryDirectory() as d:
-            save_model(ours, d)
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        print(f"\n{size}: {type(hf).__name__}, {ours.num_params() / 1e6:.2f}M params")
-        g = torch.Generator().manual_seed(args.seed)
-        for B in args.batches:
-            prompts = torch.randint(0, args.vocab, (B, args.prompt_len), generator=g)
-            params = SamplingParams(max_tokens=N, temperature=0)
+          f"(both sides: one process) repeats={args.repeats} clock={args.clock} torch={torch.__version__}")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    with method.Load(uses_cpus=args.threads):
+        for size in args.models:
+            ours = make_model(size, args.vocab, args.seed)
+            with tempfile.TemporaryDirectory() as d:
+                save_model(ours, d)
+                hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            print(f"\n{size}: {type(hf).__name__}, {ours.num_params() / 1e6:.2f}M params")
+            g = torch.Generator().manual_seed(args.seed)
+            for B in args.batches:
+                prompts = torch.randint(0, args.vocab, (B, args.prompt_len), generator=g)
+                outs: dict[str, list[list[int]]] = {}
 
-            def hf_generate(**kw):
-                with torch.inference_mode():
-                    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                       num_beams=1, max_new_tokens=N, min_new_tokens=N, use_cache=True,
-                                       pad_token_id=0, eos_token_id=None, **kw)
+                def timed(name, run):
+                    def tokens_per_s() -> float:
+                        t0 = clock()
+                        outs[name] = run()
+                        return B * N / (clock() - t0)
+                    return tokens_per_s
 
-            runs = {"ours": lambda: generate(ours, prompts.tolist(), params),
-                    "transformers": hf_generate}
-            if not args.no_static:
-                runs["transformers static"] = lambda: hf_generate(cache_implementation="static")
-            res = interleaved(runs, args.repeats, time.process_time if args.clock == "cpu" else time.perf_counter)
-            ours_ids = [c[0].token_ids for c in res["ours"][1]]
-            med = {n: B * N / statistics.median(ts) for n, (ts, _) in res.items()}
-            for n, (ts, out) in res.items():
-                tps = sorted(B * N / t for t in ts)
-                line = f"  batch={B} {n:>20}: {med[n]:8.1f} tok/s median (spread {tps[0]:.1f}-{tps[-1]:.1f})"
-                if n != "ours":
-                    same = sum(a == b for a, b in zip(ours_ids, out[:, args.prompt_len:].tolist()))
-                    line += f" | ours/this {med['ours'] / med[n]:.2f}x | greedy tokens match {same}/{B}"
-                print(line, flush=True)
-    after = load_line("after")
-    if max(before, after) > 0.5:
-        print("WARNING: the machine was busy; rerun on an idle machine for figures worth recording")
+                def hf_generate(**kw):
+                    with torch.inference_mode():
+                        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                          num_beams=1, max_new_tokens=N, min_new_tokens=N, use_cache=True,
+                                          pad_token_id=0, eos_token_id=None, **kw)
+                    return out[:, args.prompt_len:].tolist()
+
+                params = SamplingParams(max_tokens=N, temperature=0)
+                runs = {"ours": timed("ours", lambda: [c[0].token_ids for c in generate(ours, prompts.tolist(), params)]),
+                        "transformers": timed("transformers", hf_generate)}
+                if not args.no_static:
+                    runs["transformers static"] = timed("transformers static",
+                                                        lambda: hf_generate(cache_implementation="static"))
+                res = method.interleave(runs, args.repeats, verbose=False)
+                method.print_table(res, reference="transformers", unit="tok/s", lower_is_better=False,
+                                   title=f"  batch={B}, {N} new tokens")
+                for n in runs:
+                    if n != "ours":
+                        same = sum(a == b for a, b in zip(outs["ours"], outs[n]))
+                        print(f"  greedy tokens equal, ours vs {n}: {same}/{B} sequences")
+                if "transformers static" in res:
+                    q = method.summarize(method.ratios(res, "ours", "transformers static", False))
+                    print(f"  ours vs transformers static (median of rounds): {q.median:.3f}x [{q.low:.3f}..{q.high:.3f}]")
 
 
 if __name__ == "__main__":
