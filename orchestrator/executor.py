@@ -395,8 +395,9 @@ class Executor:
         except Exception as e:  # noqa: BLE001 - the bus died with a cancelled cluster
             log.debug("event drain failed: %s", e)
             return
-        # A run's metrics of one drain go to the store as one write (a training stage sends one
-        # event per step: one MLflow write each took ~a fifth of a core beside a 2-thread step).
+        # A run's metrics of one drain go to the store as one write: a training stage sends one
+        # event per step, and a store write per event (a SQLite transaction, or an HTTP call) runs
+        # in this process on the cores the steps use.
         steps: dict[str, list[tuple[dict[str, float], int | None, float]]] = {}
         for ev in events:
             rec = self.record.stages.get(ev.get("stage", ""))
