@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from test_rlhf import REWARD, fraction_a, make_policy, make_prompts
 from workers.kinds import evaluate
+from workers.rl.checks import resolve_check
 from workers.stage import local_context
 
 EOS = 0
@@ -143,6 +144,23 @@ def test_better_policy_wins_and_reward_hacking_is_called_out(ray_session, tmp_pa
     assert 0 <= out["check_variety_se"] < 0.5 and "check_variety_se" in out["comparison"]["rlhf (evaluated)"]
 
 
+def test_a_check_the_model_was_trained_against_is_named_and_raises_no_warning(ray_session, tmp_path):
+    """An rlhf upstream whose reward held the degeneracy check: evaluate says that check is not
+    independent (output, MLflow tag) and does not call its fall reward hacking."""
+    start = make_policy(tmp_path / "start")
+    ctx = local_context(tmp_path, "eval", inputs={"rlhf": {"checkpoint": str(start), "reward_checks": ["degeneracy"]}})
+    out = evaluate.run(ctx, evaluate.Config(checkpoint="rlhf", checks=["degeneracy", f"{__name__}:variety"],
+                                            prompts={"source": make_prompts(4, 9)}, max_tokens=4))
+    assert out["checks_trained_against"] == ["degeneracy"]
+    assert {"checks_trained_against": "degeneracy"} in [e["tags"] for e in ctx.sink.events if e["type"] == "tags"]
+    out.update(mean_reward=1.0, baseline_mean_reward=0.0, baseline_check_degeneracy=-1.0,
+               baseline_check_variety=out["check_variety"])
+    degeneracy = resolve_check("degeneracy")
+    assert evaluate.reward_hacking(out, [degeneracy]) == []  # it rose, but the model was trained against it
+    out["checks_trained_against"] = []
+    assert "check degeneracy got worse" in evaluate.reward_hacking(out, [degeneracy])[0]
+
+
 def test_standard_error_is_over_prompts_not_samples():
     """Two samples of a prompt agree with each other: the spread that counts is the prompts'."""
     from workers.kinds.evaluate import standard_error
@@ -154,7 +172,7 @@ def test_standard_error_is_over_prompts_not_samples():
 
 
 def test_checks_fail_blank_docstring_only_and_looping_completions():
-    from workers.rl.checks import degeneracy, python_syntax, resolve_check
+    from workers.rl.checks import degeneracy, python_syntax
 
     prompt = 'def add(a, b):\n    """Add two numbers."""\n'
     assert python_syntax(prompt, "    return a + b\n") == 1.0

@@ -30,6 +30,11 @@ def fraction_a(prompt: str, completion: str) -> float:
     return completion.count("a") / len(completion) if completion else 0.0
 
 
+def short(prompt: str, completion: str) -> float:
+    """A user check for reward terms: 1 for a completion of at most two characters."""
+    return float(len(completion) <= 2)
+
+
 def make_policy(folder: Path, seed: int = 0, block_size: int = 32) -> Path:
     """A tiny random GPT with a character tokenizer, saved as a self-contained checkpoint."""
     from workers.data import tokenizer as toks
@@ -106,6 +111,8 @@ def test_config_errors_name_the_field(tmp_path):
         rlhf.run(ctx, rlhf.Config(policy="nope", reward={"function": REWARD}))
     with pytest.raises(ValueError, match="reward.function: cannot import 'no_such_mod:f'"):
         resolve_reward(ctx, RewardConfig(function="no_such_mod:f"))
+    with pytest.raises(ValueError, match="reward.checks: got 'syntax'; allowed: python_syntax, degeneracy"):
+        resolve_reward(ctx, RewardConfig(function=REWARD, checks={"syntax": 1.0}))
 
 
 # ----------------------------------------------------------------------------- pools on Ray
@@ -121,6 +128,14 @@ def test_ranking_pool_spreads_and_ranks(ray_session):
         ranks = pool.rank_many([f"p{i}" for i in range(7)], comps)
         assert all(r.order == [5, 4, 3, 2, 1, 0] for r in ranks)
         assert pool.last.completions == 42 and pool.last.per_s > 0
+    finally:
+        pool.shutdown()
+    # check terms: the function's score + 2 x short(...), the user's check imported in the actor
+    source = resolve_reward(None, RewardConfig(function=REWARD, checks={f"{__name__}:short": 2.0}))
+    assert source.check_names == ["short"] and source.describe() == f"function:{REWARD}"
+    pool = RankingPool(source)
+    try:
+        assert pool.rank("bcd", ["ab", "aaaa", "bbb", "a"]) == ([2.5, 1.0, 0.0, 3.0], [3, 0, 1, 2])
     finally:
         pool.shutdown()
 
