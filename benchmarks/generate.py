@@ -11,6 +11,7 @@ the greedy tokens are equal to transformers' token for token.
     python benchmarks/generate.py                                   # 4 models, batch 1, 5 repeats
     python benchmarks/generate.py --models small llama-small --repeats 2 --new-tokens 32   # quick check
     python benchmarks/generate.py --clock cpu     # CPU time instead of wall time, for a busy machine
+    python benchmarks/generate.py --models medium --anatomy   # + where a decode step's time goes
 """
 
 from __future__ import annotations
@@ -45,6 +46,49 @@ def make_model(size: str, vocab: int, seed: int) -> GPT:
     return m.eval()
 
 
+def anatomy(ours: GPT, hf, prompts: torch.Tensor, repeats: int, steps: int = 64) -> None:
+    """Per-token parts of one decode step at batch 1, interleaved: the model's Linear products alone
+    (its own weights and layouts: the weight-streaming floor), our forward step on a KV cache, and
+    transformers' forward step on its dynamic cache (cropped back after each step, so both attend
+    over the same length)."""
+    from torch.nn import functional as F
+
+    from workers.model.transformer import KVCache
+
+    lins = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {m.in_features: torch.randn(1, 1, m.in_features) for m in lins}
+    tok = prompts[:1, :1]
+    P = prompts.size(1)
+    with torch.inference_mode():
+        cache = KVCache.empty(ours, 1, P + 1)
+        ours(prompts[:1], kv_cache=cache)
+        hf_cache = hf(prompts[:1], use_cache=True).past_key_values
+
+    def per_token(step):
+        def run() -> float:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                return (time.perf_counter() - t0) / steps * 1e3
+        return run
+
+    def ours_step():
+        cache.pos = P
+        ours(tok, kv_cache=cache)
+
+    def hf_step():
+        hf(tok, past_key_values=hf_cache, use_cache=True)
+        hf_cache.crop(-1)
+
+    runs = {"Linear products alone": per_token(lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in lins]),
+            "ours forward step": per_token(ours_step), "transformers forward step": per_token(hf_step)}
+    mb = sum(m.weight.numel() * m.weight.element_size() for m in lins) / 1e6
+    method.print_table(method.interleave(runs, repeats, verbose=False), reference="ours forward step",
+                       unit="ms/token", lower_is_better=True,
+                       title=f"  anatomy of one decode step ({mb:.1f} MB of Linear weights read per token)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["small", "llama-small", "medium", "llama-medium"],
@@ -60,6 +104,8 @@ def main() -> None:
                     help="wall: elapsed time (the figure to record); cpu: this process's CPU time, steadier "
                          "than wall time on a shared machine (single-threaded runs only)")
     ap.add_argument("--no-static", action="store_true", help="skip the transformers static-cache reference")
+    ap.add_argument("--anatomy", action="store_true",
+                    help="also time the parts of one decode step (Linear products alone, forward steps)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -79,6 +125,8 @@ def main() -> None:
                 hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
             print(f"\n{size}: {type(hf).__name__}, {ours.num_params() / 1e6:.2f}M params")
             g = torch.Generator().manual_seed(args.seed)
+            if args.anatomy:
+                anatomy(ours, hf, torch.randint(0, args.vocab, (1, args.prompt_len), generator=g), args.repeats)
             for B in args.batches:
                 prompts = torch.randint(0, args.vocab, (B, args.prompt_len), generator=g)
                 outs: dict[str, list[list[int]]] = {}

@@ -193,12 +193,15 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hs) at [pos, pos+T); return all keys/values so far (B, nkv, pos+T, hs)."""
-        end = self.pos + k.size(2)
+        T = k.size(2)
+        end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"kv_cache: writing up to position {end} but max_len is {self.max_len}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        kc, vc = self.k[layer], self.v[layer]
+        # narrow + copy_: two ops each, where slice assignment dispatches a slice per dimension
+        kc.narrow(2, self.pos, T).copy_(k)
+        vc.narrow(2, self.pos, T).copy_(v)
+        return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search: rows follow their parent beams)."""
@@ -302,15 +305,18 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.size()
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, self.head_size)   # (B, T, nh+2nkv, hs)
-        qk, v = qkv.split((nh + nkv, nkv), dim=2)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)                                    # q and k in one go
-        q, k = qk.split((nh, nkv), dim=2)
+        if rope is None:
+            q, k, v = qkv.split((nh, nkv, nkv), dim=2)
+        else:
+            qk, v = qkv.split((nh + nkv, nkv), dim=2)
+            q, k = apply_rope(qk, *rope).split((nh, nkv), dim=2)          # q and k rotated in one go
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                           # (B, nkv, S, hs)
+        if k.dtype != q.dtype:                                            # a cache kept in another dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
+            q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)                     # (B, nh, T, hs)
         y = self.c_proj(y.transpose(1, 2).reshape(B, T, -1))              # (B, T, C)
