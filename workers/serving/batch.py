@@ -110,6 +110,11 @@ class BatchState:
         self._view(self.pos)
         return order
 
+    def _start(self) -> int:
+        """The first column any live row uses (the position when none does)."""
+        used = self.mask[:, :self.pos].any(0)
+        return int(used.to(torch.int8).argmax()) if bool(used.any()) else self.pos
+
     def make_room(self, width: int, extra: int, block_size: int) -> bool | None:
         """Lay the columns out, without prefilling anything again, so that rows of up to
         ``width`` tokens fit right-aligned at the position and ``extra`` more columns follow (up
@@ -119,15 +124,30 @@ class BatchState:
         pos = self.pos
         if width <= pos and pos + extra <= self.max_len:
             return False
-        used = self.mask[:, :pos].any(0)
-        start = int(used.to(torch.int8).argmax()) if bool(used.any()) else pos
+        start = self._start()
         left = max(0, width - (pos - start))
         new_pos = pos - start + left
         if new_pos >= block_size:
             return None
         need = min(block_size, new_pos + extra)
-        max_len = self.max_len if need <= self.max_len else min(block_size, max(need, 2 * self.max_len))
-        n = self.n
+        self._relayout(start, left, self.max_len if need <= self.max_len else
+                       min(block_size, max(need, 2 * self.max_len)))
+        return True
+
+    def trim(self) -> bool:
+        """Drop the leading columns no live row uses once they are a quarter of the position:
+        every step attends over all columns, a copy of the live ones costs about one step's
+        reads. Whether the columns moved."""
+        start = self._start()
+        if start < max(16, self.pos // 4):
+            return False
+        self._relayout(start, 0, self.max_len)
+        return True
+
+    def _relayout(self, start: int, left: int, max_len: int) -> None:
+        """Columns [start, pos) move to [left, left + pos - start) of buffers ``max_len`` wide."""
+        pos, n = self.pos, self.n
+        new_pos = pos - start + left
         moved = []
         for t in (*self.k, *self.v):
             new = t.new_empty((*t.shape[:2], max_len, t.shape[3]))
@@ -139,7 +159,6 @@ class BatchState:
         L = len(self.k)
         self.k, self.v, self._mask = moved[:L], moved[L:], mask
         self._view(new_pos)
-        return True
 
 
 __all__ = ["BatchState"]

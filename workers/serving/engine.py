@@ -472,6 +472,9 @@ class Engine:
             return []
         order = self._batch.keep(keep)
         self._rows = [self._rows[i] for i in order]
+        if self._batch.trim():
+            with self._lock:
+                self.stats.resizes += 1
         return order
 
     def _requests_of(self, rows: list[Seq]) -> list[tuple[GenerationRequest, list[int]]]:
