@@ -54,10 +54,10 @@ def reference(checkpoint):
     model = load_pretrained(checkpoint).eval()
     tok = toks.load(checkpoint / "tokenizer.json")
 
-    def run(prompt: str, **kw):
+    def run(prompt: str, ignore_eos: bool = False, **kw):
         params = SamplingParams(**kw)
-        return generate(model, [tok.encode(prompt).ids], params, eos_token_id=toks.eos_id(tok),
-                        decode=tok.decode)[0]
+        eos = None if ignore_eos else toks.eos_id(tok)
+        return generate(model, [tok.encode(prompt).ids], params, eos_token_id=eos, decode=tok.decode)[0]
 
     return run, tok
 
@@ -303,9 +303,11 @@ def test_concurrent_requests_share_decode_steps(server, reference):
     prompts = [f"{w} " for w in ("the", "quick brown", "fox", "jumps over", "lazy", "dog.", "hello world", "0")]
     start = threading.Barrier(len(prompts))
 
+    # long enough (no early EOS) that the requests' HTTP arrivals overlap in decoding on a busy machine
     def call(p):
         start.wait()
-        return client(url).completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0).choices[0].text
+        return client(url).completions.create(model=MODEL, prompt=p, max_tokens=160, temperature=0,
+                                              extra_body={"ignore_eos": True}).choices[0].text
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         texts = list(pool.map(call, prompts))
@@ -313,7 +315,7 @@ def test_concurrent_requests_share_decode_steps(server, reference):
     grew = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
     assert max(grew) >= 4, grew  # several requests decoded in the same steps
     # joining a running batch (continuous batching) does not change anyone's result
-    assert texts == [run(p, max_tokens=40, temperature=0)[0].text for p in prompts]
+    assert texts == [run(p, max_tokens=160, temperature=0, ignore_eos=True)[0].text for p in prompts]
 
 
 # ------------------------------------------------------------------------------ the stage kind
