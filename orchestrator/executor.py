@@ -68,10 +68,11 @@ class Executor:
             self._connect()
             self._remote = ray.remote(execute_stage)
             # On the driver's node: a bus placed on a worker node would die with it, and every
-            # later metric, tag and progress event of every stage would be lost.
+            # later metric, tag and progress event of every stage would be lost. Hard affinity:
+            # a soft one let Ray put it on a worker node beside a head with no CPUs (test_faults).
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self._bus = EventBus.options(scheduling_strategy=here).remote()
             if self.logs is not None:
                 self.logs.attach()

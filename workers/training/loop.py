@@ -348,6 +348,7 @@ def _train(job: TrainJob, ctx: Any) -> None:
             # few seconds; a report still in flight when a worker dies is lost), then die, or
             # wait for the test to kill this worker's node.
             ray.train.get_all_reported_checkpoints()
+            ctx.sink.flush()  # the steps logged so far reach the driver, as a finished worker's do
             Path(job.fault.marker).write_text(f"rank {rank} {'waits' if job.fault.hang else 'exited'} at step {step}\n")
             while job.fault.hang:
                 time.sleep(1)
@@ -418,6 +419,7 @@ def _train(job: TrainJob, ctx: Any) -> None:
                 save_checkpoint(Path(d), model, optimizer, state, rank)
                 ray.train.report(report, checkpoint=Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"checkpoint-{done:08d}")
+            ctx.sink.flush()  # the metrics up to a checkpoint are not lost should the worker die
 
 
 # ----------------------------------------------------------------------------- the driver
