@@ -213,11 +213,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         endpoints = [r.outputs["endpoint"] for r in record.stages.values()
                      if r.kind == "serve" and r.state.done and r.outputs and r.outputs.get("endpoint")]
         if endpoints and not args.detach:
-            _serve_until_interrupted(endpoints, logs.out)
+            _serve_until_interrupted(endpoints, logs.out, owns_ray=(args.address or prep.pipeline.ray.address) is None)
     return exit_code(record)
 
 
-def _serve_until_interrupted(endpoints: list[str], out=None) -> None:
+def _serve_until_interrupted(endpoints: list[str], out=None, *, owns_ray: bool) -> None:
     """A serve stage's deployment lives in this driver's Ray: keep it up until Ctrl-C."""
     import time
 
@@ -227,7 +227,20 @@ def _serve_until_interrupted(endpoints: list[str], out=None) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from workers.kinds import serve as serving
+        _stop_serving(owns_ray)
+
+
+def _stop_serving(owns_ray: bool) -> None:
+    """On a Ray this process started, Serve's controller, proxy and replicas die with it: stop
+    that Ray, in seconds. Serve's graceful shutdown (replicas drained one wait-loop at a time, the
+    controller awaited up to 30 s, its self-kill then retried) made a Ctrl-C take up to a minute.
+    On a cluster shared with others, remove Serve and leave the cluster running."""
+    import ray
+
+    if owns_ray:
+        ray.shutdown()
+    else:
+        from workers.serving import app as serving
 
         serving.shutdown()
 
@@ -380,7 +393,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from workers.serving import app as serving
 
-    from .runs import resolve_checkpoint
+    from .runs import connect_ray, resolve_checkpoint
+    from .spec import RayOptions
 
     ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri or _default_tracking())
     try:
@@ -388,20 +402,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ.get("ORCHESTRATOR_API_KEY", "").strip() or None
     except (OSError, ValueError) as e:
         raise SpecError(f"--api-key-file: {e}") from None
-    if args.address:
-        import ray
-
-        ray.init(address=args.address)
+    # Without --address, a Ray of our own, as `run` starts one: a bare ray.init() would join any
+    # `ray start` cluster it finds on this machine (someone else's) and Ctrl-C could not stop it.
+    connect_ray(RayOptions(address=args.address))
+    owns_ray = args.address is None
     try:
         url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,
                                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                        api_key=api_key,
                                        model_name=args.model_name, blocking=False)
     except KeyboardInterrupt:  # Ctrl-C while deploying: leave nothing half-deployed
-        serving.shutdown()
+        _stop_serving(owns_ray)
         return EXIT_OK
     print(f"checkpoint {ckpt}", flush=True)
-    _serve_until_interrupted([url])
+    _serve_until_interrupted([url], owns_ray=owns_ray)
     return EXIT_OK
 
 
