@@ -71,7 +71,10 @@ def head():
     gcs, dash, agent, client_port = _free_ports(4)
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM the head would wait up to 30 s for its
+    # node to drain (for Serve proxies; this head serves nothing) before it stops.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     log = open(Path(temp) / "ray-start.log", "w")
     proc = subprocess.Popen(
