@@ -119,31 +119,27 @@ def _appended(path: Path, text: str):
 
 
 def test_validate_names_what_changed(trained, repo_copy):
+    """Two independent edits per `validate` (each one a Python start-up): every miss names all
+    that changed for it and nothing else, so each edit's reach shows on its own."""
     hits = {"tok": "hit", "pretrain": "hit", "after": "hit", "py": "hit"}
     assert {n: c for n, (c, _) in _validate(repo_copy, trained.path).items()} == hits  # the copy is the same code
 
-    with _appended(repo_copy / "workers/model/transformer.py", "\n# a comment\n"):
+    with _appended(repo_copy / "workers/model/transformer.py", "\n# a comment\n"), \
+            _appended(trained.tmp / "trusthelper.py", "# a comment\n"):
         got = _validate(repo_copy, trained.path)
-    assert got["tok"][0] == "hit" and got["py"][0] == "hit"
+    assert got["tok"][0] == "hit"
     assert got["pretrain"] == ("miss", ["code file workers/model/transformer.py"])
-    assert got["after"] == ("miss", ["upstream pretrain"])
-
-    with _appended(repo_copy / "workers/data/tokenizer.py", "\n# a comment\n"):
-        got = _validate(repo_copy, trained.path)
-    assert got["tok"] == ("miss", ["code file workers/data/tokenizer.py"])
-    assert got["pretrain"][0] == got["after"][0] == "miss" and got["py"][0] == "hit"
+    # the module's imports are the module's: `after` lives beside `helped`, in the same module
+    assert got["py"] == ("miss", ["code file trusthelper.py"])
+    assert got["after"] == ("miss", ["code file trusthelper.py", "upstream pretrain"])
 
     corpus_file = trained.corpus / "part-1.txt"
-    with _appended(corpus_file, "one more line.\n"):
+    with _appended(repo_copy / "workers/data/tokenizer.py", "\n# a comment\n"), \
+            _appended(corpus_file, "one more line.\n"):
         got = _validate(repo_copy, trained.path)
-    assert got["tok"] == ("miss", [f"input file {corpus_file}"])
-    assert got["pretrain"][0] == got["after"][0] == "miss" and got["py"][0] == "hit"
-
-    with _appended(trained.tmp / "trusthelper.py", "# a comment\n"):
-        got = _validate(repo_copy, trained.path)
-    # the module's imports are the module's: `after` lives beside `helped`, in the same module
-    assert got["py"] == got["after"] == ("miss", ["code file trusthelper.py"])
-    assert got["tok"][0] == got["pretrain"][0] == "hit"
+    assert got["tok"] == ("miss", ["code file workers/data/tokenizer.py", f"input file {corpus_file}"])
+    assert got["pretrain"][0] == got["after"][0] == "miss"
+    assert got["py"][0] == "hit"
 
 
 def test_no_cache_trains_a_finished_stage_from_step_0(trained):
