@@ -232,9 +232,9 @@ def _serve_until_interrupted(endpoints: list[str], out=None, *, owns_ray: bool) 
 
 def _stop_serving(owns_ray: bool) -> None:
     """On a Ray this process started, Serve's controller, proxy and replicas die with it: stop
-    that Ray, in seconds. Serve's graceful shutdown (replicas drained one wait-loop at a time, the
-    controller awaited up to 30 s, its self-kill then retried) made a Ctrl-C take up to a minute.
-    On a cluster shared with others, remove Serve and leave the cluster running."""
+    that Ray, in seconds. Serve's graceful shutdown (applications deleted, replicas drained, the
+    controller awaited for up to 30 s) took 6-12 s and, once, over a minute. On a cluster shared
+    with others, remove Serve and leave the cluster running."""
     import ray
 
     if owns_ray:
@@ -402,8 +402,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ.get("ORCHESTRATOR_API_KEY", "").strip() or None
     except (OSError, ValueError) as e:
         raise SpecError(f"--api-key-file: {e}") from None
-    # Without --address, a Ray of our own, as `run` starts one: a bare ray.init() would join any
-    # `ray start` cluster it finds on this machine (someone else's) and Ctrl-C could not stop it.
+    # Without --address, a Ray of our own, as `run` starts one: a bare ray.init() joins the
+    # `ray start` cluster last started on this machine (someone else's), where serve_checkpoint's
+    # ray.init options are refused.
     connect_ray(RayOptions(address=args.address))
     owns_ray = args.address is None
     try:
