@@ -218,16 +218,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _serve_until_interrupted(endpoints: list[str], out=None, *, owns_ray: bool) -> None:
-    """A serve stage's deployment lives in this driver's Ray: keep it up until Ctrl-C."""
-    import time
+    """A serve stage's deployment lives in this driver's Ray: keep it up until Ctrl-C.
 
-    for url in endpoints:
-        print(f"serving at {url}/v1 (OpenAI-compatible). Ctrl-C to stop.", file=out or sys.stdout, flush=True)
+    Our own SIGINT handler, as the executor's: Python raises KeyboardInterrupt only where SIGINT
+    was not ignored at start, and a process started in the background by a non-interactive
+    shell (CI, a test harness) inherits it ignored, so Ctrl-C did nothing."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    prev = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        _stop_serving(owns_ray)
+        for url in endpoints:
+            print(f"serving at {url}/v1 (OpenAI-compatible). Ctrl-C to stop.", file=out or sys.stdout, flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    _stop_serving(owns_ray)
 
 
 def _stop_serving(owns_ray: bool) -> None:
