@@ -575,7 +575,7 @@ class StepDecoder:
         B, pos = tokens.size(0), kv_cache.pos
         S = pos + 1                                          # keys visible to this step
         nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_size
-        x = F.embedding(tokens, self.wte)                    # (B, C)
+        x = torch.embedding(self.wte, tokens)                # (B, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe[pos]
@@ -587,10 +587,10 @@ class StepDecoder:
         for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
             qkv = _linear(_norm(x, ln_1), c_attn).view(B, nh + 2 * nkv, 1, hs)   # (B, H, T=1, hs)
             if rope is None:
-                q, k, v = qkv.split((nh, nkv, nkv), dim=1)
+                q, k, v = qkv.split_with_sizes((nh, nkv, nkv), 1)
             else:
-                qk, v = qkv.split((nh + nkv, nkv), dim=1)
-                q, k = apply_rope(qk, *rope).split((nh, nkv), dim=1)
+                qk, v = qkv.split_with_sizes((nh + nkv, nkv), 1)
+                q, k = apply_rope(qk, *rope).split_with_sizes((nh, nkv), 1)
             k, v = kv_cache.update(i, k, v)                  # (B, nkv, S, hs)
             if first:
                 k, v = k.narrow(2, first, S - first), v.narrow(2, first, S - first)
@@ -627,7 +627,7 @@ def _norm_args(mod: nn.Module) -> tuple:
 def _norm(x: torch.Tensor, args) -> torch.Tensor:
     if args[0] is None:
         return rms_norm(x, args[1], args[2])
-    return F.layer_norm(x, *args)
+    return torch.layer_norm(x, *args)                       # F.layer_norm's op, minus its Python wrapper
 
 
 # the modules StepDecoder mirrors; anything else in a model (a LoRA wrapper, FSDP's wrapped
