@@ -48,7 +48,8 @@ def make_model(size: str, vocab: int, seed: int) -> GPT:
 
 def anatomy(ours: GPT, hf, prompts: torch.Tensor, repeats: int, steps: int = 64) -> None:
     """Per-token parts of one decode step at batch 1, interleaved: the model's Linear products alone
-    (its own weights and layouts: the weight-streaming floor), our forward step on a KV cache, and
+    (its own weights and layouts: the weight-streaming floor), our decode step as generate runs it
+    (`GPT.step_decoder()`), the same step through the modules (`GPT.forward` on a KV cache), and
     transformers' forward step on its dynamic cache (cropped back after each step, so both attend
     over the same length)."""
     from torch.nn import functional as F
@@ -77,14 +78,21 @@ def anatomy(ours: GPT, hf, prompts: torch.Tensor, repeats: int, steps: int = 64)
         cache.pos = P
         ours(tok, kv_cache=cache)
 
+    decoder = ours.step_decoder()
+
+    def ours_decode():
+        cache.pos = P
+        decoder(tok[:, 0], cache)
+
     def hf_step():
         hf(tok, past_key_values=hf_cache, use_cache=True)
         hf_cache.crop(-1)
 
     runs = {"Linear products alone": per_token(lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in lins]),
-            "ours forward step": per_token(ours_step), "transformers forward step": per_token(hf_step)}
+            "ours decode step": per_token(ours_decode), "ours forward step (modules)": per_token(ours_step),
+            "transformers forward step": per_token(hf_step)}
     mb = sum(m.weight.numel() * m.weight.element_size() for m in lins) / 1e6
-    method.print_table(method.interleave(runs, repeats, verbose=False), reference="ours forward step",
+    method.print_table(method.interleave(runs, repeats, verbose=False), reference="ours decode step",
                        unit="ms/token", lower_is_better=True,
                        title=f"  anatomy of one decode step ({mb:.1f} MB of Linear weights read per token)")
 

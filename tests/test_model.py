@@ -93,6 +93,46 @@ def test_left_padded_batch_matches_unpadded_and_cache():
     torch.testing.assert_close(inc * mask[..., None], padded * mask[..., None], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("over", [
+    {"size": "tiny"},
+    {"size": "tiny", "bias": False, "tie_embeddings": False},
+    {"size": "llama-tiny"},
+    {"size": "llama-tiny", "n_kv_head": 1, "qkv_bias": True},
+    {"size": "llama-tiny", "sliding_window": 5},
+], ids=["gpt2", "gpt2-no-bias-untied", "llama-gqa", "mqa-qkv-bias", "sliding-window"])
+def test_step_decoder_is_the_forward_on_a_kv_cache(over):
+    """The decoding fast path gives forward's logits (bit for bit where it does the same ops;
+    a sliding window reads only the window's keys where forward masks the others)."""
+    m = tiny(**over)
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref, ours = KVCache.empty(m, 2, 12), KVCache.empty(m, 2, 12)
+        m(idx[:, :4], kv_cache=ref)
+        m(idx[:, :4], kv_cache=ours)
+        step = m.step_decoder()
+        for t in range(4, 12):
+            want = m(idx[:, t:t + 1], kv_cache=ref)[0][:, -1]
+            got = step(idx[:, t], ours)
+            if "sliding_window" in over:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            else:
+                assert torch.equal(got, want)
+        assert ours.pos == ref.pos == 12
+        torch.testing.assert_close(got, m(idx)[0][:, -1], atol=1e-5, rtol=0)
+
+
+def test_step_decoder_only_for_models_it_mirrors():
+    from workers.model.lora import apply_lora
+
+    m = tiny()
+    assert m.train().step_decoder() is None                    # dropout, autograd: forward's job
+    assert m.eval().step_decoder() is not None
+    handle = m.transformer.h[0].register_forward_hook(lambda *a: None)
+    assert m.step_decoder() is None                            # a hook must still run
+    handle.remove()
+    assert apply_lora(m, rank=2).step_decoder() is None        # wrapped Linears
+
+
 def test_kv_cache_limits():
     m = tiny()
     with pytest.raises(ValueError, match="block_size"):

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch.nn import functional as F
 
-from workers.model.transformer import GPT, KVCache
+from workers.model.transformer import GPT, KVCache, StepDecoder
 
 __all__ = [
     "SamplingParams", "Completion", "StepOutput", "generate", "stream",
@@ -323,15 +323,18 @@ def _prefill(model: GPT, prompts, Tp: int, rows: int, expand: torch.Tensor, max_
 
 
 @torch.inference_mode()
-def _forward_step(model: GPT, tokens: torch.Tensor, cache: KVCache, mask, pos):
-    """Feed one token per row (rows,) -> next logits (rows, V)."""
+def _forward_step(model: GPT, tokens: torch.Tensor, cache: KVCache, mask, pos, step: StepDecoder | None):
+    """Feed one token per row (rows,) -> next logits (rows, V). Rows without padding (mask None)
+    go through ``step`` (model.step_decoder()) where the model has one."""
     if mask is not None:
         mask[:, cache.pos] = True
         logits, _ = model(tokens[:, None], attention_mask=mask[:, :cache.pos + 1],
                           position_ids=pos, kv_cache=cache)
         pos += 1
-    else:
-        logits, _ = model(tokens[:, None], kv_cache=cache)
+        return logits[:, -1].float()
+    if step is not None:
+        return step(tokens, cache).float()
+    logits, _ = model(tokens[:, None], kv_cache=cache)
     return logits[:, -1].float()
 
 
@@ -410,12 +413,14 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
         logits, cache, mask, pos = _prefill(model, prompts, Tp, rows, expand,
                                             Tp + params.max_tokens - 1, device)
         pen = _PenaltyState(params, [prompts[s.prompt_index] for s in seqs], logits.size(-1), device)
+        decoder = model.step_decoder() if mask is None else None
         for step in range(params.max_tokens):
             with torch.inference_mode():
                 proc = process_logits(logits, params, pen.counts, pen.seen)
                 tokens = proc.argmax(-1) if greedy else sample(proc.softmax(-1), generators)  # (rows,)
-                # raw-model log-prob of the chosen token (vLLM V1 "raw_logprobs")
-                lp = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+                # raw-model log-prob of the chosen token (vLLM V1 "raw_logprobs"); one fused
+                # kernel, where logsumexp is several (measured 6 vs 17 us over 8k logits)
+                lp = F.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
                 pen.add(tokens)
                 host = torch.stack((tokens.double(), lp.double())).tolist()  # one device sync
             outs: list[StepOutput] = []
@@ -449,7 +454,7 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
             yield seqs, outs
             if last or all(s.finish is not None for s in seqs):
                 break
-            logits = _forward_step(model, tokens, cache, mask, pos)
+            logits = _forward_step(model, tokens, cache, mask, pos, decoder)
     finally:
         model.train(was_training)
 
@@ -526,6 +531,7 @@ def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, deco
         logits, cache, mask, pos = _prefill(model, prompts, Tp, rows, expand,
                                             Tp + params.max_tokens - 1, device)
         pen = _PenaltyState(params, [prompts[r // W] for r in range(rows)], logits.size(-1), device)
+        decoder = model.step_decoder() if mask is None else None
         V = logits.size(-1)
         # only beam 0 is live at first so the first step picks W distinct tokens
         beam_scores = torch.full((P, W), float("-inf"), device=device)
@@ -592,7 +598,7 @@ def _beam_search(model: GPT, prompts, params: SamplingParams, eos_token_id, deco
             cache.reorder(index)
             pen.reorder(index)
             pen.add(tokens)
-            logits = _forward_step(model, tokens, cache, mask, pos)
+            logits = _forward_step(model, tokens, cache, mask, pos, decoder)
     finally:
         model.train(was_training)
 

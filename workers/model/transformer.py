@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 __all__ = [
-    "GPTConfig", "SIZES", "config_for", "GPT", "KVCache", "NORMS", "MLPS", "POSITIONS", "ROPE_SCALINGS",
+    "GPTConfig", "SIZES", "config_for", "GPT", "KVCache", "StepDecoder", "NORMS", "MLPS", "POSITIONS", "ROPE_SCALINGS",
     "save_pretrained", "load_pretrained", "read_config",
     "default_device", "autocast_context",
 ]
@@ -274,9 +274,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype == torch.float32:  # one fused op; same arithmetic as below
-            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one fused op; same arithmetic as below
+        return F.rms_norm(x, (x.size(-1),), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -522,6 +526,114 @@ class GPT(nn.Module):
     def hidden_states(self, idx, attention_mask=None) -> torch.Tensor:
         """Final-norm output (B, T, C), e.g. for a reward model's scalar head."""
         return self._trunk(idx, attention_mask)
+
+    def step_decoder(self) -> "StepDecoder | None":
+        """A :class:`StepDecoder` over the current parameters, or None where it could not mirror
+        `forward` exactly: training mode, a module it does not know (LoRA's wrapped Linears,
+        FSDP's wrapped blocks, an extra head) or a forward hook."""
+        if self.training:
+            return None
+        for mod in self.modules():
+            if mod is not self and type(mod) not in _STEP_MODULES:
+                return None
+            if mod._forward_hooks or mod._forward_pre_hooks:
+                return None
+        return StepDecoder(self)
+
+
+# ----------------------------------------------------------------------------- decoding fast path
+
+class StepDecoder:
+    """One decode step of an eval-mode GPT: tokens (B,), one per row, every row at the cache's
+    position (no padding mask) -> next-token logits (B, V), the new keys/values written to the
+    KVCache.
+
+    The operations of `GPT.forward` in the same order on the same tensors (so the same logits),
+    without what one token per row does not need: the module calls (about 65 a step), the 3-D
+    Linear reshapes (2-D addmm straight on the stored weights, the same BLAS call), the q/k/v
+    transposes ((B, H, 1, hs) is a view of the fused projection), the mask, dropout. At batch 1
+    on CPU that was ~10% of a step of the 12 M models, whose matrix-vector products are
+    memory-bound (`benchmarks/generate.py --anatomy`). Build one per generation
+    (`GPT.step_decoder()`): it holds the parameters as they were then.
+    """
+
+    def __init__(self, model: GPT):
+        cfg = self.config = model.config
+        t = model.transformer
+        self.wte = t.wte.weight
+        self.wpe = t.wpe.weight if cfg.position == "learned" else None
+        self.rope = model.rope
+        self.gelu = cfg.mlp == "gelu"
+        self.layers = [(_norm_args(b.ln_1), _linear_args(b.attn.c_attn), _linear_args(b.attn.c_proj),
+                        _norm_args(b.ln_2), _linear_args(b.mlp.c_fc), _linear_args(b.mlp.c_proj))
+                       for b in t.h]
+        self.ln_f = _norm_args(t.ln_f)
+        self.lm_head = _linear_args(model.lm_head)
+
+    def __call__(self, tokens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        cfg = self.config
+        B, pos = tokens.size(0), kv_cache.pos
+        S = pos + 1                                          # keys visible to this step
+        nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_size
+        x = torch.embedding(self.wte, tokens)                # (B, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe[pos]
+        else:
+            cos, sin = self.rope(S, x.device, x.dtype)
+            rope = (cos[pos], sin[pos])                      # (hs,): one position for every row and head
+        # Mistral's window: the query sees the last `window` keys, so the rest need not be read
+        first = max(0, S - cfg.sliding_window) if cfg.sliding_window is not None else 0
+        for i, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj) in enumerate(self.layers):
+            qkv = _linear(_norm(x, ln_1), c_attn).view(B, nh + 2 * nkv, 1, hs)   # (B, H, T=1, hs)
+            if rope is None:
+                q, k, v = qkv.split_with_sizes((nh, nkv, nkv), 1)
+            else:
+                qk, v = qkv.split_with_sizes((nh + nkv, nkv), 1)
+                q, k = apply_rope(qk, *rope).split_with_sizes((nh, nkv), 1)
+            k, v = kv_cache.update(i, k, v)                  # (B, nkv, S, hs)
+            if first:
+                k, v = k.narrow(2, first, S - first), v.narrow(2, first, S - first)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=nkv != nh)  # (B, nh, 1, hs)
+            x = x + _linear(y.reshape(B, nh * hs), attn_proj)
+            h = _linear(_norm(x, ln_2), c_fc)
+            if self.gelu:
+                h = F.gelu(h, approximate="tanh")
+            else:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            x = x + _linear(h, mlp_proj)
+        kv_cache.pos = S
+        return _linear(_norm(x, self.ln_f), self.lm_head)   # (B, V)
+
+
+def _linear_args(mod: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return mod.weight.t(), mod.bias                         # (in, out): what F.linear hands addmm
+
+
+def _linear(x: torch.Tensor, args) -> torch.Tensor:
+    w, b = args
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
+def _norm_args(mod: nn.Module) -> tuple:
+    if type(mod) is RMSNorm:
+        return None, mod.weight, mod.eps
+    return mod.normalized_shape, mod.weight, mod.bias, mod.eps
+
+
+def _norm(x: torch.Tensor, args) -> torch.Tensor:
+    if args[0] is None:
+        return rms_norm(x, args[1], args[2])
+    return torch.layer_norm(x, *args)                       # F.layer_norm's op, minus its Python wrapper
+
+
+# the modules StepDecoder mirrors; anything else in a model (a LoRA wrapper, FSDP's wrapped
+# classes, an extra head) sends decoding through GPT.forward
+_STEP_MODULES = {nn.ModuleDict, nn.ModuleList, nn.Embedding, nn.Dropout, nn.Linear, nn.LayerNorm, RMSNorm,
+                 nn.GELU, Block, CausalSelfAttention, GeluMLP, SwiGLUMLP}
 
 
 
