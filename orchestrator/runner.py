@@ -26,6 +26,8 @@ class EventBus:
     """Collects events from stages (any process, any node); the driver drains it."""
 
     def __init__(self) -> None:
+        # A relay: at SCHED_IDLE it never preempts a training step on the driver's node (workers/cpu.py).
+        run_in_background()
         self._events: list[dict[str, Any]] = []
 
     def push(self, events: list[dict[str, Any]]) -> None:

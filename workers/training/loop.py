@@ -302,10 +302,13 @@ def _train(job: TrainJob, ctx: Any) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" uses TF32 tensor cores, as peak_flops assumes
         torch.backends.cudnn.allow_tf32 = True
     # Normal priority (Ray starts workers at niceness 15) and the stage's CPUs as torch threads;
-    # here, in Ray Train's training thread, because OpenMP's thread count is per thread.
-    cpu = claim_cpus(job.threads_per_worker)
+    # here, in Ray Train's training thread, because OpenMP's thread count is per thread. The
+    # worker's other threads (Ray's event loop wakes 100 times a second, its RPC threads, gloo's
+    # loop) go to SCHED_IDLE, so that they never preempt a compute thread (workers/cpu.py).
+    cpu = claim_cpus(job.threads_per_worker, exclusive=True)
     if rank == 0:
-        ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"])})
+        ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"]),
+                      "train.idle_threads": str(cpu["idle_threads"])})
     precision = resolve_precision(device, cfg.precision)
     from workers.model.transformer import autocast_context
 
@@ -454,6 +457,10 @@ def fit(ctx, job: TrainJob) -> FitResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's preemption watcher (an actor polling for node drains, which this loop does not
+    # act on) would be one more process waking on a training node 100 times a second; off
+    # unless the environment asks for it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     res = ctx.resources
     use_gpu = res.gpus > 0
     per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if use_gpu else {})}
