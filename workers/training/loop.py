@@ -302,13 +302,10 @@ def _train(job: TrainJob, ctx: Any) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" uses TF32 tensor cores, as peak_flops assumes
         torch.backends.cudnn.allow_tf32 = True
     # Normal priority (Ray starts workers at niceness 15) and the stage's CPUs as torch threads;
-    # here, in Ray Train's training thread, because OpenMP's thread count is per thread. The
-    # worker's other threads (Ray's event loop wakes 100 times a second, its RPC threads, gloo's
-    # loop) go to SCHED_IDLE, so that they never preempt a compute thread (workers/cpu.py).
-    cpu = claim_cpus(job.threads_per_worker, exclusive=True)
+    # here, in Ray Train's training thread, because OpenMP's thread count is per thread.
+    cpu = claim_cpus(job.threads_per_worker)
     if rank == 0:
-        ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"]),
-                      "train.idle_threads": str(cpu["idle_threads"])})
+        ctx.set_tags({"train.threads_per_worker": str(cpu["threads"]), "train.niceness": str(cpu["niceness"])})
     precision = resolve_precision(device, cfg.precision)
     from workers.model.transformer import autocast_context
 
