@@ -118,7 +118,12 @@ class Executor:
             if all(r.state.terminal for r in self.record.stages.values()):
                 break
             if self._running:
-                ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=_POLL_S)
+                # Sleep until a stage finishes or the next drain is due: the driver shares the node
+                # with the stages, and each wake-up of it can preempt a training step's thread.
+                refs = list(self._running)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=_DRAIN_EVERY_S)
+                if ready:  # and whatever else finished meanwhile, in one loop turn
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 for ref in ready:
                     self._finish(ref)
             else:

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from workers import storage
+from workers.cpu import run_in_background
 from .errors import StageError
 from .logs import announce_process
 
@@ -26,6 +27,8 @@ class EventBus:
     """Collects events from stages (any process, any node); the driver drains it."""
 
     def __init__(self) -> None:
+        # A relay: at low priority its wake-ups wait for a training step's threads (workers/cpu.py).
+        run_in_background()
         self._events: list[dict[str, Any]] = []
 
     def push(self, events: list[dict[str, Any]]) -> None:

@@ -32,3 +32,13 @@ def test_claim_cpus_renices_every_thread_and_sets_threads():
         assert out["got"]["niceness"] == 0 and set(out["nice"].values()) == {0}, out
     else:
         assert out["got"]["niceness"] == 15
+
+
+def test_run_in_background_lowers_every_thread():
+    code = ("import json, os, threading; from workers.cpu import run_in_background; e = threading.Event(); "
+            "t = threading.Thread(target=e.wait); t.start(); n = run_in_background(); "
+            "p = [os.getpriority(os.PRIO_PROCESS, int(x)) for x in os.listdir('/proc/self/task')]; e.set(); t.join(); "
+            "print(json.dumps([n, p]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    n, niceness = json.loads(res.stdout.strip().splitlines()[-1])
+    assert n == 19 and set(niceness) == {19}

@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["claim_cpus"]
+__all__ = ["claim_cpus", "run_in_background", "BACKGROUND_NICENESS"]
+
+BACKGROUND_NICENESS = 19
+"""Niceness of helper processes that only relay (the event bus): every Ray worker process wakes
+100 times a second (its event loop checks for signals), and at niceness 0 each wake-up on a full
+node preempts a compute thread at once, while its OpenMP team waits at the next barrier. At 19
+it waits for the compute thread's slice instead and still gets a small share under load.
+SCHED_IDLE was tried for the training worker's own non-compute threads and rejected: its main
+thread takes the GIL to check signals, and under load from other processes a starved GIL holder
+made the step 2.5x slower (issue 14, benchmarks/RESULTS.md)."""
 
 
 def _renice(target: int = 0) -> int:
     """Set every thread of this process to niceness ``target`` (Linux niceness is per thread, and
     threads started later inherit it); returns the niceness the calling thread ends up with.
     Lowering niceness needs CAP_SYS_NICE or a raised RLIMIT_NICE: without them it stays as is."""
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # not Linux: the process only
-        tids = [0]
+    tids = _threads() or [0]  # not Linux: the process only
     for tid in tids:
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) > target:
@@ -33,6 +39,27 @@ def _renice(target: int = 0) -> int:
         except (PermissionError, ProcessLookupError):
             pass
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def run_in_background() -> int:
+    """Every thread of this process (and the threads they start later) at ``BACKGROUND_NICENESS``;
+    for a helper process that must not preempt training steps on its node. Returns the niceness
+    of the calling thread (raising niceness needs no privileges)."""
+    tids = _threads() or [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICENESS:
+                os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICENESS)
+        except OSError:  # the thread ended
+            pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux
+        return []
 
 
 def claim_cpus(threads: int, *, torch_threads: bool = True) -> dict[str, int]:

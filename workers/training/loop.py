@@ -454,6 +454,10 @@ def fit(ctx, job: TrainJob) -> FitResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's preemption watcher (an actor polling for node drains, which this loop does not
+    # act on) would be one more process waking on a training node 100 times a second; off
+    # unless the environment asks for it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     res = ctx.resources
     use_gpu = res.gpus > 0
     per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if use_gpu else {})}
