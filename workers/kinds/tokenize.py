@@ -30,6 +30,7 @@ import io
 import os
 import sys
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -191,13 +192,14 @@ def _write_shard(table: pa.Table, root: str, rel: str) -> dict[str, Any]:
     return {"path": rel, "documents": table.num_rows, "tokens": tokens, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-_TOKENIZERS: dict[str, Any] = {}  # per worker process: tokenizer.json's sha256 -> Tokenizer
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: run key -> Tokenizer
 _TOKENIZERS_KEPT = 2
 
 
 def _tokenizer_of(key: str, boxed: list) -> Any:
-    """The run's tokenizer, parsed once per worker process: Ray keeps its task workers warm and
-    reuses them across units and across runs, so a later unit (or run) finds it here."""
+    """The run's tokenizer, parsed once per worker process: Ray reuses its task workers, so the
+    run's later units on the same process find it here. Keyed by run, not by content, so that a
+    run never starts with the BPE word cache an earlier run filled (a benchmark would flatter us)."""
     tok = _TOKENIZERS.get(key)
     if tok is None:
         import ray
@@ -354,7 +356,7 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     capped = config.max_bytes is not None or config.max_documents is not None
     opts = dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype, val_fraction=config.val_fraction,
                 seed=config.seed, root=root, unk_id=tok.token_to_id(tk.UNK_TOKEN), keep_index=capped)
-    tok_key, tok_boxed = hashlib.sha256(tok_json.encode()).hexdigest(), [ray.put(tok_json)]
+    tok_key, tok_boxed = uuid.uuid4().hex, [ray.put(tok_json)]
     threads = max(1, int(cpus))
     for split in ("train", "val"):
         storage.delete(storage.join(root, split))  # leftovers of an earlier attempt
