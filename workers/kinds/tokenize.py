@@ -4,9 +4,9 @@ The driver (``run``) never holds the corpus: it lists files, plans bounded work 
 (``workers.data.corpus``), trains the tokenizer on a capped sample in one Ray task, then runs
 one Ray task per unit (at most ``resources.workers`` at a time), each reading its unit, encoding
 it and writing that unit's train and val shards itself. Tasks run on Ray's pooled worker
-processes, which stay warm across units and runs and keep the parsed tokenizer, so a run pays no
-process start. Each unit's output depends only on the unit, so the dataset is byte-identical for
-any number of workers.
+processes, which stay warm across units and runs (after a session's first run, a run starts no
+process) and keep the run's parsed tokenizer. Each unit's output depends only on the unit, so the
+dataset is byte-identical for any number of workers.
 
 Output (``ctx.artifact_dir``)::
 
@@ -216,8 +216,9 @@ def _encode_task(tok_key: str, tok_boxed: list, unit: Unit, opts: dict[str, Any]
     """One unit, as a Ray task. A task, not an actor: Ray's pooled workers are already started
     (and, after the first unit, have this module and the tokenizer loaded), where a fresh actor
     costs a process start and imports (~0.5 s, a quarter of a 2-worker run on 12 MB)."""
-    # Before tokenizers builds its thread pool: the CPUs this task was given, no more, at normal
-    # priority (Ray starts its workers at niceness 15).
+    # The CPUs this task was given, at normal priority (Ray starts its workers at niceness 15; the
+    # pooled process keeps both). Rayon sizes its pool at a process's first parallel call, so a
+    # reused process keeps the thread count of its first multi-threaded encode.
     claim_cpus(threads, torch_threads=False)
     tok = _tokenizer_of(tok_key, tok_boxed)
     t0 = time.perf_counter()
