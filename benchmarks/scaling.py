@@ -7,9 +7,9 @@ The reference is the same stage at N=1 in the same run: scaling efficiency =
 throughput_N / (N x throughput_1).
 
 - tokenize: ``workers.kinds.tokenize.run`` with a BPE tokenizer trained beforehand (given as a file),
-  output on a real S3 endpoint (moto, in this process) so encoder tasks may run on any raylet
+  output on a real S3 endpoint (moto, in this process) so encoder actors may run on any raylet
   (with local output they are pinned to the runner's node). tokens/s = the stage's own
-  ``tokens_per_s`` metric (its encode phase: dispatch, reading, encoding, writing shards).
+  ``tokens_per_s`` metric (its encode phase: actor start-up, reading, encoding, writing shards).
 - pretrain: ``workers.kinds.pretrain.run`` on N Ray Train workers (DDP, gloo), fixed per-worker batch
   (weak scaling: the global batch grows with N). tokens/s = steady state between the end of step
   WARMUP and the end of the second-to-last step (rank 0's per-step metric timestamps).

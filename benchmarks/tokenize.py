@@ -6,15 +6,13 @@ every contender as a file, so training time is excluded everywhere.
 
 Contenders, per N in ``--workers``:
 
-- ``stage w=N``: ``workers.kinds.tokenize.run`` end to end with at most N one-CPU encoder tasks
-  at a time: corpus planning, reading the tokenizer, reading files, encoding, writing Parquet
-  shards, manifest. ``stage w=N encode phase`` is the same run's ``encode_s`` metric (from
-  submitting the first unit to the last result); ``inside units`` counts only the workers' time
-  in their units (``encode_busy_s`` / N: reading, encoding, writing), so the gap between the two
-  is dispatch, worker start-up and the last unit's tail. The tasks run on Ray's pooled worker
-  processes, warm after the warm-up round (the warm-up line shows the session's first, cold run);
-  each run parses the tokenizer afresh, so no run inherits an earlier run's BPE word cache.
-- ``encode_batch_fast N thr``: the call the stage's tasks make, in a fresh process with
+- ``stage w=N``: ``workers.kinds.tokenize.run`` end to end with N encoder actors of 1 CPU each:
+  corpus planning, actor start-up, reading files, encoding, writing Parquet shards, manifest.
+  ``stage w=N encode phase`` is the same run's ``encode_s`` metric (from submitting the first
+  unit to the last result: actor start-up, reading, encoding, writing); ``inside units`` counts
+  only the actors' time in their units (``encode_busy_s`` / N: reading, encoding, writing), so
+  the gap between the two is actor start-up, dispatch and the last unit's tail.
+- ``encode_batch_fast N thr``: the call the stage's actors make, in a fresh process with
   ``RAYON_NUM_THREADS=N`` (``TOKENIZERS_PARALLELISM=false`` for N = 1), on the texts already in
   memory: only the call is timed (reading and writing are excluded on its side, included on ours).
 

@@ -51,7 +51,7 @@ class Resources(_Strict):
     cpus: float = Field(1.0, ge=0, description="CPUs per worker (a python stage has one worker).")
     gpus: float = Field(0.0, ge=0, description="GPUs per worker.")
     workers: int | None = Field(None, ge=1, description="Number of workers for kinds that spread their work "
-                                "(tokenizer tasks at a time, Ray Train workers, replicas); null: the kind's default.")
+                                "(tokenizer actors, Ray Train workers, replicas); null: the kind's default.")
 
 
 class Policy(_Strict):

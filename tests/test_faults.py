@@ -1,7 +1,7 @@
 """Node failures on several raylets on one machine (``ray.cluster_utils.Cluster``): a worker node
 dies mid-pretraining (the stage resumes on the surviving node from its latest checkpoint, and
-MLflow says what failed and from where it resumed), and a node running tokenizer tasks dies
-mid-way (its units are redone on live workers; the dataset is byte-identical to a clean run's).
+MLflow says what failed and from where it resumed), and a node running tokenizer actors dies
+mid-way (its units are redone on live actors; the dataset is byte-identical to a clean run's).
 
 Not covered here: the driver dying (``orchestrator resume``: tests/test_pipeline.py), infeasible
 resources (tests/test_cluster.py). Rollout actors (``workers/rl/rollout.py``) raise ``ActorDiedError``
@@ -72,7 +72,7 @@ def pause_pretraining(marker: str):
 @pytest.fixture(scope="module")
 def s3():
     """A real S3 HTTP endpoint (moto) for the tokenize test: with object-store output, encoder
-    tasks may run on any node (with local output they are pinned to the runner's node)."""
+    actors may run on any node (with local output they are pinned to the runner's node)."""
     with moto_s3("faults") as (env, _client):
         yield env
 
@@ -296,7 +296,7 @@ def _tokenize(tmp: Path, name: str, source: str, resources):
     return ctx, lambda: T.run(ctx, cfg)
 
 
-def test_node_running_tokenizer_tasks_dies_and_its_units_are_redone(cluster, tmp_path):
+def test_node_running_tokenizer_actors_dies_and_its_units_are_redone(cluster, tmp_path):
     import numpy as np
 
     from workers.stage import Resources
@@ -307,14 +307,14 @@ def test_node_running_tokenizer_tasks_dies_and_its_units_are_redone(cluster, tmp
             for i in range(600)]
     (tmp_path / "docs.jsonl").write_text("\n".join(rows) + "\n")
     source = str(tmp_path / "docs.jsonl")
-    two = Resources(cpus=1, workers=2)  # one task per one-CPU node: one of them on the victim
-    if nodes["victim_train"] in c.worker_nodes:  # this test run alone: its CPU would take a third task
+    two = Resources(cpus=1, workers=2)  # one actor per one-CPU node: one of them on the victim
+    if nodes["victim_train"] in c.worker_nodes:  # this test run alone: its CPU would take a third actor
         c.remove_node(nodes["victim_train"])
 
     ctx, go = _tokenize(tmp_path, "clean", source, two)
     clean = go()
     clean_manifest = json.loads((ctx.artifact_dir / "manifest.json").read_text())
-    assert ctx.sink.metrics("worker_failures") == [0]
+    assert ctx.sink.metrics("actor_failures") == [0]
     n_units = clean_manifest["source"]["units"]
     assert n_units >= 40
 
@@ -326,11 +326,11 @@ def test_node_running_tokenizer_tasks_dies_and_its_units_are_redone(cluster, tmp
     faulty = bg.join(timeout=300)
     manifest = json.loads((ctx.artifact_dir / "manifest.json").read_text())
 
-    assert ctx.sink.metrics("worker_failures") == [1]
+    assert ctx.sink.metrics("actor_failures") == [1]
     redone = ctx.sink.metrics("units_redone")[0]
-    assert redone == 1  # the unit running on the dead node's worker, no more
+    assert 1 <= redone <= 2  # the units queued on the dead actor (its window), no more
     tags = [e["tags"] for e in ctx.sink.events if e["type"] == "tags"]
-    assert any("1 encoder worker(s) died" in t.get("tokenize.recovery", "") for t in tags), tags
+    assert any("1 encoder actor(s) died" in t.get("tokenize.recovery", "") for t in tags), tags
     # Nothing dropped or duplicated: the same documents, tokens and shard bytes as the clean run.
     assert faulty == {**clean, "dataset": faulty["dataset"], "manifest": faulty["manifest"], "tokenizer": faulty["tokenizer"]}
     for split in ("train", "val"):

@@ -1,12 +1,10 @@
 """Stage kind ``tokenize``: a text corpus -> a tokenizer + Parquet shards of token ids.
 
 The driver (``run``) never holds the corpus: it lists files, plans bounded work units
-(``workers.data.corpus``), trains the tokenizer on a capped sample in one Ray task, then runs
-one Ray task per unit (at most ``resources.workers`` at a time), each reading its unit, encoding
-it and writing that unit's train and val shards itself. Tasks run on Ray's pooled worker
-processes, which stay warm across units and runs (after a session's first run, a run starts no
-process) and keep the run's parsed tokenizer. Each unit's output depends only on the unit, so the
-dataset is byte-identical for any number of workers.
+(``workers.data.corpus``), trains the tokenizer on a capped sample in one Ray task, then hands the
+units to a pool of encoder actors, each loading the tokenizer once, reading its own unit,
+encoding it and writing that unit's train and val shards itself. Each unit's output depends
+only on the unit, so the dataset is byte-identical for any number of workers.
 
 Output (``ctx.artifact_dir``)::
 
@@ -17,7 +15,7 @@ One row per document: ``doc_id`` int64, ``ids`` list<uint16> (list<uint32> when 
 exceeds 65536); every row ends with ``eos_id`` so rows can be concatenated as a token stream.
 Documents go to val by a hash of their identity (``val_fraction``), never by position.
 
-Where shards are written: tasks write straight into ``ctx.artifact_dir`` when the stage's
+Where shards are written: actors write straight into ``ctx.artifact_dir`` when the stage's
 output is local storage (they are pinned to the node running ``run``, which owns that folder);
 when it is an object store they write under ``ctx.scratch_uri`` from any node and ``run``
 downloads the finished shards into ``artifact_dir`` before it returns.
@@ -30,7 +28,6 @@ import io
 import os
 import sys
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -49,7 +46,8 @@ from workers.stage import StageContext
 
 DISTRIBUTED = True
 UINT16_MAX_VOCAB = 1 << 16
-_MAX_UNIT_TRIES = 3  # a unit whose worker died (node lost, OOM) is redone on a live worker
+_WINDOW_PER_WORKER = 2  # units queued per actor: the next one is ready when one finishes
+_MAX_UNIT_TRIES = 3  # a unit whose actor died (node lost, OOM) is redone on a live actor
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -192,39 +190,71 @@ def _write_shard(table: pa.Table, root: str, rel: str) -> dict[str, Any]:
     return {"path": rel, "documents": table.num_rows, "tokens": tokens, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-_TOKENIZERS: dict[str, Any] = {}  # per worker process: run key -> Tokenizer
-_TOKENIZERS_KEPT = 2
+class _Encoder:
+    """One pool member: started before the tokenizer is known (its process start and imports
+    overlap the driver's planning), then loads the tokenizer once and encodes whole units."""
 
-
-def _tokenizer_of(key: str, boxed: list) -> Any:
-    """The run's tokenizer, parsed once per worker process: Ray reuses its task workers, so the
-    run's later units on the same process find it here. Keyed by run, not by content, so that a
-    run never starts with the BPE word cache an earlier run filled (a benchmark would flatter us)."""
-    tok = _TOKENIZERS.get(key)
-    if tok is None:
-        import ray
+    def __init__(self, threads: int) -> None:
+        # Before tokenizers builds its thread pool: the CPUs this actor was given, no more, at
+        # normal priority (Ray starts actors at niceness 15).
+        claim_cpus(threads, torch_threads=False)
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(ray.get(boxed[0]))  # boxed: Ray fetches it only on a miss
-        while len(_TOKENIZERS) >= _TOKENIZERS_KEPT:
-            del _TOKENIZERS[next(iter(_TOKENIZERS))]
-        _TOKENIZERS[key] = tok
-    return tok
+        self._from_str = Tokenizer.from_str
+        self.tok = None
+        self.opts: dict[str, Any] = {}
+
+    def load(self, tokenizer_json: str, **opts: Any) -> None:
+        self.tok = self._from_str(tokenizer_json)
+        self.opts = opts
+
+    def encode(self, unit: Unit) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = encode_unit(self.tok, unit, **self.opts)
+        out["busy_s"] = time.perf_counter() - t0
+        return out
 
 
-def _encode_task(tok_key: str, tok_boxed: list, unit: Unit, opts: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One unit, as a Ray task. A task, not an actor: Ray's pooled workers are already started
-    (and, after the first unit, have this module and the tokenizer loaded), where a fresh actor
-    costs a process start and imports (~0.5 s, a quarter of a 2-worker run on 12 MB)."""
-    # The CPUs this task was given, at normal priority (Ray starts its workers at niceness 15; the
-    # pooled process keeps both). Rayon sizes its pool at a process's first parallel call, so a
-    # reused process keeps the thread count of its first multi-threaded encode.
-    claim_cpus(threads, torch_threads=False)
-    tok = _tokenizer_of(tok_key, tok_boxed)
-    t0 = time.perf_counter()
-    out = encode_unit(tok, unit, **opts)
-    out["busy_s"] = time.perf_counter() - t0
-    return out
+class _Pool:
+    """The encoder actors and the units in flight on each.
+
+    A unit goes to the least busy actor; an actor queues a second unit behind its running one
+    (so it never waits for the driver between units) only while more units remain than actors,
+    so that near the end no unit waits behind another while an actor is idle (the tail)."""
+
+    def __init__(self, make: Any, n: int) -> None:
+        self.make = make
+        self.inflight: dict[Any, int] = {}
+        self.setup: tuple[str, dict[str, Any]] | None = None
+        for _ in range(n):
+            self.add()
+
+    def add(self) -> None:
+        a = self.make()
+        self.inflight[a] = 0
+        if self.setup is not None:
+            a.load.remote(self.setup[0], **self.setup[1])
+
+    def load(self, tokenizer_json: str, opts: dict[str, Any]) -> None:
+        """Every actor (and any replacement) loads the tokenizer before its first unit
+        (an actor runs one caller's calls in order)."""
+        self.setup = (tokenizer_json, opts)
+        for a in self.inflight:
+            a.load.remote(tokenizer_json, **opts)
+
+    def pick(self, remaining: int) -> Any | None:
+        """The actor to give the next unit to, of ``remaining`` undispatched ones; None: wait."""
+        a = min(self.inflight, key=self.inflight.__getitem__)
+        n = self.inflight[a]
+        if n >= _WINDOW_PER_WORKER or (n and remaining <= len(self.inflight)):
+            return None
+        return a
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.inflight:
+            ray.kill(a)
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -331,36 +361,44 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
         node_id, placement = None, {}
     cpus = ctx.resources.cpus
     spec = config.tokenizer
+    Encoder = ray.remote(_Encoder).options(num_cpus=cpus, **placement)
+    threads = max(1, int(cpus))
 
-    # 1. the tokenizer
+    def start_pool() -> _Pool:
+        return _Pool(lambda: Encoder.remote(threads), _pool_size(ctx, len(units), node_id))
+
+    # 1. the tokenizer. Given as a file, the encoder pool starts first, so that its processes
+    # start and import while the driver reads it (a trained one needs the CPUs the pool holds).
     t0 = time.perf_counter()
-    tok_json, eos_token = _tokenizer_json(spec, units, config, cpus, placement)
-    from tokenizers import Tokenizer
-
+    pool = start_pool() if isinstance(spec, FileTokenizer) else None
     try:
-        tok = Tokenizer.from_str(tok_json)
-    except Exception as e:
-        raise ValueError(f"tokenizer.path={getattr(spec, 'path', '')!r} is not a valid tokenizer.json: "
-                         f"{e}") from None
-    eos_id = tk.eos_id(tok, eos_token)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
-    tok_path = tk.save(tok, art, eos_token)
+        tok_json, eos_token = _tokenizer_json(spec, units, config, cpus, placement)
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(tok_json)
+        except Exception as e:
+            raise ValueError(f"tokenizer.path={getattr(spec, 'path', '')!r} is not a valid tokenizer.json: "
+                             f"{e}") from None
+        eos_id = tk.eos_id(tok, eos_token)
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        dtype = "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
+        tok_path = tk.save(tok, art, eos_token)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     train_s = time.perf_counter() - t0
 
-    # 2. encode every unit in Ray tasks, at most n_workers at a time
-    n_workers = _pool_size(ctx, len(units), node_id)
-    # An explicit worker count bounds the tasks in flight; without one Ray's free CPUs bound how
-    # many run, and a second unit per worker waits in Ray's queue, handed on with no round trip.
-    window = n_workers * (1 if ctx.resources.workers else 2)
-    encode = ray.remote(_encode_task).options(num_cpus=cpus, max_retries=0, **placement)
+    # 2. encode every unit on the actor pool
+    pool = pool or start_pool()
     capped = config.max_bytes is not None or config.max_documents is not None
-    opts = dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype, val_fraction=config.val_fraction,
-                seed=config.seed, root=root, unk_id=tok.token_to_id(tk.UNK_TOKEN), keep_index=capped)
-    tok_key, tok_boxed = uuid.uuid4().hex, [ray.put(tok_json)]
-    threads = max(1, int(cpus))
+    pool.load(tok_json, dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype,
+                             val_fraction=config.val_fraction, seed=config.seed, root=root,
+                             unk_id=tok.token_to_id(tk.UNK_TOKEN), keep_index=capped))
     for split in ("train", "val"):
         storage.delete(storage.join(root, split))  # leftovers of an earlier attempt
+    n_workers = len(pool.inflight)
     results: dict[int, dict[str, Any]] = {}
     room_docs = float(config.max_documents or "inf")
     room_bytes = float(config.max_bytes or "inf")
@@ -369,35 +407,45 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     t1 = time.perf_counter()
     bar = tqdm(total=len(units), unit="shard", desc=f"tokenize {ctx.stage}", file=sys.stderr, disable=None)
     tries: dict[int, int] = {}
-    redo: deque[int] = deque()  # units whose worker died, dispatched before new ones
-    lost: list[str] = []  # one line per dead worker
-    pending: dict[Any, int] = {}  # task -> unit
+    redo: deque[int] = deque()  # units whose actor died, dispatched before new ones
+    lost: list[str] = []  # one line per dead actor
     try:
+        pending: dict[Any, tuple[Any, int]] = {}
         nxt = 0
         while True:
-            while (redo or nxt < len(units)) and stop is None and len(pending) < window:
+            while (redo or nxt < len(units)) and stop is None:
+                a = pool.pick(len(redo) + len(units) - nxt)
+                if a is None:
+                    break
                 if redo:
                     i = redo.popleft()
                 else:
                     i, nxt = nxt, nxt + 1
                 tries[i] = tries.get(i, 0) + 1
-                pending[encode.remote(tok_key, tok_boxed, units[i], opts, threads)] = i
+                pool.inflight[a] += 1
+                pending[a.encode.remote(units[i])] = (a, i)
             if not pending:
                 break
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ref)
+            a, i = pending.pop(ref)
+            if a in pool.inflight:
+                pool.inflight[a] -= 1
             try:
                 results[i] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 raise _unwrap(e) from None
-            except ray.exceptions.RayError as e:
-                # The worker process died (its node was lost, OOM...): the unit's staged shards are
-                # whole or absent (atomic writes) and a unit's output depends only on the unit, so
-                # redoing it on a live worker neither drops nor duplicates documents.
+            except ray.exceptions.RayActorError as e:
+                # The actor died (its node was lost, OOM...): its unit's staged shards are whole or
+                # absent (atomic writes) and a unit's output depends only on the unit, so redoing it
+                # on a live actor neither drops nor duplicates documents.
                 if tries[i] >= _MAX_UNIT_TRIES:
                     raise RuntimeError(f"tokenize unit {i} ({', '.join(f.uri for f in units[i].files)[:200]}) lost "
-                                       f"its encoder worker {tries[i]} times; last error: {e}") from None
-                lost.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                                       f"its encoder actor {tries[i]} times; last error: {e}") from None
+                if a in pool.inflight:
+                    del pool.inflight[a]
+                    lost.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                    if not pool.inflight:  # nobody left: start a replacement where the cluster has room
+                        pool.add()
                 redo.append(i)
                 continue
             bar.update(1)
@@ -416,13 +464,12 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
                             step=len(results))
     finally:
         bar.close()
-        for ref in pending:  # only after an error: no unit may still be writing once run returns
-            ray.cancel(ref, force=True)
+        pool.close()
     encode_s = time.perf_counter() - t1
     redone = sum(t - 1 for t in tries.values())
     if lost:
-        ctx.set_tags({"tokenize.recovery": f"{len(lost)} encoder worker(s) died ({lost[0]}); {redone} unit(s) "
-                                           f"redone on live workers"})
+        ctx.set_tags({"tokenize.recovery": f"{len(lost)} encoder actor(s) died ({lost[0]}); {redone} unit(s) "
+                                           f"redone on live actors"})
 
     # 3. apply the caps, name the shards, write the manifest
     last = stop[0] if stop else len(units) - 1
@@ -469,9 +516,9 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
                "tokens_per_s": tokens / max(encode_s, 1e-9), "bytes_per_token": nbytes / max(tokens, 1),
                "workers": n_workers, "tokenizer_s": train_s, "encode_s": encode_s,
                # encoders' time in units (reading, encoding, writing), summed: encode_s x workers minus
-               # this is what was lost to worker start-up, dispatch and the last unit's tail.
+               # this is what the pool lost to actor start-up, dispatch and the last unit's tail.
                "encode_busy_s": sum(r["busy_s"] for r in results.values()),
-               "worker_failures": len(lost), "units_redone": redone}
+               "actor_failures": len(lost), "units_redone": redone}
     if unknown:
         metrics["unknown_tokens"] = unknown
         ctx.set_tags({"tokenize.warning": f"{unknown} characters were not in the char tokenizer's sample "
