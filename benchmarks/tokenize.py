@@ -117,7 +117,7 @@ def main() -> None:
     tok = tk.train_bpe(iter_texts(plan_units(expand(BUILTIN_STDLIB), 1 << 40), max_bytes=2_000_000), 4096)
     tok_path = str(tk.save(tok, tmp / "tok"))
     ncpu = os.cpu_count() or 1
-    ray.init(num_cpus=max(ncpu, max(args.workers)), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(ncpu, max(args.workers)), include_dashboard=False, log_to_driver=False)
     counter = iter(range(10_000))
     first: dict[int, Path] = {}
     encode_phase: dict[int, list[float]] = {w: [] for w in args.workers}
