@@ -179,7 +179,7 @@ def _start_server(ckpt: Path, max_batch_size: int, port: int, stream_interval_s:
     from workers.serving.app import serve_checkpoint
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
              _system_config={"worker_niceness": 0})  # as serve_checkpoint and the orchestrator start Ray
     return serve_checkpoint(str(ckpt), port=port, max_batch_size=max_batch_size, max_queue=4 * max_batch_size,

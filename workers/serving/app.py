@@ -40,6 +40,17 @@ STREAM_CHUNKS_PER_S = 200
 """Under load the interval grows so that a replica's streams together send about this many
 chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
 thread needs) and a hop through the Serve proxy, while the engine's cost per token is fixed."""
+SERVE_ENV = {
+    # Ray Serve's own knobs (the set its RAY_SERVE_THROUGHPUT_OPTIMIZED picks, without direct
+    # ingress): our handlers run on the replica's main event loop, not a second loop in another
+    # thread whose every message is handed over with call_soon_threadsafe; the router shares
+    # the proxy's loop; request-path logs are written in batches (at once on an error)
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+"""Environment of the Serve controller, proxies and replicas: each thread and loop hop per
+request costs Python time on the cores the engine needs."""
 
 
 # ============================================================================================
@@ -153,6 +164,24 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     from workers.model.sampling import SamplingParams
     from workers.serving.engine import Done, GenerationRequest, Step
 
+    class Inbox:
+        """One HTTP request's engine events (``put`` runs on its event loop); ``final`` is set
+        once all its ``count`` generations had their final event."""
+
+        __slots__ = ("queue", "final", "left")
+
+        def __init__(self, count: int):
+            self.queue: asyncio.Queue = asyncio.Queue()
+            self.final = asyncio.Event()
+            self.left = count
+
+        def put(self, events: list) -> None:
+            self.queue.put_nowait(events)
+            if isinstance(events[-1], Done):
+                self.left -= 1
+                if self.left <= 0:
+                    self.final.set()
+
     app = FastAPI(title="genai-orchestrator OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None, redirect_slashes=False)
     vocab = loaded.model.config.vocab_size
@@ -205,20 +234,26 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
     streams = 0  # SSE streams open on this replica (its event loop's; no lock needed)
 
-    async def events(reqs: list[GenerationRequest], queue: asyncio.Queue, interval: float):
+    async def events(reqs: list[GenerationRequest], inbox: "Inbox", interval: float):
         """Yield lists of engine events of ``reqs`` (all that arrived since the last yield; after
         the first, at most one list per ``interval``, longer while many streams are open) until
         every request is done; abort them if we are cancelled (client gone) or the consumer
-        stops early. A failed request raises its error."""
+        stops early. A request's final event is never held back: a closed-loop client sends its
+        next request only then, and its batch slot stays empty until it does. A failed request
+        raises its error."""
+        queue = inbox.queue
         pending = len(reqs)
         last = None
         try:
             while pending:
                 batch = await queue.get()
-                if interval and last is not None:
+                if interval and last is not None and not inbox.final.is_set():
                     wait = last + max(interval, streams / STREAM_CHUNKS_PER_S) - time.monotonic()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        try:
+                            await asyncio.wait_for(inbox.final.wait(), wait)
+                        except asyncio.TimeoutError:
+                            pass
                 while not queue.empty():
                     batch.extend(queue.get_nowait())
                 for ev in batch:
@@ -302,7 +337,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             pass
         engine.abort(reqs)
 
-    async def respond(request: Request, body, reqs: list[GenerationRequest], queue: asyncio.Queue, *,
+    async def respond(request: Request, body, reqs: list[GenerationRequest], inbox: "Inbox", *,
                       chat: bool, prompt_tokens: int):
         name, n = loaded.name, body.n
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
@@ -310,7 +345,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         if not body.stream:
             watch = asyncio.ensure_future(abort_on_disconnect(request, reqs))
             try:
-                async for _ in events(reqs, queue, 0.0):
+                async for _ in events(reqs, inbox, 0.0):
                     pass
             finally:
                 watch.cancel()
@@ -319,7 +354,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = events(reqs, queue, stream_interval_s)
+        stream = events(reqs, inbox, stream_interval_s)
 
         async def sse():
             nonlocal streams
@@ -330,15 +365,19 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                     yield oa.sse(make(rid, name, [{"index": r.tag * n + j, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}
                                                  for r in reqs for j in range(n)], None, chunk=True, created=created))
+                tail = ""
                 async for batch in stream:
                     choices, count = chunk_choices(batch, reqs, n, chat=chat)
                     completion_tokens += count
-                    if choices:
-                        yield oa.sse(make(rid, name, choices, None, chunk=True, created=created))
+                    text = oa.sse(make(rid, name, choices, None, chunk=True, created=created)) if choices else ""
+                    if inbox.final.is_set():  # the last events: one message with the usage and [DONE]
+                        tail += text
+                    elif text:
+                        yield text
                 if include_usage:
-                    yield oa.sse(make(rid, name, [], oa.usage(prompt_tokens, completion_tokens),
-                                      chunk=True, created=created))
-                yield oa.SSE_DONE
+                    tail += oa.sse(make(rid, name, [], oa.usage(prompt_tokens, completion_tokens),
+                                        chunk=True, created=created))
+                yield tail + oa.SSE_DONE
             except oa.APIError as e:
                 yield oa.sse(e.body())
                 yield oa.SSE_DONE
@@ -350,12 +389,11 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def generate(request: Request, body, prompts: list[list[int]], *, chat: bool, param: str):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        reqs = make_requests(body, prompts, param=param, emit=queue.put_nowait, loop=loop)
+        inbox = Inbox(len(prompts))
+        reqs = make_requests(body, prompts, param=param, emit=inbox.put, loop=asyncio.get_running_loop())
         # submitted before any byte is sent, so an overloaded server answers a plain 503
         engine.submit(reqs)
-        return await respond(request, body, reqs, queue, chat=chat, prompt_tokens=sum(map(len, prompts)))
+        return await respond(request, body, reqs, inbox, chat=chat, prompt_tokens=sum(map(len, prompts)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -499,10 +537,12 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
         ray.init(_system_config={"worker_niceness": 0})
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    serve.start(http_options={"host": host, "port": port})
+    # no access log line per request; the proxy inherits the controller's environment
+    serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False},
+                controller_options={"runtime_env": {"env_vars": SERVE_ENV}})
 
     options: dict[str, Any] = dict(
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": SERVE_ENV}},
         # the replica must see every request it may queue itself (its own 503 carries the
         # OpenAI body); Serve's queue in front of the replicas is bounded too
         max_ongoing_requests=max_batch_size + max_queue + 8,
@@ -566,5 +606,5 @@ def api_key_from(env: str | None = None, file: str | os.PathLike | None = None) 
     return None
 
 
-__all__ = ["APP_NAME", "Guard", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
+__all__ = ["APP_NAME", "Guard", "SERVE_ENV", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
            "key_digest", "serve_checkpoint", "shutdown", "wait_healthy"]
