@@ -165,22 +165,44 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     from workers.serving.engine import Done, GenerationRequest, Step
 
     class Inbox:
-        """One HTTP request's engine events (``put`` runs on its event loop); ``final`` is set
-        once all its ``count`` generations had their final event."""
+        """One HTTP request's engine events: ``put`` (on its event loop) adds those of a step,
+        :func:`events` takes them. Only some puts wake the consumer: while it waits for any event
+        (``eager``), a failure, and the last of its ``count`` final events (``final``); between
+        two chunks of a stream it sleeps until the next is due, not once per decode step."""
 
-        __slots__ = ("queue", "final", "left")
+        __slots__ = ("items", "left", "final", "failed", "eager", "wake")
 
         def __init__(self, count: int):
-            self.queue: asyncio.Queue = asyncio.Queue()
-            self.final = asyncio.Event()
+            self.items: list = []
             self.left = count
+            self.final = self.failed = False
+            self.eager = True
+            self.wake = asyncio.Event()
 
         def put(self, events: list) -> None:
-            self.queue.put_nowait(events)
-            if isinstance(events[-1], Done):
+            self.items.extend(events)
+            last = events[-1]
+            if isinstance(last, Done):
                 self.left -= 1
-                if self.left <= 0:
-                    self.final.set()
+                self.final = self.left <= 0
+                self.failed = self.failed or last.error is not None
+                if self.final or self.failed:
+                    self.wake.set()
+                    return
+            if self.eager:
+                self.wake.set()
+
+        async def until(self, deadline: float | None) -> None:
+            """Until a put wakes us, or the loop's clock reaches ``deadline`` (if not None)."""
+            self.wake.clear()
+            if deadline is None:
+                await self.wake.wait()
+                return
+            timer = asyncio.get_running_loop().call_at(deadline, self.wake.set)
+            try:
+                await self.wake.wait()
+            finally:
+                timer.cancel()
 
     app = FastAPI(title="genai-orchestrator OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None, redirect_slashes=False)
@@ -234,34 +256,37 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
     streams = 0  # SSE streams open on this replica (its event loop's; no lock needed)
 
-    async def events(reqs: list[GenerationRequest], inbox: "Inbox", interval: float):
-        """Yield lists of engine events of ``reqs`` (all that arrived since the last yield; after
-        the first, at most one list per ``interval``, longer while many streams are open) until
-        every request is done; abort them if we are cancelled (client gone) or the consumer
-        stops early. A request's final event is never held back: a closed-loop client sends its
-        next request only then, and its batch slot stays empty until it does. A failed request
-        raises its error."""
-        queue = inbox.queue
+    async def events(reqs: list[GenerationRequest], inbox: Inbox, interval: float | None):
+        """Yield lists of engine events of ``reqs`` (all that arrived since the last yield) until
+        every request is done: after the first list at most one per ``interval`` (longer while
+        many streams are open); ``interval`` None: only the final events (a whole answer). A
+        request's final event is never held back: a closed-loop client sends its next request
+        only then, and its batch slot stays empty until it does. Abort the requests if we are
+        cancelled (client gone) or the consumer stops early. A failed request raises its error."""
+        loop = asyncio.get_running_loop()
         pending = len(reqs)
         last = None
         try:
             while pending:
-                batch = await queue.get()
-                if interval and last is not None and not inbox.final.is_set():
-                    wait = last + max(interval, streams / STREAM_CHUNKS_PER_S) - time.monotonic()
-                    if wait > 0:
-                        try:
-                            await asyncio.wait_for(inbox.final.wait(), wait)
-                        except asyncio.TimeoutError:
-                            pass
-                while not queue.empty():
-                    batch.extend(queue.get_nowait())
+                if not (inbox.final or inbox.failed):
+                    if interval is None:
+                        inbox.eager = False
+                        await inbox.until(None)
+                    elif interval and last is not None:
+                        due = last + max(interval, streams / STREAM_CHUNKS_PER_S)
+                        if due > loop.time():
+                            inbox.eager = False
+                            await inbox.until(due)
+                if not inbox.items:
+                    inbox.eager = True
+                    await inbox.until(None)
+                batch, inbox.items = inbox.items, []
                 for ev in batch:
                     if isinstance(ev, Done):
                         pending -= 1
                         if ev.error is not None:
                             raise ev.error
-                last = time.monotonic()
+                last = loop.time()
                 yield batch
         finally:
             if pending:
@@ -337,7 +362,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             pass
         engine.abort(reqs)
 
-    async def respond(request: Request, body, reqs: list[GenerationRequest], inbox: "Inbox", *,
+    async def respond(request: Request, body, reqs: list[GenerationRequest], inbox: Inbox, *,
                       chat: bool, prompt_tokens: int):
         name, n = loaded.name, body.n
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
@@ -345,7 +370,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         if not body.stream:
             watch = asyncio.ensure_future(abort_on_disconnect(request, reqs))
             try:
-                async for _ in events(reqs, inbox, 0.0):
+                async for _ in events(reqs, inbox, None):
                     pass
             finally:
                 watch.cancel()
@@ -370,7 +395,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                     choices, count = chunk_choices(batch, reqs, n, chat=chat)
                     completion_tokens += count
                     text = oa.sse(make(rid, name, choices, None, chunk=True, created=created)) if choices else ""
-                    if inbox.final.is_set():  # the last events: one message with the usage and [DONE]
+                    if inbox.final:  # the last events: one message with the usage and [DONE]
                         tail += text
                     elif text:
                         yield text
