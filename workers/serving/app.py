@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ STREAM_CHUNKS_PER_S = 200
 """Under load the interval grows so that a replica's streams together send about this many
 chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
 thread needs) and a hop through the Serve proxy, while the engine's cost per token is fixed."""
+GIL_SWITCH_INTERVAL_S = float(os.environ.get("ORCHESTRATOR_SERVE_SWITCH_INTERVAL_S", "0.0005"))
 SERVE_ENV = {
     # Ray Serve's own knobs (the set its RAY_SERVE_THROUGHPUT_OPTIMIZED picks, without direct
     # ingress): our handlers run on the replica's main event loop, not a second loop in another
@@ -51,6 +53,8 @@ SERVE_ENV = {
 }
 """Environment of the Serve controller, proxies and replicas: each thread and loop hop per
 request costs Python time on the cores the engine needs."""
+SERVE_LOGGING = {"enable_access_log": False}
+"""Serve's logging of the proxies and of our application (else: a formatted line per request)."""
 
 
 # ============================================================================================
@@ -486,6 +490,10 @@ def _deployment():
             # thread starts (it inherits both): at Ray's niceness 15 any other process preempts
             # the decode loop, and the proxy and clients it feeds are on the same cores
             claim_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+            # the engine thread lets go of the GIL in every torch op and must win it back from
+            # the event loop's threads: by default a waiter gets it after up to 5 ms, longer
+            # than a whole decode step of a small model
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
             self.loaded = open_checkpoint(checkpoint)
             self.loaded.name = model_name or self.loaded.name
             lm = self.loaded
@@ -562,8 +570,8 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
         ray.init(_system_config={"worker_niceness": 0})
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    # no access log line per request; the proxy inherits the controller's environment
-    serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False},
+    # the proxy inherits the controller's environment
+    serve.start(http_options={"host": host, "port": port}, logging_config=SERVE_LOGGING,
                 controller_options={"runtime_env": {"env_vars": SERVE_ENV}})
 
     options: dict[str, Any] = dict(
@@ -590,7 +598,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
     try:
-        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False, logging_config=SERVE_LOGGING)
         wait_healthy(url)
         if blocking:
             while True:
