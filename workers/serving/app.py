@@ -19,7 +19,6 @@ import hmac
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ STREAM_CHUNKS_PER_S = 200
 """Under load the interval grows so that a replica's streams together send about this many
 chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
 thread needs) and a hop through the Serve proxy, while the engine's cost per token is fixed."""
-GIL_SWITCH_INTERVAL_S = float(os.environ.get("ORCHESTRATOR_SERVE_SWITCH_INTERVAL_S", "0.0005"))
 SERVE_ENV = {
     # Ray Serve's own knobs (the set its RAY_SERVE_THROUGHPUT_OPTIMIZED picks, without direct
     # ingress): our handlers run on the replica's main event loop, not a second loop in another
@@ -490,10 +488,6 @@ def _deployment():
             # thread starts (it inherits both): at Ray's niceness 15 any other process preempts
             # the decode loop, and the proxy and clients it feeds are on the same cores
             claim_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-            # the engine thread lets go of the GIL in every torch op and must win it back from
-            # the event loop's threads: by default a waiter gets it after up to 5 ms, longer
-            # than a whole decode step of a small model
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
             self.loaded = open_checkpoint(checkpoint)
             self.loaded.name = model_name or self.loaded.name
             lm = self.loaded
