@@ -154,6 +154,12 @@ class _Choice:
     finish: str | None = None
 
 
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
 def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None = None, max_queue: int = 64,
               stream_interval_s: float = STREAM_INTERVAL_S, max_body_bytes: int = oa.MAX_BODY_BYTES):
     """The OpenAI-compatible ASGI app (FastAPI behind :class:`Guard`) over a running ``engine``."""
@@ -382,21 +388,30 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = events(reqs, inbox, stream_interval_s)
+        # wait for the first events before the response starts: its start and first chunk then
+        # leave together, one message through the Serve proxy instead of two
+        try:
+            first, failure = await stream.__anext__(), None
+        except oa.APIError as e:
+            first, failure = [], e
 
         async def sse():
             nonlocal streams
             completion_tokens = 0
             streams += 1
+            head = oa.sse(make(rid, name, [{"index": r.tag * n + j, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}
+                                           for r in reqs for j in range(n)], None, chunk=True,
+                               created=created)) if chat else ""
             try:
-                if chat:
-                    yield oa.sse(make(rid, name, [{"index": r.tag * n + j, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}
-                                                 for r in reqs for j in range(n)], None, chunk=True, created=created))
+                if failure is not None:
+                    raise failure
                 tail = ""
-                async for batch in stream:
+                async for batch in _prepend(first, stream):
                     choices, count = chunk_choices(batch, reqs, n, chat=chat)
                     completion_tokens += count
                     text = oa.sse(make(rid, name, choices, None, chunk=True, created=created)) if choices else ""
+                    text, head = head + text, ""
                     if inbox.final:  # the last events: one message with the usage and [DONE]
                         tail += text
                     elif text:
@@ -406,8 +421,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                                         chunk=True, created=created))
                 yield tail + oa.SSE_DONE
             except oa.APIError as e:
-                yield oa.sse(e.body())
-                yield oa.SSE_DONE
+                yield head + oa.sse(e.body()) + oa.SSE_DONE
             finally:
                 streams -= 1
                 await stream.aclose()  # aborts unfinished requests (client went away)
