@@ -437,7 +437,9 @@ def test_cli_serve_takes_no_key_argument():
 def test_beam_search_over_http_stops_when_its_client_leaves(server):
     url = server["main"]
     before = health(url)["aborted"]
-    body = json.dumps({"model": MODEL, "prompt": "the lazy", "max_tokens": 240, "num_beams": 8,
+    # 32 beams: the search must outlast the hang-up reaching the replica on a busy machine (with 8
+    # it sometimes finished first, in ~0.25 s, and nothing was left to abort)
+    body = json.dumps({"model": MODEL, "prompt": "the lazy", "max_tokens": 240, "num_beams": 32,
                        "ignore_eos": True}).encode()
     host, port = url.split("//")[1].split("/")[0].split(":")
     with socket.create_connection((host, int(port))) as sock:  # a client that hangs up mid-request
