@@ -89,10 +89,10 @@ def test_a_streams_end_is_not_held_back_by_the_chunk_interval(server):
     app = build_app(server["loaded"], server["engine"], key_digest=key_digest(KEY), stream_interval_s=60)
     body = {"model": MODEL, "prompt": "the lazy", "max_tokens": 24, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    with uvicorn_serving(app) as url:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=20) as r:
-            assert r.status_code == 200
-            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    with uvicorn_serving(app) as url, httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH,
+                                                   timeout=20) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
     assert chunks[-1]["usage"]["completion_tokens"] == 24

@@ -178,7 +178,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         (``eager``), a failure, and the last of its ``count`` final events (``final``); between
         two chunks of a stream it sleeps until the next is due, not once per decode step."""
 
-        __slots__ = ("items", "left", "final", "failed", "eager", "wake")
+        __slots__ = ("eager", "failed", "final", "items", "left", "wake")
 
         def __init__(self, count: int):
             self.items: list = []
