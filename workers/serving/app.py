@@ -40,6 +40,16 @@ STREAM_CHUNKS_PER_S = 200
 """Under load the interval grows so that a replica's streams together send about this many
 chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
 thread needs) and a hop through the Serve proxy, while the engine's cost per token is fixed."""
+SERVE_ENV = {
+    # two of Ray Serve's own knobs (of the set its RAY_SERVE_THROUGHPUT_OPTIMIZED picks): the
+    # router shares the proxy's loop; request-path logs are written in batches (at once on an
+    # error). Not RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (our handlers on the replica's main
+    # loop): with it, a hung-up client's non-streamed request was sometimes never aborted
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+"""Environment of the Serve controller, proxies and replicas: each thread and loop hop per
+request costs Python time on the cores the engine needs."""
 SERVE_LOGGING = {"enable_access_log": False}
 """Serve's logging of the proxies and of our application (else: a formatted line per request)."""
 
@@ -567,10 +577,12 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
         ray.init(_system_config={"worker_niceness": 0})
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    serve.start(http_options={"host": host, "port": port}, logging_config=SERVE_LOGGING)
+    # the proxy inherits the controller's environment
+    serve.start(http_options={"host": host, "port": port}, logging_config=SERVE_LOGGING,
+                controller_options={"runtime_env": {"env_vars": SERVE_ENV}})
 
     options: dict[str, Any] = dict(
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": SERVE_ENV}},
         # the replica must see every request it may queue itself (its own 503 carries the
         # OpenAI body); Serve's queue in front of the replicas is bounded too
         max_ongoing_requests=max_batch_size + max_queue + 8,
@@ -634,5 +646,5 @@ def api_key_from(env: str | None = None, file: str | os.PathLike | None = None) 
     return None
 
 
-__all__ = ["APP_NAME", "Guard", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
+__all__ = ["APP_NAME", "Guard", "SERVE_ENV", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
            "key_digest", "serve_checkpoint", "shutdown", "wait_healthy"]
