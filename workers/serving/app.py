@@ -41,10 +41,10 @@ STREAM_CHUNKS_PER_S = 200
 chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
 thread needs) and a hop through the Serve proxy, while the engine's cost per token is fixed."""
 SERVE_ENV = {
-    # two of Ray Serve's own knobs (of the set its RAY_SERVE_THROUGHPUT_OPTIMIZED picks): the
-    # router shares the proxy's loop; request-path logs are written in batches (at once on an
-    # error). Not RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (our handlers on the replica's main
-    # loop): with it, a hung-up client's non-streamed request was sometimes never aborted
+    # Ray Serve's own knobs (the set its RAY_SERVE_THROUGHPUT_OPTIMIZED picks, without direct
+    # ingress): our handlers run on the replica's main event loop, not a second loop in another
+    # thread; the router shares the proxy's loop; request-path logs are written in batches
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
