@@ -437,8 +437,7 @@ def test_cli_serve_takes_no_key_argument():
 def test_beam_search_over_http_stops_when_its_client_leaves(server):
     url = server["main"]
     before = health(url)["aborted"]
-    # 32 beams: the search must outlast the hang-up reaching the replica, also on a busy machine
-    body = json.dumps({"model": MODEL, "prompt": "the lazy", "max_tokens": 240, "num_beams": 32,
+    body = json.dumps({"model": MODEL, "prompt": "the lazy", "max_tokens": 240, "num_beams": 8,
                        "ignore_eos": True}).encode()
     host, port = url.split("//")[1].split("/")[0].split(":")
     with socket.create_connection((host, int(port))) as sock:  # a client that hangs up mid-request
