@@ -6,7 +6,11 @@ Per request: time to first token (TTFT), mean time per later output token (TPOT)
 latency; overall: output tokens/s. The reference does the same work with no HTTP at all: the
 same prompts, sampling parameters and concurrency submitted straight to a
 ``workers.serving.engine.Engine`` in this process (one torch thread, as the one-CPU replica).
-This process is the load generator; the server runs in its own Ray Serve replica (and proxy).
+This process is the load generator (aiohttp, as ``benchmark_serving``: on a 2-core machine its
+own CPU time competes with the server's); the server runs in its own Ray Serve replica (and proxy).
+
+Each row also gives the CPU time per 1000 output tokens of each process that did the work (from
+/proc): the replica, the Serve proxy and this client for the server; this process for the engine.
 
 Server and engine runs alternate, ``--runs`` times after a warm-up; figures are the median over
 runs (with min-max of tokens/s); the server/engine ratio (and the verdict line) is the median of
@@ -37,7 +41,7 @@ if __name__ == "__main__" and not __package__:
     os.chdir(_ROOT)
     os.execv(sys.executable, [sys.executable, "-m", "benchmarks.serve", *sys.argv[1:]])
 
-import httpx  # noqa: E402
+import aiohttp  # noqa: E402  (the client of vLLM's benchmark_serving; Ray Serve's own dependency)
 
 WORDS = "the quick brown fox jumps over the lazy dog while a small model learns to serve requests".split()
 
@@ -76,19 +80,20 @@ def _timing(t0: float, ttft: float | None, tokens: int) -> dict:
 # ----------------------------------------------------------------------------- over HTTP
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str | None, prompt: str, max_tokens: int) -> dict:
+async def _one(session, url: str, model: str | None, prompt: str, max_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return {"ok": False, "status": r.status_code}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with session.post(f"{url}/v1/completions", json=body) as r:
+        if r.status != 200:
+            await r.read()
+            return {"ok": False, "status": r.status}
+        async for line in r.content:  # as benchmark_serving: one SSE line at a time
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("choices") and ttft is None:
@@ -100,11 +105,11 @@ async def _one(client: httpx.AsyncClient, url: str, model: str | None, prompt: s
 
 async def _server_level(url: str, model: str | None, concurrency: int, prompts: list[str], max_tokens: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def task(p):
             async with sem:
-                return await _one(client, url, model, p, max_tokens)
+                return await _one(session, url, model, p, max_tokens)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(task(p) for p in prompts))
@@ -112,8 +117,45 @@ async def _server_level(url: str, model: str | None, concurrency: int, prompts: 
     return _summary(results, wall, concurrency)
 
 
-def server_level(url, model, concurrency, prompts, max_tokens) -> dict:
-    return asyncio.run(_server_level(url, model, concurrency, prompts, max_tokens))
+def server_level(url, model, concurrency, prompts, max_tokens, pids: dict[str, int]) -> dict:
+    before = {k: _cpu_s(p) for k, p in pids.items()}, time.process_time()
+    out = asyncio.run(_server_level(url, model, concurrency, prompts, max_tokens))
+    tokens = out["out_tok_s"] * out["wall_s"] / 1000
+    for k, p in pids.items():
+        out[f"{k}_cpu_ms"] = 1e3 * (_cpu_s(p) - before[0][k]) / tokens
+    out["client_cpu_ms"] = 1e3 * (time.process_time() - before[1]) / tokens
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pids() -> dict[str, int]:
+    """The Serve replica's and proxy's processes of the Ray this process started (the workers
+    of its raylet, a child of ours); empty where /proc cannot tell."""
+    def children(ppid: int) -> list[tuple[int, str]]:
+        out = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == ppid:
+                    out.append((int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    pids = {}
+    for raylet, cmd in children(os.getpid()):
+        if "raylet" in cmd:
+            for pid, c in children(raylet):
+                if "ServeReplica" in c:
+                    pids["replica"] = pid
+                elif "ProxyActor" in c:
+                    pids["proxy"] = pid
+    return pids
 
 
 # ----------------------------------------------------------------------------- in-process engine
@@ -121,6 +163,13 @@ def server_level(url, model, concurrency, prompts, max_tokens) -> dict:
 
 def engine_level(engine, tokenizer, concurrency: int, prompts: list[str], max_tokens: int) -> dict:
     """The same requests, at the same concurrency, submitted straight to ``engine``."""
+    cpu0 = time.process_time()
+    out = _engine_level(engine, tokenizer, concurrency, prompts, max_tokens)
+    out["engine_cpu_ms"] = 1e3 * (time.process_time() - cpu0) / (out["out_tok_s"] * out["wall_s"] / 1000)
+    return out
+
+
+def _engine_level(engine, tokenizer, concurrency: int, prompts: list[str], max_tokens: int) -> dict:
     from workers.model.sampling import SamplingParams
     from workers.serving.engine import Done, GenerationRequest, Step
 
@@ -179,7 +228,7 @@ def _start_server(ckpt: Path, max_batch_size: int, port: int, stream_interval_s:
     from workers.serving.app import serve_checkpoint
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
              _system_config={"worker_niceness": 0})  # as serve_checkpoint and the orchestrator start Ray
     return serve_checkpoint(str(ckpt), port=port, max_batch_size=max_batch_size, max_queue=4 * max_batch_size,
@@ -225,27 +274,29 @@ def main(argv=None) -> None:
 
     # warm-up both
     warm = [_prompt(i, args.prompt_words) for i in range(4)]
-    server_level(url, model, 2, warm, 8)
+    pids = _server_pids()
+    server_level(url, model, 2, warm, 8, pids)
     engine_level(engine, tok, 2, warm, 8)
 
     cols = [("where", "{:>6s}"), ("concurrency", "{:>5d}"), ("out_tok_s", "{:>9.1f}"), ("ttft_p50_ms", "{:>8.1f}"),
             ("ttft_p99_ms", "{:>8.1f}"), ("tpot_p50_ms", "{:>8.2f}"), ("tpot_p99_ms", "{:>8.2f}"),
             ("e2e_p50_ms", "{:>8.0f}"), ("e2e_p99_ms", "{:>8.0f}"), ("failed", "{:>3d}")]
-    print(" | ".join(name for name, _ in cols) + " | tok/s min-max")
+    print(" | ".join(name for name, _ in cols) + " | tok/s min-max | CPU ms per 1000 output tokens, by process")
     ratios = {}
     for c in levels:
         n = args.requests or max(8, 2 * c)
         prompts = [_prompt(i, args.prompt_words) for i in range(n)]
         runs: dict[str, list[dict]] = {"server": [], "engine": []}
         for _ in range(args.runs):  # interleaved: the machine's load drifts
-            runs["server"].append(server_level(url, model, c, prompts, args.max_tokens))
+            runs["server"].append(server_level(url, model, c, prompts, args.max_tokens, pids))
             runs["engine"].append(engine_level(engine, tok, c, prompts, args.max_tokens))
         for where, rs in runs.items():
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "concurrency"}
             med.update(where=where, concurrency=c, failed=int(sum(r["failed"] for r in rs)))
             tps = [r["out_tok_s"] for r in rs]
+            cpu = "  ".join(f"{k[:-7]} {med[k]:.2f}" for k in med if k.endswith("_cpu_ms"))
             print(" | ".join(fmt.format(med[name]).rjust(len(name)) for name, fmt in cols)
-                  + f" | {min(tps):.0f}-{max(tps):.0f}")
+                  + f" | {min(tps):.0f}-{max(tps):.0f} | {cpu}")
         ratios[c] = [s["out_tok_s"] / e["out_tok_s"] for s, e in zip(runs["server"], runs["engine"])]
     for c, rs in ratios.items():
         print(f"server / in-process engine, output tokens/s at concurrency {c}: {statistics.median(rs):.2f}x "

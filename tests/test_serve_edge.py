@@ -7,6 +7,7 @@ uvicorn (one start for the module); the Ray Serve path is covered by ``test_serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -29,25 +30,34 @@ MAX_BATCH, MAX_QUEUE = 8, 24
 
 @pytest.fixture(scope="module")
 def server(serve_checkpoint_dir, one_thread):
-    import uvicorn
-
     lm = open_checkpoint(str(serve_checkpoint_dir), device="cpu")
     lm.name = MODEL
     engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, max_batch_size=MAX_BATCH,
                     max_queue=MAX_QUEUE, device="cpu").start()
     app = build_app(lm, engine, key_digest=key_digest(KEY), max_body_bytes=BODY_LIMIT)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    with uvicorn_serving(app) as url:
+        yield {"url": url, "engine": engine, "vocab": lm.model.config.vocab_size, "loaded": lm}
+    engine.stop()
+
+
+@contextlib.contextmanager
+def uvicorn_serving(app):
+    """``app`` served by uvicorn in a thread of this process; yields its URL."""
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                        lifespan="off"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.01)
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "vocab": lm.model.config.vocab_size}
-    srv.should_exit = True
-    thread.join(10)
-    engine.stop()
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 def post(server, body, *, path="/v1/completions", headers=AUTH, **kw) -> httpx.Response:
@@ -67,6 +77,30 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = "-")
     if param != "-":
         assert err["param"] == param, err
     return err
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+def test_a_streams_end_is_not_held_back_by_the_chunk_interval(server):
+    """After its first chunk a stream sends at most one chunk per interval, but its last tokens,
+    the usage and [DONE] go out as soon as the request ends, in one message: a closed-loop client
+    sends its next request only then (before, the end waited out the interval, here a minute)."""
+    app = build_app(server["loaded"], server["engine"], key_digest=key_digest(KEY), stream_interval_s=60)
+    body = {"model": MODEL, "prompt": "the lazy", "max_tokens": 24, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with uvicorn_serving(app) as url, httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH,
+                                                   timeout=20) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 24
+    texts = [c["choices"][0]["text"] for c in chunks[:-1]]
+    assert 1 <= len(texts) <= 2, texts  # the first token(s) at once, the others all at the end
+    whole = httpx.post(f"{server['url']}/v1/completions", headers=AUTH, timeout=20,
+                       json={**body, "stream": False, "temperature": 0}).json()
+    assert whole["usage"]["completion_tokens"] == 24
 
 
 # ------------------------------------------------------------------------------ authentication

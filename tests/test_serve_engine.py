@@ -106,6 +106,41 @@ def test_engine_admitting_mid_batch_matches_one_batch_generate(loaded, poisoned_
     assert engine.stats.in_flight == 0
 
 
+def test_newcomers_arriving_step_by_step_share_one_prefill(loaded):
+    """Requests that arrive one by one while a batch runs (as HTTP spreads a closed loop's
+    requests out) wait a few steps and are admitted together, in one prefill; what each
+    generates is what it generates alone. One that fills the free slots goes at once."""
+    model, tok = loaded
+    admitted: list[tuple[int, list[int]]] = []  # (step, tags) of each admission
+    now = [0]
+    engine = Engine(model, tok, eos_token_id=toks.eos_id(tok), max_batch_size=5, max_queue=8, admit_wait_steps=3,
+                    fault_hook=lambda phase, reqs: admitted.append((now[0], [r.tag for r in reqs]))
+                    if phase == "admit" else None)
+    cases = [("hello", dict(max_tokens=40, temperature=0)),
+             ("the quick", dict(max_tokens=12, temperature=0.9, seed=1)),
+             ("lazy dog", dict(max_tokens=10, temperature=0)),
+             ("fox", dict(max_tokens=8, temperature=1.1, seed=2, n=2))]
+    sink = Collector(len(cases))
+    reqs = make(loaded, cases, sink, ignore_eos=True)
+    engine.submit(reqs[:1])
+    for step in range(200):
+        now[0] = step
+        if step in (2, 3):  # one newcomer per step
+            engine.submit([reqs[step - 1]])
+        if step == 10:  # two rows for the last two free slots
+            engine.submit([reqs[3]])
+        engine.step()
+        engine.drain()
+        if len(sink.done) == len(reqs):
+            break
+    assert admitted == [(0, [0]), (5, [1, 2]), (10, [3])]  # held for 3 steps; at once
+    assert all(sink.done[i].error is None for i in range(len(reqs)))
+    for req, (p, kw) in zip(reqs, cases):
+        ref = generate(model, [tok.encode(p).ids], SamplingParams(**kw), eos_token_id=None, decode=tok.decode)[0]
+        assert [s.token_ids for s in req.seqs] == [c.token_ids for c in ref], p
+    assert engine.stats.in_flight == 0
+
+
 GOOD = [(p, dict(max_tokens=24, temperature=t, seed=s, top_k=k))
         for p, t, s, k in [("hello", 0, None, 0), ("the quick", 0.9, 1, 0), ("fox", 1.0, 2, 10),
                            ("lazy dog", 0, None, 0), ("0123", 0.7, 3, 0), ("world", 1.1, 4, 5),

@@ -40,6 +40,18 @@ STREAM_CHUNKS_PER_S = 200
 """Under load the interval grows so that a replica's streams together send about this many
 chunks a second: each chunk costs Python work on the replica (holding the GIL the engine
 thread needs) and a hop through the Serve proxy, while the engine's cost per token is fixed."""
+SERVE_ENV = {
+    # Ray Serve's own knobs (the set its RAY_SERVE_THROUGHPUT_OPTIMIZED picks, without direct
+    # ingress): our handlers run on the replica's main event loop, not a second loop in another
+    # thread; the router shares the proxy's loop; request-path logs are written in batches
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+"""Environment of the Serve controller, proxies and replicas: each thread and loop hop per
+request costs Python time on the cores the engine needs."""
+SERVE_LOGGING = {"enable_access_log": False}
+"""Serve's logging of the proxies and of our application (else: a formatted line per request)."""
 
 
 # ============================================================================================
@@ -141,6 +153,12 @@ class _Choice:
     finish: str | None = None
 
 
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
 def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None = None, max_queue: int = 64,
               stream_interval_s: float = STREAM_INTERVAL_S, max_body_bytes: int = oa.MAX_BODY_BYTES):
     """The OpenAI-compatible ASGI app (FastAPI behind :class:`Guard`) over a running ``engine``."""
@@ -152,6 +170,46 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     from workers.data.chat import ChatTemplateError, render_chat
     from workers.model.sampling import SamplingParams
     from workers.serving.engine import Done, GenerationRequest, Step
+
+    class Inbox:
+        """One HTTP request's engine events: ``put`` (on its event loop) adds those of a step,
+        :func:`events` takes them. Only some puts wake the consumer: while it waits for any event
+        (``eager``), a failure, and the last of its ``count`` final events (``final``); between
+        two chunks of a stream it sleeps until the next is due, not once per decode step."""
+
+        __slots__ = ("eager", "failed", "final", "items", "left", "wake")
+
+        def __init__(self, count: int):
+            self.items: list = []
+            self.left = count
+            self.final = self.failed = False
+            self.eager = True
+            self.wake = asyncio.Event()
+
+        def put(self, events: list) -> None:
+            self.items.extend(events)
+            last = events[-1]
+            if isinstance(last, Done):
+                self.left -= 1
+                self.final = self.left <= 0
+                self.failed = self.failed or last.error is not None
+                if self.final or self.failed:
+                    self.wake.set()
+                    return
+            if self.eager:
+                self.wake.set()
+
+        async def until(self, deadline: float | None) -> None:
+            """Until a put wakes us, or the loop's clock reaches ``deadline`` (if not None)."""
+            self.wake.clear()
+            if deadline is None:
+                await self.wake.wait()
+                return
+            timer = asyncio.get_running_loop().call_at(deadline, self.wake.set)
+            try:
+                await self.wake.wait()
+            finally:
+                timer.cancel()
 
     app = FastAPI(title="genai-orchestrator OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None, redirect_slashes=False)
@@ -205,28 +263,37 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
     streams = 0  # SSE streams open on this replica (its event loop's; no lock needed)
 
-    async def events(reqs: list[GenerationRequest], queue: asyncio.Queue, interval: float):
-        """Yield lists of engine events of ``reqs`` (all that arrived since the last yield; after
-        the first, at most one list per ``interval``, longer while many streams are open) until
-        every request is done; abort them if we are cancelled (client gone) or the consumer
-        stops early. A failed request raises its error."""
+    async def events(reqs: list[GenerationRequest], inbox: Inbox, interval: float | None):
+        """Yield lists of engine events of ``reqs`` (all that arrived since the last yield) until
+        every request is done: after the first list at most one per ``interval`` (longer while
+        many streams are open); ``interval`` None: only the final events (a whole answer). A
+        request's final event is never held back: a closed-loop client sends its next request
+        only then, and its batch slot stays empty until it does. Abort the requests if we are
+        cancelled (client gone) or the consumer stops early. A failed request raises its error."""
+        loop = asyncio.get_running_loop()
         pending = len(reqs)
         last = None
         try:
             while pending:
-                batch = await queue.get()
-                if interval and last is not None:
-                    wait = last + max(interval, streams / STREAM_CHUNKS_PER_S) - time.monotonic()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                while not queue.empty():
-                    batch.extend(queue.get_nowait())
+                if not (inbox.final or inbox.failed):
+                    if interval is None:
+                        inbox.eager = False
+                        await inbox.until(None)
+                    elif interval and last is not None:
+                        due = last + max(interval, streams / STREAM_CHUNKS_PER_S)
+                        if due > loop.time():
+                            inbox.eager = False
+                            await inbox.until(due)
+                if not inbox.items:
+                    inbox.eager = True
+                    await inbox.until(None)
+                batch, inbox.items = inbox.items, []
                 for ev in batch:
                     if isinstance(ev, Done):
                         pending -= 1
                         if ev.error is not None:
                             raise ev.error
-                last = time.monotonic()
+                last = loop.time()
                 yield batch
         finally:
             if pending:
@@ -302,7 +369,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             pass
         engine.abort(reqs)
 
-    async def respond(request: Request, body, reqs: list[GenerationRequest], queue: asyncio.Queue, *,
+    async def respond(request: Request, body, reqs: list[GenerationRequest], inbox: Inbox, *,
                       chat: bool, prompt_tokens: int):
         name, n = loaded.name, body.n
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
@@ -310,7 +377,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         if not body.stream:
             watch = asyncio.ensure_future(abort_on_disconnect(request, reqs))
             try:
-                async for _ in events(reqs, queue, 0.0):
+                async for _ in events(reqs, inbox, None):
                     pass
             finally:
                 watch.cancel()
@@ -319,29 +386,41 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = events(reqs, queue, stream_interval_s)
+        stream = events(reqs, inbox, stream_interval_s)
+        # wait for the first events before the response starts: its start and first chunk then
+        # leave together, one message through the Serve proxy instead of two
+        try:
+            first, failure = await stream.__anext__(), None
+        except oa.APIError as e:
+            first, failure = [], e
 
         async def sse():
             nonlocal streams
             completion_tokens = 0
             streams += 1
+            head = oa.sse(make(rid, name, [{"index": r.tag * n + j, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}
+                                           for r in reqs for j in range(n)], None, chunk=True,
+                               created=created)) if chat else ""
             try:
-                if chat:
-                    yield oa.sse(make(rid, name, [{"index": r.tag * n + j, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}
-                                                 for r in reqs for j in range(n)], None, chunk=True, created=created))
-                async for batch in stream:
+                if failure is not None:
+                    raise failure
+                tail = ""
+                async for batch in _prepend(first, stream):
                     choices, count = chunk_choices(batch, reqs, n, chat=chat)
                     completion_tokens += count
-                    if choices:
-                        yield oa.sse(make(rid, name, choices, None, chunk=True, created=created))
+                    text = oa.sse(make(rid, name, choices, None, chunk=True, created=created)) if choices else ""
+                    text, head = head + text, ""
+                    if inbox.final:  # the last events: one message with the usage and [DONE]
+                        tail += text
+                    elif text:
+                        yield text
                 if include_usage:
-                    yield oa.sse(make(rid, name, [], oa.usage(prompt_tokens, completion_tokens),
-                                      chunk=True, created=created))
-                yield oa.SSE_DONE
+                    tail += oa.sse(make(rid, name, [], oa.usage(prompt_tokens, completion_tokens),
+                                        chunk=True, created=created))
+                yield tail + oa.SSE_DONE
             except oa.APIError as e:
-                yield oa.sse(e.body())
-                yield oa.SSE_DONE
+                yield head + oa.sse(e.body()) + oa.SSE_DONE
             finally:
                 streams -= 1
                 await stream.aclose()  # aborts unfinished requests (client went away)
@@ -350,12 +429,11 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def generate(request: Request, body, prompts: list[list[int]], *, chat: bool, param: str):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        reqs = make_requests(body, prompts, param=param, emit=queue.put_nowait, loop=loop)
+        inbox = Inbox(len(prompts))
+        reqs = make_requests(body, prompts, param=param, emit=inbox.put, loop=asyncio.get_running_loop())
         # submitted before any byte is sent, so an overloaded server answers a plain 503
         engine.submit(reqs)
-        return await respond(request, body, reqs, queue, chat=chat, prompt_tokens=sum(map(len, prompts)))
+        return await respond(request, body, reqs, inbox, chat=chat, prompt_tokens=sum(map(len, prompts)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -499,10 +577,12 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
         ray.init(_system_config={"worker_niceness": 0})
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    serve.start(http_options={"host": host, "port": port})
+    # the proxy inherits the controller's environment
+    serve.start(http_options={"host": host, "port": port}, logging_config=SERVE_LOGGING,
+                controller_options={"runtime_env": {"env_vars": SERVE_ENV}})
 
     options: dict[str, Any] = dict(
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": SERVE_ENV}},
         # the replica must see every request it may queue itself (its own 503 carries the
         # OpenAI body); Serve's queue in front of the replicas is bounded too
         max_ongoing_requests=max_batch_size + max_queue + 8,
@@ -525,7 +605,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
     try:
-        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False, logging_config=SERVE_LOGGING)
         wait_healthy(url)
         if blocking:
             while True:
@@ -566,5 +646,5 @@ def api_key_from(env: str | None = None, file: str | os.PathLike | None = None) 
     return None
 
 
-__all__ = ["APP_NAME", "Guard", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
+__all__ = ["APP_NAME", "Guard", "SERVE_ENV", "STREAM_CHUNKS_PER_S", "STREAM_INTERVAL_S", "api_key_from", "build_app",
            "key_digest", "serve_checkpoint", "shutdown", "wait_healthy"]
