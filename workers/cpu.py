@@ -27,16 +27,17 @@ thread takes the GIL to check signals, and under load from other processes a sta
 made the step 2.5x slower (issue 14, benchmarks/RESULTS.md)."""
 
 
-def _renice(target: int = 0) -> int:
-    """Set every thread of this process to niceness ``target`` (Linux niceness is per thread, and
-    threads started later inherit it); returns the niceness the calling thread ends up with.
-    Lowering niceness needs CAP_SYS_NICE or a raised RLIMIT_NICE: without them it stays as is."""
-    tids = _threads() or [0]  # not Linux: the process only
-    for tid in tids:
+def _renice(target: int, *, lower: bool) -> int:
+    """Move every thread of this process to niceness ``target`` (Linux niceness is per thread, and
+    threads started later inherit it), only downwards (``lower``) or only upwards; returns the
+    niceness the calling thread ends up with. Lowering niceness needs CAP_SYS_NICE or a raised
+    RLIMIT_NICE: without them it stays as is."""
+    for tid in _threads() or [0]:  # not Linux: the process only
         try:
-            if os.getpriority(os.PRIO_PROCESS, tid) > target:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            if (now > target) if lower else (now < target):
                 os.setpriority(os.PRIO_PROCESS, tid, target)
-        except (PermissionError, ProcessLookupError):
+        except (PermissionError, ProcessLookupError):  # not allowed; the thread ended
             pass
     return os.getpriority(os.PRIO_PROCESS, 0)
 
@@ -45,14 +46,7 @@ def run_in_background() -> int:
     """Every thread of this process (and the threads they start later) at ``BACKGROUND_NICENESS``;
     for a helper process that must not preempt training steps on its node. Returns the niceness
     of the calling thread (raising niceness needs no privileges)."""
-    tids = _threads() or [0]
-    for tid in tids:
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICENESS:
-                os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICENESS)
-        except OSError:  # the thread ended
-            pass
-    return os.getpriority(os.PRIO_PROCESS, 0)
+    return _renice(BACKGROUND_NICENESS, lower=False)
 
 
 def _threads() -> list[int]:
@@ -78,4 +72,4 @@ def claim_cpus(threads: int, *, torch_threads: bool = True) -> dict[str, int]:
         import torch
 
         torch.set_num_threads(threads)
-    return {"threads": threads, "niceness": _renice(0)}
+    return {"threads": threads, "niceness": _renice(0, lower=True)}
