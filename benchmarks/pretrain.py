@@ -47,6 +47,9 @@ SIZES = {
 }
 """size -> (model, steps, warm-up steps excluded from the median)."""
 BATCH = 12
+PIPELINE_STEPS = 300
+"""--pipeline's run length: the issue's own measurement (300 steps); 100-step runs put Ray's start-up tail
+(helper processes still importing) inside the measured steps."""
 PIPELINE = Path(__file__).with_name("pretrain_pipeline.yaml")
 
 
@@ -205,12 +208,32 @@ def bench_case(ray, case: Case, tmp: Path, threads: int, repeats: int) -> dict:
 # ----------------------------------------------------------------------------- the CLI pipeline
 
 
-def pipeline_rounds(tmp: Path, threads: int, repeats: int, steps: int, warmup: int) -> None:
-    """``tokenize -> pretrain`` (small model) run by the CLI, the stage's step_time_s read back from
-    MLflow, interleaved with the plain loop on the dataset that tokenize wrote."""
-    from orchestrator.tracking import open_client
+def pipeline_config(steps: int):
+    """The pipeline file's pretrain config (seed aside), for the plain loop on the same dataset."""
+    from workers.kinds import pretrain
+
+    return pretrain.Config(model=dict(SIZES["small"][0]), batch_size=BATCH, max_steps=steps, warmup_steps=5,
+                           eval_every=steps, eval_steps=1, checkpoint_every=steps, seed=1)
+
+
+def plain_on_dataset(dataset: str, steps: int, threads: int, warmup: int) -> float:
+    """The plain loop on a token dataset, as ``--pipeline``'s reference: ms per step."""
     from workers.kinds import pretrain
     from workers.stage import Resources, local_context
+
+    ctx = local_context(Path(tempfile.mkdtemp(prefix="bench-plain-")), "pretrain", inputs={"tok": {"dataset": dataset}},
+                        resources=Resources(cpus=threads, workers=1))
+    job, _ = pretrain.build_job(ctx, pipeline_config(steps))
+    return plain_loop(job, threads, warmup) * 1e3
+
+
+def pipeline_rounds(tmp: Path, threads: int, repeats: int, steps: int, warmup: int) -> None:
+    """``tokenize -> pretrain`` (small model) run by the CLI, the stage's step_time_s read back from
+    MLflow, interleaved with the plain loop on the dataset that tokenize wrote. Each plain loop
+    runs in a fresh process, as each CLI run's training worker does: on this machine a process's
+    steady step time alone varies by ~10-20% from one process to the next (memory placement), so
+    a reference kept in one warm process would compare two different things."""
+    from orchestrator.tracking import open_client
 
     store = f"sqlite:///{tmp}/mlflow.db"
     seeds = iter(range(1, 1000))
@@ -220,6 +243,8 @@ def pipeline_rounds(tmp: Path, threads: int, repeats: int, steps: int, warmup: i
         cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(PIPELINE), "--plain",
                "--set", f"storage={tmp}/artifacts", "--set", f"tracking.uri={store}",
                "--set", f"stages.pretrain.config.seed={seed}", "--set", f"stages.pretrain.config.max_steps={steps}",
+               "--set", f"stages.pretrain.config.eval_every={steps}",
+               "--set", f"stages.pretrain.config.checkpoint_every={steps}",
                "--set", f"stages.pretrain.resources.cpus={threads}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
@@ -231,23 +256,25 @@ def pipeline_rounds(tmp: Path, threads: int, repeats: int, steps: int, warmup: i
         history = sorted(client.get_metric_history(runs[0].info.run_id, "step_time_s"), key=lambda m: m.step)
         return statistics.median(m.value for m in history[warmup:-1]) * 1e3
 
+    def plain_run() -> float:
+        cmd = [sys.executable, "-m", "benchmarks.pretrain", "--plain-on", ds, "--steps", str(steps),
+               "--threads", str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"--pipeline: {' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-3000:]}")
+        return float(res.stdout.split()[-1])
+
     cli_run()  # tokenize once, so that the plain loop can read its dataset
     manifests = glob.glob(f"{tmp}/artifacts/**/manifest.json", recursive=True)
     if not manifests:
         raise SystemExit(f"--pipeline: no token dataset (manifest.json) under {tmp}/artifacts")
     ds = str(Path(manifests[0]).parent)
-    # The same config as the pipeline file's pretrain stage (seed aside).
-    cfg = pretrain.Config(model=dict(SIZES["small"][0]), batch_size=BATCH, max_steps=steps, warmup_steps=5,
-                          eval_every=steps, eval_steps=1, checkpoint_every=steps, seed=1)
-    ctx = local_context(tmp / "plain", "pretrain", inputs={"tok": {"dataset": ds}},
-                        resources=Resources(cpus=threads, workers=1))
-    job, _ = pretrain.build_job(ctx, cfg)
-    runs = method.interleave({"plain loop": lambda: plain_loop(job, threads, warmup) * 1e3, "pipeline (CLI)": cli_run},
-                             repeats=repeats, warmup=0)
+    runs = method.interleave({"plain loop": plain_run, "pipeline (CLI)": cli_run}, repeats=repeats, warmup=0)
     print()
     method.print_table(runs, reference="plain loop", unit="ms/step", lower_is_better=True,
                        title=f"tokenize -> pretrain from the CLI ({PIPELINE.name}), small model, {threads} thread(s), "
-                             f"{steps} steps; stage: step_time_s from MLflow")
+                             f"{steps} steps (median of steps {warmup + 1}..{steps - 1}); stage: step_time_s from "
+                             "MLflow; each side a fresh process per round")
 
 
 def main() -> None:
@@ -257,14 +284,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[2])
     p.add_argument("--repeats", type=int, default=method.MIN_REPEATS)
     p.add_argument("--steps", type=int, help="override every case's step count")
-    p.add_argument("--pipeline", action="store_true", help="run tokenize -> pretrain from the CLI instead")
+    p.add_argument("--pipeline", action="store_true", help="run tokenize -> pretrain from the CLI instead "
+                   f"({PIPELINE_STEPS} steps unless --steps)")
+    p.add_argument("--plain-on", metavar="DATASET", help="(used by --pipeline) print the plain loop's ms/step on a "
+                   "token dataset and exit")
     args = p.parse_args()
+    if args.plain_on:
+        print(f"{plain_on_dataset(args.plain_on, args.steps, args.threads[0], SIZES['small'][2]):.3f}")
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     with method.Load(uses_cpus=max(args.threads)):
         if args.pipeline:
             for t in args.threads:
-                pipeline_rounds(tmp / f"pipe{t}", t, args.repeats, args.steps or SIZES["small"][1], SIZES["small"][2])
+                pipeline_rounds(tmp / f"pipe{t}", t, args.repeats, args.steps or PIPELINE_STEPS, SIZES["small"][2])
             return
         import ray
 

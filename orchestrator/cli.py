@@ -413,7 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Without --address, a Ray of our own, as `run` starts one: a bare ray.init() joins the
     # `ray start` cluster last started on this machine (someone else's), where serve_checkpoint's
     # ray.init options are refused.
-    connect_ray(RayOptions(address=args.address))
+    connect_ray(RayOptions(address=args.address), helpers_at_normal_priority=True)
     owns_ray = args.address is None
     try:
         url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,

@@ -62,8 +62,18 @@ def resolve_storage(root: str) -> str:
     return root if not storage.is_local(root) else str(Path(storage.resolve(root)[1]))
 
 
-def connect_ray(options: spec_mod.RayOptions, address: str | None = None) -> None:
+def connect_ray(options: spec_mod.RayOptions, address: str | None = None, *, helpers_at_normal_priority: bool = False) -> None:
+    """Join ``address`` (or ``options.address``), or start a local Ray of our own.
+
+    On a local Ray, worker processes start at Ray's default niceness (15) where compute workers
+    can set themselves back to 0 (``workers.cpu.claim_cpus``): then Ray Train's controller and
+    helper actors, the stage runners and the event bus, each waking 100 times a second, wait
+    for a training step's threads instead of preempting them. Where the OS refuses that, and
+    when ``helpers_at_normal_priority`` (a server, whose HTTP proxy must not queue behind
+    compute), every worker starts at 0."""
     import ray
+
+    from workers.cpu import can_lower_niceness
 
     if ray.is_initialized():
         return
@@ -75,10 +85,10 @@ def connect_ray(options: spec_mod.RayOptions, address: str | None = None) -> Non
         ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True)
     else:
         # "local": start one, as the spec promises, even if a `ray start` cluster runs on this machine.
-        # Workers at normal priority: Ray's default niceness 15 lets any other process preempt a
-        # training step (see workers/cpu.py); `ray start` clusters get RAY_worker_niceness=0 (cluster.yaml).
+        # `ray start` clusters get RAY_worker_niceness=0 (cluster.yaml).
+        nice = {} if not helpers_at_normal_priority and can_lower_niceness() else {"worker_niceness": 0}
         ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True, _system_config={"worker_niceness": 0})
+                 log_to_driver=True, _system_config=nice)
 
 
 def cache_status(prep: Prepared) -> dict[str, str]:

@@ -8,14 +8,16 @@ profile found the pretrain stage's step 1.6x a plain loop's on an idle machine f
 ``claim_cpus`` puts the process back at normal priority (where the OS allows it: root,
 CAP_SYS_NICE or RLIMIT_NICE) and sets the thread pools to the worker's CPUs, once, at the start
 of the worker. Where it may not renice, start Ray with ``worker_niceness`` 0 instead (the
-orchestrator's local Ray does; ``cluster.yaml`` sets ``RAY_worker_niceness=0``).
+orchestrator's local Ray does when ``can_lower_niceness`` says so; ``cluster.yaml`` sets
+``RAY_worker_niceness=0``). Where it may, the local Ray keeps Ray's 15 for everything else
+(Ray Train's controller and helper actors, stage runners), which then waits for compute.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["claim_cpus", "run_in_background", "BACKGROUND_NICENESS"]
+__all__ = ["claim_cpus", "normal_priority", "can_lower_niceness", "run_in_background", "BACKGROUND_NICENESS"]
 
 BACKGROUND_NICENESS = 19
 """Niceness of helper processes that only relay (the event bus): every Ray worker process wakes
@@ -49,6 +51,38 @@ def run_in_background() -> int:
     return _renice(BACKGROUND_NICENESS, lower=False)
 
 
+def normal_priority() -> int:
+    """Every thread of this process back at niceness 0 (where the OS allows it); for a stage that
+    computes in the process Ray gave it (a ``python`` stage's function, an evaluation).
+    Returns the niceness of the calling thread."""
+    return _renice(0, lower=True)
+
+
+def can_lower_niceness() -> bool:
+    """Whether this process may lower a thread's niceness (root with CAP_SYS_NICE, or a raised
+    RLIMIT_NICE): tried on a throwaway thread, raised by one and set back."""
+    import threading
+
+    ok = [False]
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            if now >= 19:
+                return
+            os.setpriority(os.PRIO_PROCESS, tid, now + 1)
+            os.setpriority(os.PRIO_PROCESS, tid, now)
+            ok[0] = True
+        except (PermissionError, OSError):
+            pass
+
+    t = threading.Thread(target=probe, name="niceness-probe")
+    t.start()
+    t.join()
+    return ok[0]
+
+
 def _threads() -> list[int]:
     try:
         return [int(t) for t in os.listdir("/proc/self/task")]
@@ -72,4 +106,4 @@ def claim_cpus(threads: int, *, torch_threads: bool = True) -> dict[str, int]:
         import torch
 
         torch.set_num_threads(threads)
-    return {"threads": threads, "niceness": _renice(0, lower=True)}
+    return {"threads": threads, "niceness": normal_priority()}

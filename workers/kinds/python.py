@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from workers.cpu import normal_priority
 from workers.stage import StageContext
 
 
@@ -42,5 +43,6 @@ def modules(config: Config) -> list[str]:
 
 
 def run(ctx: StageContext, config: Config) -> dict[str, Any]:
+    normal_priority()  # the user's function computes here, in a Ray worker (niceness 15)
     out = resolve(config.entrypoint)(ctx, **config.params)
     return {} if out is None else out

@@ -260,8 +260,10 @@ class _Pool:
 # ---- the driver --------------------------------------------------------------------------------
 
 def _train_tokenizer(spec: BPETokenizer | CharTokenizer, units: list[Unit], text_field: str,
-                     max_bytes: int | None, max_documents: int | None) -> str:
+                     max_bytes: int | None, max_documents: int | None, threads: int) -> str:
     from workers.data import tokenizer as tk
+
+    claim_cpus(threads, torch_threads=False)  # before tokenizers starts its thread pool
 
     cap = min(spec.sample_bytes, max_bytes or spec.sample_bytes)
     texts = corpus.iter_texts(units, text_field, max_bytes=cap, max_documents=max_documents)
@@ -335,7 +337,8 @@ def _tokenizer_json(spec: TokenizerSpec, units: list[Unit], config: Config, cpus
         return storage.read_bytes(uri).decode(), spec.eos_token
     train = ray.remote(_train_tokenizer).options(num_cpus=cpus, **placement)
     try:
-        return ray.get(train.remote(spec, units, config.text_field, config.max_bytes, config.max_documents)), \
+        return ray.get(train.remote(spec, units, config.text_field, config.max_bytes, config.max_documents,
+                                    max(1, int(cpus)))), \
             tk.EOS_TOKEN
     except ray.exceptions.RayTaskError as e:
         raise _unwrap(e) from None

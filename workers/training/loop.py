@@ -445,6 +445,23 @@ def _recovery_log(ctx):
     return RecoveryLog()
 
 
+def _torch_config(workers: int, strategy: str):
+    """Ray Train's TorchConfig; on one worker without FSDP, no process group at all: the loop
+    needs none there, and gloo's loop thread would wake 100 times a second beside the step."""
+    from ray.train.backend import Backend
+    from ray.train.torch import TorchConfig
+
+    if workers > 1 or strategy == "fsdp":
+        return TorchConfig()
+
+    class OneWorker(TorchConfig):
+        @property
+        def backend_cls(self):
+            return Backend  # its hooks do nothing
+
+    return OneWorker()
+
+
 def fit(ctx, job: TrainJob) -> FitResult:
     """Train ``job`` on Ray Train with ``ctx.resources``; returns the final checkpoint.
 
@@ -466,6 +483,7 @@ def fit(ctx, job: TrainJob) -> FitResult:
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"job": job, "ctx": ctx},
+        torch_config=_torch_config(res.workers or 1, job.config.strategy),
         scaling_config=ScalingConfig(num_workers=res.workers or 1, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=job.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=job.config.max_failures),

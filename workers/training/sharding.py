@@ -240,6 +240,21 @@ def _options(model: nn.Module, **kw):
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen, **kw)
 
 
+@contextmanager
+def _dcp_options() -> Iterator[dict]:
+    """DCP's keyword for this worker: one worker trains without a process group
+    (loop._torch_config), and DCP then reads and writes as a single process (and says so in a
+    warning each time, which is expected here)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        yield {}
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield {"no_dist": True}
+
+
 def save_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shard of the trainable weights and optimizer state into
     ``directory`` (a folder of its own; Ray Train merges the ranks' folders). Collective."""
@@ -247,7 +262,8 @@ def save_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer, options=_options(model))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
+    with _dcp_options() as kw:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory), **kw)
 
 
 def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -259,7 +275,8 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     options = _options(model)
     msd, osd = get_state_dict(model, optimizer, options=options)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(directory))
+    with _dcp_options() as kw:
+        dcp.load(state, checkpoint_id=str(directory), **kw)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=options)
 
