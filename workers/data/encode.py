@@ -26,14 +26,14 @@ from workers.cpu import claim_cpus
 from workers.data import corpus
 from workers.data.corpus import Unit
 
-__all__ = ["Encoder", "encode_unit", "staged_path", "write_shard", "count_tokens"]
+__all__ = ["Encoder", "encode_unit", "staged_path", "write_shard"]
 
 
 def staged_path(split: str, unit: int) -> str:
     return f"{split}/.unit-{unit:05d}.parquet"
 
 
-def count_tokens(table: pa.Table) -> int:
+def _count_tokens(table: pa.Table) -> int:
     """Tokens in a shard's ``ids`` column (``flatten`` honours slices and filters)."""
     return sum(len(chunk.flatten()) for chunk in table.column("ids").chunks)
 
@@ -43,7 +43,7 @@ def write_shard(table: pa.Table, root: str, rel: str) -> dict[str, Any]:
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
     storage.write_bytes(storage.join(root, rel), data)  # atomic: temp + rename / single PUT
-    return {"path": rel, "documents": table.num_rows, "tokens": count_tokens(table),
+    return {"path": rel, "documents": table.num_rows, "tokens": _count_tokens(table),
             "sha256": hashlib.sha256(data).hexdigest()}
 
 

@@ -40,9 +40,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from workers import storage
-from workers.data import corpus
+from workers.data import corpus, encode
 from workers.data.corpus import CorpusError, Unit
-from workers.data import encode
 from workers.stage import StageContext
 
 DISTRIBUTED = True
@@ -476,4 +475,4 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     }
 
 
-__all__ = ["Config", "BPETokenizer", "CharTokenizer", "FileTokenizer", "run", "DISTRIBUTED"]
+__all__ = ["DISTRIBUTED", "BPETokenizer", "CharTokenizer", "Config", "FileTokenizer", "run"]
