@@ -40,7 +40,9 @@ def _count_tokens(table: pa.Table) -> int:
 
 def write_shard(table: pa.Table, root: str, rel: str) -> dict[str, Any]:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    # No dictionary encoding: zstd alone makes smaller files here (3.42 vs 3.57 MB for the stdlib
+    # corpus), and building the dictionary cost 1.4% of the encode call's CPU time (thread-time probe).
+    pq.write_table(table, buf, compression="zstd", use_dictionary=False)
     data = buf.getvalue()
     storage.write_bytes(storage.join(root, rel), data)  # atomic: temp + rename / single PUT
     return {"path": rel, "documents": table.num_rows, "tokens": _count_tokens(table),
@@ -52,7 +54,7 @@ def _token_lists(encs: list, eos_id: int, dtype: np.dtype) -> tuple[pa.ListArray
 
     One flat buffer filled from the Encodings' id lists, EOS placed by a vectorised scatter:
     half the CPU time of ``pa.array([e.ids + [eos] ...])`` (thread-time probe on the stdlib
-    corpus: 3.6% of the encode call against 7.9%)."""
+    corpus, freeing the Encodings included: 4.5% of the encode call against 8.9%)."""
     n = len(encs)
     lens = np.fromiter((len(e) for e in encs), dtype=np.int64, count=n) + 1
     offsets = np.zeros(n + 1, dtype=np.int64)
