@@ -6,12 +6,13 @@ every contender as a file, so training time is excluded everywhere.
 
 Contenders, per N in ``--workers``:
 
-- ``stage w=N``: ``workers.kinds.tokenize.run`` end to end with N encoder actors of 1 CPU each:
-  corpus planning, actor start-up, reading files, encoding, writing Parquet shards, manifest.
-  ``stage w=N encode phase`` is the same run's ``encode_s`` metric (from submitting the first
-  unit to the last result: actor start-up, reading, encoding, writing); ``inside units`` counts
-  only the actors' time in their units (``encode_busy_s`` / N: reading, encoding, writing), so
-  the gap between the two is actor start-up, dispatch and the last unit's tail.
+- ``stage w=N end to end``: ``workers.kinds.tokenize.run`` with N encoder actors of 1 CPU each,
+  wall time of the call: corpus planning, actor start-up, reading files, encoding, writing
+  Parquet shards, manifest. The same runs' metrics split it: ``start-up`` (``startup_s``: pool
+  created -> every actor up with the tokenizer loaded; printed in seconds), ``encode phase``
+  (``encode_s``: every actor ready -> last unit's result; reading, encoding, writing, dispatch,
+  the tail; start-up excluded) and ``inside units`` (``encode_busy_s`` / N: only the actors'
+  time in their units), so encode phase minus inside units is dispatch and the last unit's tail.
 - ``encode_batch_fast N thr``: the call the stage's actors make, in a fresh process with
   ``RAYON_NUM_THREADS=N`` (``TOKENIZERS_PARALLELISM=false`` for N = 1), on the texts already in
   memory: only the call is timed (reading and writing are excluded on its side, included on ours).
@@ -122,6 +123,7 @@ def main() -> None:
     first: dict[int, Path] = {}
     encode_phase: dict[int, list[float]] = {w: [] for w in args.workers}
     in_units: dict[int, list[float]] = {w: [] for w in args.workers}  # time inside encode_unit only
+    startup: dict[int, list[float]] = {w: [] for w in args.workers}  # seconds
     tokens_of: dict[str, int] = {}
 
     def stage(w: int):
@@ -135,6 +137,7 @@ def main() -> None:
             tokens = tokens_of["stage"] = out["train_tokens"] + out["val_tokens"]
             encode_phase[w].append(tokens / ctx.sink.metrics("encode_s")[-1])
             in_units[w].append(tokens / (ctx.sink.metrics("encode_busy_s")[-1] / w))
+            startup[w].append(ctx.sink.metrics("startup_s")[-1])
             first.setdefault(w, ctx.artifact_dir)
             return tokens / dt
         return once
@@ -155,6 +158,9 @@ def main() -> None:
             print()
             method.print_table(runs, reference=ref_name, unit="tokens/s", lower_is_better=False,
                                title=f"tokenize, {w} worker(s) of 1 CPU vs encode_batch_fast with {w} Rayon thread(s)")
+            s = method.summarize(startup[w][1:])
+            print(f"stage w={w} start-up (pool created -> actors loaded, in end to end, not in encode phase): "
+                  f"{s.median:.3f} s [{s.low:.3f}..{s.high:.3f}]")
             print()
     ray.shutdown()
 

@@ -119,6 +119,7 @@ def test_metrics_and_progress_are_reported(mixed):
     assert sink.metrics("tokens")[-1] == out["train_tokens"] + out["val_tokens"]
     tokens, nbytes = sink.metrics("tokens")[-1], sink.metrics("bytes")[-1]
     assert sink.metrics("tokens_per_s")[-1] > 0 and sink.metrics("bytes_per_token")[-1] == pytest.approx(nbytes / tokens)
+    assert sink.metrics("startup_s")[-1] > 0 and sink.metrics("encode_s")[-1] > 0  # actor start-up apart
     assert nbytes >= tokens - out["documents"]  # char tokenizer: one id per character (≥ 1 byte), plus one EOS per doc
     progress = [e for e in sink.events if e["type"] == "progress"]
     assert progress[-1]["done"] == progress[-1]["total"] and progress[-1]["unit"] == "shards"

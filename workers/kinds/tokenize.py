@@ -19,12 +19,13 @@ Where shards are written: actors write straight into ``ctx.artifact_dir`` when t
 output is local storage (they are pinned to the node running ``run``, which owns that folder);
 when it is an object store they write under ``ctx.scratch_uri`` from any node and ``run``
 downloads the finished shards into ``artifact_dir`` before it returns.
+
+The actors' code (``encode_unit``, the ``Encoder`` class) is ``workers.data.encode``: a lean
+module, so that each actor's fresh process imports little.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import sys
 import time
@@ -39,8 +40,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from workers import storage
-from workers.cpu import claim_cpus
-from workers.data import corpus
+from workers.data import corpus, encode
 from workers.data.corpus import CorpusError, Unit
 from workers.stage import StageContext
 
@@ -138,83 +138,6 @@ def inputs(config: Config) -> list:
     return [config.sources, config.tokenizer.path if isinstance(config.tokenizer, FileTokenizer) else None]
 
 
-# ---- encoding one unit (runs in the actors) ---------------------------------------------------
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def staged_path(split: str, unit: int) -> str:
-    return f"{split}/.unit-{unit:05d}.parquet"
-
-
-def encode_unit(tok, unit: Unit, *, text_field: str, eos_id: int, dtype: str, val_fraction: float, seed: int,
-                root: str, unk_id: int | None = None, keep_index: bool = False) -> dict[str, Any]:
-    """Read, encode and write one unit's shards under ``root``; return its counts."""
-    docs = list(corpus.read_unit(unit, text_field))
-    ids_of = [d for d, _ in docs]
-    texts = [t for _, t in docs]
-    del docs
-    doc_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
-    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-    del texts
-    # Every row ends with EOS: Arrow converts the id lists in C++ (no per-document numpy slices).
-    ids = pa.array([e.ids + [eos_id] for e in encs], type=pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))
-    del encs
-    offsets = ids.offsets.to_numpy().astype(np.int64, copy=False)
-    lens = np.diff(offsets)
-    flat = ids.values.to_numpy()
-    unknown = int(np.count_nonzero(flat == unk_id)) if unk_id is not None else 0
-    doc_ids = np.asarray(ids_of, dtype=np.int64)
-    keys = {f.index: f.key for f in unit.files}
-    mask = np.fromiter((corpus.in_val(keys[d >> corpus.POSITION_BITS], d & ((1 << corpus.POSITION_BITS) - 1),
-                                      seed, val_fraction) for d in ids_of), dtype=bool, count=len(ids_of))
-    table = pa.table({"doc_id": pa.array(doc_ids), "ids": ids})
-    shards = {}
-    for split, rows in (("train", ~mask), ("val", mask)):
-        part = table.filter(pa.array(rows))
-        shards[split] = _write_shard(part, root, staged_path(split, unit.index)) if part.num_rows else None
-    out = {"unit": unit.index, "documents": len(ids_of), "bytes": int(doc_bytes.sum()),
-           "tokens": int(flat.size), "unknown": unknown, "shards": shards}
-    if keep_index:  # only needed to cut the unit at a max_bytes / max_documents cap
-        out["doc_ids"], out["doc_bytes"], out["doc_tokens"] = doc_ids, doc_bytes, lens
-    return out
-
-
-def _write_shard(table: pa.Table, root: str, rel: str) -> dict[str, Any]:
-    data = _parquet_bytes(table)
-    storage.write_bytes(storage.join(root, rel), data)  # atomic: temp + rename / single PUT
-    tokens = int(pc.sum(pc.list_value_length(table.column("ids"))).as_py() or 0)
-    return {"path": rel, "documents": table.num_rows, "tokens": tokens, "sha256": hashlib.sha256(data).hexdigest()}
-
-
-class _Encoder:
-    """One pool member: started before the tokenizer is known (its process start and imports
-    overlap the driver's planning), then loads the tokenizer once and encodes whole units."""
-
-    def __init__(self, threads: int) -> None:
-        # Before tokenizers builds its thread pool: the CPUs this actor was given, no more, at
-        # normal priority (Ray starts actors at niceness 15).
-        claim_cpus(threads, torch_threads=False)
-        from tokenizers import Tokenizer
-
-        self._from_str = Tokenizer.from_str
-        self.tok = None
-        self.opts: dict[str, Any] = {}
-
-    def load(self, tokenizer_json: str, **opts: Any) -> None:
-        self.tok = self._from_str(tokenizer_json)
-        self.opts = opts
-
-    def encode(self, unit: Unit) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        out = encode_unit(self.tok, unit, **self.opts)
-        out["busy_s"] = time.perf_counter() - t0
-        return out
-
-
 class _Pool:
     """The encoder actors and the units in flight on each.
 
@@ -226,6 +149,7 @@ class _Pool:
         self.make = make
         self.inflight: dict[Any, int] = {}
         self.setup: tuple[str, dict[str, Any]] | None = None
+        self.started = time.perf_counter()
         for _ in range(n):
             self.add()
 
@@ -235,12 +159,12 @@ class _Pool:
         if self.setup is not None:
             a.load.remote(self.setup[0], **self.setup[1])
 
-    def load(self, tokenizer_json: str, opts: dict[str, Any]) -> None:
+    def load(self, tokenizer_json: str, opts: dict[str, Any]) -> list[Any]:
         """Every actor (and any replacement) loads the tokenizer before its first unit
-        (an actor runs one caller's calls in order)."""
+        (an actor runs one caller's calls in order); returns the first actors' load refs, done
+        when each is started and ready."""
         self.setup = (tokenizer_json, opts)
-        for a in self.inflight:
-            a.load.remote(tokenizer_json, **opts)
+        return [a.load.remote(tokenizer_json, **opts) for a in self.inflight]
 
     def pick(self, remaining: int) -> Any | None:
         """The actor to give the next unit to, of ``remaining`` undispatched ones; None: wait."""
@@ -304,7 +228,7 @@ def _truncate(result: dict[str, Any], keep: int, root: str) -> dict[str, Any]:
         table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
         part = table.filter(pc.is_in(table.column("doc_id"), value_set=pa.array(ids)))
         storage.delete(uri)
-        shards[split] = _write_shard(part, root, shard["path"]) if part.num_rows else None
+        shards[split] = encode.write_shard(part, root, shard["path"]) if part.num_rows else None
     return {**result, "documents": keep, "bytes": int(result["doc_bytes"][:keep].sum()),
             "tokens": int(result["doc_tokens"][:keep].sum()), "shards": shards}
 
@@ -364,7 +288,7 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
         node_id, placement = None, {}
     cpus = ctx.resources.cpus
     spec = config.tokenizer
-    Encoder = ray.remote(_Encoder).options(num_cpus=cpus, **placement)
+    Encoder = ray.remote(encode.Encoder).options(num_cpus=cpus, **placement)
     threads = max(1, int(cpus))
 
     def start_pool() -> _Pool:
@@ -396,7 +320,7 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     # 2. encode every unit on the actor pool
     pool = pool or start_pool()
     capped = config.max_bytes is not None or config.max_documents is not None
-    pool.load(tok_json, dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype,
+    loading = pool.load(tok_json, dict(text_field=config.text_field, eos_id=eos_id, dtype=dtype,
                              val_fraction=config.val_fraction, seed=config.seed, root=root,
                              unk_id=tok.token_to_id(tk.UNK_TOKEN), keep_index=capped))
     for split in ("train", "val"):
@@ -407,7 +331,7 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     room_bytes = float(config.max_bytes or "inf")
     stop: tuple[int, int] | None = None  # (unit index, documents kept) where a cap was reached
     prefix = 0  # units [0, prefix) are finished and counted against the caps
-    t1 = time.perf_counter()
+    t1 = ready = time.perf_counter()
     bar = tqdm(total=len(units), unit="shard", desc=f"tokenize {ctx.stage}", file=sys.stderr, disable=None)
     tries: dict[int, int] = {}
     redo: deque[int] = deque()  # units whose actor died, dispatched before new ones
@@ -427,9 +351,20 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
                 tries[i] = tries.get(i, 0) + 1
                 pool.inflight[a] += 1
                 pending[a.encode.remote(units[i])] = (a, i)
-            if not pending:
+            if not pending and not loading:
                 break
-            [ref], _ = ray.wait(list(pending), num_returns=1)
+            [ref], _ = ray.wait(list(pending) + loading, num_returns=1)
+            if ref in loading:  # an actor is up with the tokenizer loaded
+                loading.remove(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise _unwrap(e) from None
+                except ray.exceptions.RayActorError:
+                    pass  # died starting: its units are redone below
+                if not loading:
+                    ready = time.perf_counter()
+                continue
             a, i = pending.pop(ref)
             if a in pool.inflight:
                 pool.inflight[a] -= 1
@@ -468,7 +403,9 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     finally:
         bar.close()
         pool.close()
-    encode_s = time.perf_counter() - t1
+    # Start-up (pool created -> every first actor loaded) and the encode phase (-> last result)
+    # apart: end to end counts both.
+    startup_s, encode_s = ready - pool.started, time.perf_counter() - ready
     redone = sum(t - 1 for t in tries.values())
     if lost:
         ctx.set_tags({"tokenize.recovery": f"{len(lost)} encoder actor(s) died ({lost[0]}); {redone} unit(s) "
@@ -517,9 +454,9 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     storage.write_json(str(art / "manifest.json"), manifest)
     metrics = {"documents": documents, "bytes": nbytes, "tokens": tokens,
                "tokens_per_s": tokens / max(encode_s, 1e-9), "bytes_per_token": nbytes / max(tokens, 1),
-               "workers": n_workers, "tokenizer_s": train_s, "encode_s": encode_s,
+               "workers": n_workers, "tokenizer_s": train_s, "startup_s": startup_s, "encode_s": encode_s,
                # encoders' time in units (reading, encoding, writing), summed: encode_s x workers minus
-               # this is what the pool lost to actor start-up, dispatch and the last unit's tail.
+               # this is what the pool lost to dispatch and the last unit's tail.
                "encode_busy_s": sum(r["busy_s"] for r in results.values()),
                "actor_failures": len(lost), "units_redone": redone}
     if unknown:
@@ -541,4 +478,4 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     }
 
 
-__all__ = ["Config", "BPETokenizer", "CharTokenizer", "FileTokenizer", "run", "encode_unit", "DISTRIBUTED"]
+__all__ = ["DISTRIBUTED", "BPETokenizer", "CharTokenizer", "Config", "FileTokenizer", "run"]
