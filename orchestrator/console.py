@@ -129,7 +129,9 @@ class StageDisplay:
             # what the driver's Ray threads print to sys.stdout (the raylet's "N PYTHON worker
             # processes have been started" warning, relayed by Ray's error listener) back on it.
             own = self.stream in (sys.stdout, sys.stderr)
-            self._live = Live(stage_table(self.record, self.order), console=self.console, refresh_per_second=4,
+            # Redrawn once a second: the table changes once per event drain (the executor's
+            # _DRAIN_EVERY_S), and each redraw runs on the cores the stages use.
+            self._live = Live(stage_table(self.record, self.order), console=self.console, refresh_per_second=1,
                               redirect_stdout=own, redirect_stderr=own)
             self._live.__enter__()
         return self

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 CHILD = """
 import json, os, threading, time
 import torch
@@ -42,3 +44,36 @@ def test_run_in_background_lowers_every_thread():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     n, niceness = json.loads(res.stdout.strip().splitlines()[-1])
     assert n == 19 and set(niceness) == {19}
+
+
+DROP_SYS_NICE = """
+import ctypes, json, os, threading
+from workers.cpu import can_lower_niceness, normal_priority
+libc = ctypes.CDLL(None, use_errno=True)
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+out = {"privileged": can_lower_niceness()}
+def unprivileged():
+    # Capabilities are per thread, and threads inherit their creator's: drop CAP_SYS_NICE (23) here.
+    h, d = Header(0x20080522, 0), (Data * 2)()
+    assert libc.syscall(125, ctypes.byref(h), d) == 0            # capget
+    d[0].effective &= ~(1 << 23)
+    assert libc.syscall(126, ctypes.byref(h), d) == 0            # capset
+    out["unprivileged"] = can_lower_niceness()
+    out["niceness"] = normal_priority()
+t = threading.Thread(target=unprivileged); t.start(); t.join()
+print(json.dumps(out))
+"""
+
+
+def test_can_lower_niceness_says_whether_claim_cpus_will_work():
+    """The CLI's local Ray leaves its helpers at Ray's niceness 15 only where compute workers can
+    come back to 0 (root with CAP_SYS_NICE, or a raised RLIMIT_NICE); without that they cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop CAP_SYS_NICE from a thread")
+    res = subprocess.run([sys.executable, "-c", DROP_SYS_NICE], preexec_fn=lambda: os.nice(15), capture_output=True,
+                         text=True, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"privileged": True, "unprivileged": False, "niceness": 15}, out
