@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from workers import storage
+from workers.cpu import claim_cpus
 from workers.data import corpus, encode
 from workers.data.corpus import CorpusError, Unit
 from workers.stage import StageContext
