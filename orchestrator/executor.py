@@ -14,6 +14,7 @@ import ray
 
 from . import state as st
 from workers import storage
+from workers.cluster import scalable_node_shapes
 from .console import StageDisplay
 from .errors import StageError
 from .logs import STAGE_ENV, RunLogs
@@ -32,20 +33,6 @@ _DRAIN_EVERY_S = 1.0
 # CLI took ~2.5% of a core during a 2-thread step on 2 cores (issue 14); once a second is
 # plenty for a progress column and loss curves, and a finished stage is still seen at once
 # (the loop waits on the stages' refs, not on the clock).
-
-
-def _scalable_nodes() -> list[dict]:
-    """Node shapes an autoscaling cluster can still start (its launcher config's worker types):
-    a GPU stage on a cluster whose GPU workers scale from zero is feasible, not failed."""
-    try:
-        from ray._private.state import state  # no public API for the autoscaler's node types
-
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler, or an older Ray: live nodes only
-        return []
-    if config is None:
-        return []
-    return [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
 
 
 class Executor:
@@ -221,7 +208,7 @@ class Executor:
     def _infeasible(self, s: PlannedStage) -> str | None:
         """A reason the cluster can never run this stage (asking more than any node has)."""
         if self._nodes is None or time.monotonic() - self._nodes[0] > 5.0:
-            self._nodes = (time.monotonic(), [n["Resources"] for n in ray.nodes() if n.get("Alive")] + _scalable_nodes())
+            self._nodes = (time.monotonic(), [n["Resources"] for n in ray.nodes() if n.get("Alive")] + scalable_node_shapes())
         nodes = self._nodes[1]
         r = s.resources
         if not any(n.get("CPU", 0) >= r.cpus and n.get("GPU", 0) >= r.gpus for n in nodes):

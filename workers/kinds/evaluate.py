@@ -35,9 +35,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers import storage
+from workers.cluster import ActorGroup, check_fits, count_of
 from workers.rl.checks import Check, resolve_check
 from workers.checkpoints import Checkpoint, open_checkpoint
-from workers.rl.ranking import RankingPool, RewardConfig, resolve_reward, reward_modules
+from workers.rl.ranking import RankingPool, RewardConfig, ranking_actors, resolve_reward, reward_modules
 from workers.rl.rollout import PromptSource, RolloutPool, load_prompts
 
 DISTRIBUTED = True
@@ -234,7 +235,7 @@ def run(ctx, config: Config) -> dict[str, Any]:
     checkpoint = ctx.upstream("checkpoint", config.checkpoint, field="checkpoint")
     baseline = ctx.upstream("checkpoint", config.baseline, field="baseline") if config.baseline else None
     res = ctx.resources
-    workers = config.workers or res.workers or 1
+    workers, workers_field = count_of(("config.workers", config.workers), ("resources.workers", res.workers))
     out: dict[str, Any] = {"checkpoint": checkpoint}
     docs = perplexity_documents(ctx, config, open_checkpoint(checkpoint, load=None)) if config.data is not None else None
     sampling = config.reward is not None or bool(config.checks)
@@ -251,6 +252,9 @@ def run(ctx, config: Config) -> dict[str, Any]:
     texts: dict[str, tuple[list[str], list[str]]] = {}
     scores: dict[str, list[float]] = {}
     model_groups = None
+    # one model's rollout actors beside the ranking actors: on too small a cluster some would wait forever
+    check_fits(ctx.stage, [ActorGroup("rollout actor", workers, workers_field, res.cpus, res.gpus, "resources"),
+                           *([ranking_actors(config.reward)] if source is not None else [])])
     # started first: its actors load while the models' actors work
     ranking = RankingPool.from_config(source, config.reward) if source is not None else None
     try:

@@ -36,9 +36,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from workers import storage
+from workers.cluster import ActorGroup, check_fits, count_of
 from workers.cpu import claim_cpus
 from workers.checkpoints import Checkpoint, cast_model_files, local_folder, open_checkpoint
-from workers.rl.ranking import Ranking, RankingPool, RewardConfig, resolve_reward, reward_modules
+from workers.rl.ranking import (Ranking, RankingPool, RewardConfig, ranking_actors, resolve_reward,
+                                reward_modules)
 from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
 from workers.training.loop import ShardingConfig
 from workers.training.params import OptimizerConfig, knob
@@ -563,7 +565,13 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         raise ValueError(f"eval_prompts: got {config.eval_prompts} with {len(prompts)} prompts; "
                          "no prompts are left for training")
     res = ctx.resources
-    workers = config.rollout_workers or res.workers or 1
+    workers, workers_field = count_of(("config.rollout_workers", config.rollout_workers),
+                                      ("resources.workers", res.workers))
+    check_fits(ctx.stage, [  # all three groups at once: on too small a cluster the last would wait forever
+        ActorGroup("rollout actor", workers, workers_field, res.cpus, res.gpus, "resources"),
+        ranking_actors(config.reward),
+        ActorGroup("learner", config.learner_workers, "config.learner_workers", res.cpus, res.gpus, "resources"),
+    ])
     root = storage.join(ctx.scratch_uri or str(Path(ctx.artifact_dir) / ".scratch"), "rlhf")
 
     rollout_pool = ranking_pool = learner = None

@@ -20,11 +20,12 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from workers.cluster import ActorGroup
 from workers.cpu import claim_cpus
 
 __all__ = [
     "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
-    "resolve_reward", "order_of", "make_scorer", "reward_modules",
+    "resolve_reward", "order_of", "make_scorer", "reward_modules", "ranking_actors",
 ]
 
 ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -247,6 +248,12 @@ def make_scorer(source: RewardSource, batch_size: int = 32) -> Callable[[list[st
 
 
 # ----------------------------------------------------------------------------- the actor pool
+
+
+def ranking_actors(config: RewardConfig) -> ActorGroup:
+    """What the ranking pool ``config`` asks of the cluster (``workers.cluster.check_fits``)."""
+    return ActorGroup("ranking actor", config.num_actors, "config.reward.num_actors", config.cpus, config.gpus,
+                      "config.reward")
 
 
 class RankingActor:
