@@ -321,20 +321,31 @@ async def _send(client: httpx.AsyncClient, url: str, req: dict) -> tuple[int, di
 
 
 async def _well_formed(client: httpx.AsyncClient, url: str, req: dict) -> str:
+    """A well-formed client, which (as OpenAI's client does) retries a 503 "overloaded": hostile
+    requests with ``n`` > 1 can fill the batch and the queue, and saying so is the server's job."""
     body = {"model": MODEL, **req}
-    if not req["stream"]:
-        r = await client.post(f"{url}/v1/completions", json=body, headers=AUTH)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-    text = ""
-    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                text += "".join(c["text"] for c in chunk["choices"])
-    return text
+    for attempt in range(50):
+        if not req["stream"]:
+            r = await client.post(f"{url}/v1/completions", json=body, headers=AUTH)
+            if r.status_code == 503 and r.json()["error"]["code"] == "overloaded":
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+        text = ""
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH) as r:
+            if r.status_code == 503:
+                assert json.loads(await r.aread())["error"]["code"] == "overloaded"
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    text += "".join(c["text"] for c in chunk["choices"])
+        return text
+    raise AssertionError(f"still overloaded after 50 tries: {req}")
 
 
 def test_hostile_clients_beside_well_formed_streams(server, caplog):
