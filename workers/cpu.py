@@ -53,7 +53,7 @@ def run_in_background() -> int:
 
 def normal_priority() -> int:
     """Every thread of this process back at niceness 0 (where the OS allows it); for a stage that
-    computes in the process Ray gave it (a ``python`` stage's function, an evaluation).
+    computes in the process Ray gave it (a ``python`` stage's function).
     Returns the niceness of the calling thread."""
     return _renice(0, lower=True)
 
@@ -125,7 +125,8 @@ def claim_cpus(threads: int, *, torch_threads: bool = True) -> dict[str, int]:
     """Run this worker at normal priority with ``threads`` compute threads.
 
     Sets torch's intra-op threads (when ``torch_threads``, and then keeps freed tensor memory
-    for reuse: ``keep_freed_memory``) and the environment read by thread pools that start later (OpenMP, MKL, Rayon for ``tokenizers``). Call it from the thread that
+    for reuse: ``keep_freed_memory``) and the environment read by thread pools that start
+    later (OpenMP, MKL, Rayon for ``tokenizers``). Call it from the thread that
     does the work (Ray Train runs the loop in its own thread; OpenMP settings are per thread).
     Returns ``{"threads", "niceness"}`` so the caller can record what it got.
     """
