@@ -5,9 +5,11 @@ family, local or a storage URI) from an upstream stage's ``checkpoint`` output o
 ``config.checkpoint``; records from ``config.data`` (JSONL, Parquet, ``builtin:stdlib-docstrings``;
 see ``workers.data.records``). Each record becomes ``prompt + response + EOS`` (the prompt
 rendered as the server's chat endpoint renders it), padded to the context; the loss covers
-response tokens (and the EOS) only. Full fine-tuning, or LoRA (``lora:``) with the adapters
-merged into the saved weights. Output: a self-contained checkpoint in the Hugging Face layout
-(its chat template in chat_template.jinja, ``prompt_template`` in config.json).
+response tokens (and the EOS) only. Full fine-tuning, or LoRA (``lora:``, targets named as the
+family's Hugging Face Linear layers). Output: a self-contained checkpoint in the Hugging Face
+layout (its chat template in chat_template.jinja, ``prompt_template`` in config.json), the LoRA
+adapters merged into it; with ``lora.save`` adapter or both, a PEFT adapter folder (``adapter``
+output, with the tokenizer side) for the base named by ``base_checkpoint``.
 
 The loop (DDP, checkpoint/resume, LR schedule) is ``workers.training.loop.fit``; what this kind
 shares with `reward` (base checkpoint, records, split, publishing) is ``workers.training.supervised``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +36,8 @@ from workers.training.supervised import (RecordsConfig, config_extra, load_train
                                          write_splits)
 
 DISTRIBUTED = True
+ADAPTER = "adapter"
+"""The PEFT adapter folder's name, in the training checkpoint and in the stage's artifacts."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -44,10 +49,16 @@ class LoraFields(BaseModel):
     rank: int = Field(8, ge=1, description="Rank r of the adapters A (r, in) and B (out, r).")
     alpha: float = Field(16.0, gt=0, description="Scale: the update is (alpha / rank) * B @ A.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
-    target_modules: list[Literal["c_attn", "c_proj", "c_fc"]] = Field(
-        ["c_attn", "c_proj", "c_fc"], min_length=1,
-        description="Linear layers to adapt: c_attn (attention qkv), c_proj (attention and MLP outputs), "
-                    "c_fc (MLP input).")
+    target_modules: list[str] | None = Field(
+        None, min_length=1,
+        description="Linear layers to adapt, by their Hugging Face names (matched as PEFT does: the name or "
+                    "a dotted suffix of it). GPT-2: c_attn (attention qkv), c_proj (attention and MLP outputs; "
+                    "attn.c_proj or mlp.c_proj for one), c_fc (MLP input). Llama, Mistral, Qwen2: q_proj, "
+                    "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. Default: all of the family's.")
+    save: Literal["merged", "adapter", "both"] = Field(
+        "merged", description="What the stage writes: merged (the adapters folded into the weights: the "
+                              "`checkpoint` output), adapter (a PEFT adapter folder: the `adapter` output, with "
+                              "`base_checkpoint` naming its base; no `checkpoint`), or both.")
 
 
 class Config(RecordsConfig):
@@ -55,8 +66,8 @@ class Config(RecordsConfig):
     messages_field: str = Field("messages", description="The record field holding an OpenAI-style messages "
                                 "list (used when a record has no prompt_field); the last message, the "
                                 "assistant's, is the response.")
-    lora: LoraFields | None = Field(None, description="Train LoRA adapters instead of every weight; they are "
-                                    "merged into the saved checkpoint.")
+    lora: LoraFields | None = Field(None, description="Train LoRA adapters instead of every weight; saved merged "
+                                    "into the checkpoint, as a PEFT adapter, or both (`lora.save`).")
 
 
 # ----------------------------------------------------------------------------- SFT pieces (picklable)
@@ -67,14 +78,19 @@ def _has_lora(model) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def save_policy(model, directory: Path, *, extra: dict) -> None:
-    """HF-layout checkpoint; with LoRA, the adapters merged into the weights."""
+def save_policy(model, directory: Path, *, extra: dict, save: str = "merged", base_model: str | None = None) -> None:
+    """HF-layout checkpoint; with LoRA, the adapters merged into the weights (``save`` merged or
+    both) and/or a PEFT adapter folder for ``base_model`` in ``directory/adapter`` (adapter or both)."""
     from workers.model.hf import save_model
-    from workers.model.lora import merge_lora
+    from workers.model.lora import merge_lora, save_peft_adapter
 
-    if _has_lora(model):
-        model = merge_lora(copy.deepcopy(model))
-    save_model(model, directory, extra=extra)
+    if not _has_lora(model):
+        save_model(model, directory, extra=extra)
+        return
+    if save in ("adapter", "both"):
+        save_peft_adapter(model, Path(directory) / ADAPTER, base_model=base_model)
+    if save in ("merged", "both"):
+        save_model(merge_lora(copy.deepcopy(model)), directory, extra=extra)
 
 
 def sft_batch(rows: dict[str, np.ndarray]):
@@ -129,7 +145,11 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
 
     workers = ctx.resources.workers or 1
     global_rows = config.batch_size * config.grad_accum * workers
-    lora = config.lora.model_dump() if config.lora else None
+    lora = None
+    if config.lora:
+        from workers.model.lora import check_target_modules
+        check_target_modules(config.lora.target_modules, base.config.get("model_type", "gpt2"))
+        lora = config.lora.model_dump(exclude={"save"})
     job = TrainJob(
         name="finetune",
         config=config,
@@ -138,7 +158,8 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
         make_batches=functools.partial(make_example_batches, train_uri=train_uri, val_uri=val_uri, config=config,
                                        to_batch=sft_batch),
         loss_fn=sft_loss,
-        save_model=functools.partial(save_policy, extra=config_extra(base, chat, prompt_template)),
+        save_model=functools.partial(save_policy, extra=config_extra(base, chat, prompt_template),
+                                     save=config.lora.save if config.lora else "merged", base_model=base.uri),
         tokens_per_step=global_rows * (width - 1),
         threads_per_worker=max(1, int(ctx.resources.cpus)),
         fault=fault,
@@ -153,10 +174,20 @@ def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str
     ctx.log_metrics(stats)
     result = fit(ctx, job)
     state = result.state
-    checkpoint = publish(ctx, result, "checkpoint", base, chat)
+    save = config.lora.save if config.lora else "merged"
+    outputs: dict[str, Any] = {}
+    if save != "merged":
+        adapter = Path(ctx.artifact_dir) / ADAPTER
+        shutil.copytree(result.checkpoint_dir / ADAPTER, adapter, dirs_exist_ok=True)
+        base.write_tokenizer(adapter, chat_template=chat)  # as PEFT folders carry it: the adapter is served with it
+        outputs.update(adapter=storage.join(ctx.output_uri, ADAPTER), base_checkpoint=base.uri)
+    if save == "adapter":
+        result.cleanup()
+    else:
+        checkpoint = publish(ctx, result, "checkpoint", base, chat)
+        outputs.update(checkpoint=checkpoint, tokenizer=storage.join(checkpoint, "tokenizer.json"))
     return {
-        "checkpoint": checkpoint,
-        "tokenizer": storage.join(checkpoint, "tokenizer.json"),
+        **outputs,
         "final_train_loss": state.get("train_loss"),
         "final_val_loss": state.get("val_loss"),
         "steps": int(state["step"]),

@@ -30,7 +30,7 @@ import torch
 from workers.model.transformer import GPT, GPTConfig
 
 __all__ = ["load_model", "save_model", "read_model_config", "read_config", "MODEL_TYPES",
-           "DEFAULT_MAX_SHARD_BYTES", "atomic_write"]
+           "DEFAULT_MAX_SHARD_BYTES", "atomic_write", "block_linears"]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
 _INDEX = "model.safetensors.index.json"
@@ -236,6 +236,21 @@ def _llama_map(cfg: GPTConfig) -> dict[str, _Weight]:
 
 
 _WEIGHT_MAPS = {"gpt2": _gpt2_map, "llama": _llama_map, "mistral": _llama_map, "qwen2": _llama_map}
+
+
+def block_linears(cfg: GPTConfig) -> tuple[str, dict[str, tuple[str, int, int | None]]]:
+    """(model_type, {Hugging Face name of a block's Linear layer: (our nn.Linear holding it, its
+    first output row there, its row count or None for all)}), read off the weight map: Llama's
+    ``self_attn.q_proj`` is rows [0, n_head * head_size) of our fused ``attn.c_attn``, GPT-2's
+    ``attn.c_attn`` is ours whole. LoRA targets and PEFT adapters are named by it."""
+    model_type = _family(cfg, None)
+    out: dict[str, tuple[str, int, int | None]] = {}
+    for ours, w in _WEIGHT_MAPS[model_type](cfg).items():
+        if ".h." in ours and ours.endswith(".weight") and ".ln_" not in ours:
+            rows = w.sizes or (None,)
+            for name, row, n in zip(w.hf, [0, *itertools.accumulate(w.sizes)], rows):
+                out[name.removesuffix(".weight")] = (ours.removesuffix(".weight"), row, n)
+    return model_type, out
 # Non-weight buffers some writers store: GPT-2's causal-mask buffers, old Llama rotary tables.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
