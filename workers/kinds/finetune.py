@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers import storage
 from workers.checkpoints import Checkpoint
@@ -59,6 +59,13 @@ class LoraFields(BaseModel):
         "merged", description="What the stage writes: merged (the adapters folded into the weights: the "
                               "`checkpoint` output), adapter (a PEFT adapter folder: the `adapter` output, with "
                               "`base_checkpoint` naming its base; no `checkpoint`), or both.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_names(cls, v: list[str] | None) -> list[str] | None:
+        from workers.model.lora import check_target_modules
+        check_target_modules(v)  # the family's own names are checked once the checkpoint is known
+        return v
 
 
 class Config(RecordsConfig):

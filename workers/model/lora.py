@@ -118,13 +118,25 @@ def target_names(cfg) -> list[str]:
     return list(dict.fromkeys(short + [".".join(p[-2:]) for p in first if short.count(p[-1]) > 1]))
 
 
-def check_target_modules(target_modules, model_type: str) -> None:
-    """Raise the error ``apply_lora`` would for a checkpoint of ``model_type`` (config.json's),
-    before any weight is loaded: the names come from a one-block model of the family."""
+def _probe(model_type: str):
+    """A one-block model config of the family (llama, mistral and qwen2 share their names)."""
     from workers.model.transformer import config_for
 
-    family = "tiny" if model_type == "gpt2" else "llama-tiny"  # llama, mistral, qwen2 share the names
-    _resolve(config_for({"size": family, "n_layer": 1}, 8), target_modules, model_type)
+    return config_for({"size": "tiny" if model_type == "gpt2" else "llama-tiny", "n_layer": 1}, 8)
+
+
+def check_target_modules(target_modules, model_type: str | None = None) -> None:
+    """Raise the error ``apply_lora`` would for a checkpoint of ``model_type`` (config.json's),
+    before any weight is loaded. Without a model_type (a config checked before its checkpoint is
+    known): each name's last part must be a Linear name of some family."""
+    if model_type is not None:
+        _resolve(_probe(model_type), target_modules, model_type)
+        return
+    known = {n.rsplit(".", 1)[-1]: None for f in ("gpt2", "llama") for n in target_names(_probe(f))}
+    bad = [t for t in target_modules or () if t.rsplit(".", 1)[-1] not in known]
+    if bad:
+        raise ValueError(f"lora.target_modules: got {bad}; allowed: the model family's Hugging Face Linear names "
+                         f"({', '.join(known)})")
 
 
 def _resolve(cfg, target_modules, model_type: str | None = None) -> dict[str, list[tuple[str, int, int | None]]]:
