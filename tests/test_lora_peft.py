@@ -163,15 +163,28 @@ def test_the_stage_refuses_another_familys_names_before_training(bases, tmp_path
         finetune.build_job(local_context(tmp_path, "finetune"), cfg)
 
 
-def test_save_adapter_alone_writes_no_merged_weights(bases, tmp_path):
+def test_save_adapter_alone_publishes_the_adapter_and_no_checkpoint(bases, tmp_path):
+    """lora.save: adapter: the training checkpoint holds the adapter folder alone, and the stage's
+    outputs name it and its base, with no `checkpoint` (a downstream stage asking for one is told so)."""
     from workers.kinds import finetune
+    from workers.stage import local_context
+    from workers.training.loop import FitResult
 
     model = load_model(bases["gpt2"], dtype=torch.float32)
     apply_lora(model, rank=2, alpha=4.0)
-    finetune.save_policy(model, tmp_path, extra={}, save="adapter", base_model=str(bases["gpt2"]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
-                                                                       "adapter_model.safetensors"]
+    trained = tmp_path / "train"
+    finetune.save_policy(model, trained, extra={}, save="adapter", base_model=str(bases["gpt2"]))
+    assert sorted(p.name for p in trained.iterdir()) == ["adapter"]
+    ctx = local_context(tmp_path, "finetune")
+    base = open_checkpoint(bases["gpt2"], load=None)
+    out = finetune.publish_outputs(ctx, FitResult(trained, {}), base, TEMPLATE, "adapter")
+    assert out == {"adapter": str(ctx.artifact_dir / "adapter"), "base_checkpoint": str(bases["gpt2"])}
+    assert sorted(p.name for p in (ctx.artifact_dir / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "generation_config.json",
+        "tokenizer.json", "tokenizer_config.json"]
+    downstream = local_context(tmp_path, "rlhf", inputs={"finetune": out})
+    with pytest.raises(ValueError, match=r"upstream 'finetune' has no `checkpoint` output"):
+        downstream.upstream("checkpoint", "finetune", field="policy")
 
 
 # ----------------------------------------------------------------------------- the real stage

@@ -175,26 +175,31 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
     return job, base, chat, stats
 
 
-def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str, Any]:
-    """Fine-tune; ``fault`` is a test hook (never set by the executor)."""
-    job, base, chat, stats = build_job(ctx, config, fault)
-    ctx.log_metrics(stats)
-    result = fit(ctx, job)
-    state = result.state
-    save = config.lora.save if config.lora else "merged"
+def publish_outputs(ctx, result, base: Checkpoint, chat: str, save: str) -> dict[str, Any]:
+    """The trained model into the stage's artifacts: the merged ``checkpoint`` (save merged or
+    both) and/or the PEFT ``adapter`` folder with its tokenizer side and ``base_checkpoint``."""
     outputs: dict[str, Any] = {}
     if save != "merged":
         adapter = Path(ctx.artifact_dir) / ADAPTER
-        shutil.copytree(result.checkpoint_dir / ADAPTER, adapter, dirs_exist_ok=True)
-        base.write_tokenizer(adapter, chat_template=chat)  # as PEFT folders carry it: the adapter is served with it
+        shutil.copytree(Path(result.checkpoint_dir) / ADAPTER, adapter, dirs_exist_ok=True)
+        base.write_tokenizer(adapter, chat_template=chat)  # as PEFT folders carry it
         outputs.update(adapter=storage.join(ctx.output_uri, ADAPTER), base_checkpoint=base.uri)
     if save == "adapter":
         result.cleanup()
     else:
         checkpoint = publish(ctx, result, "checkpoint", base, chat)
         outputs.update(checkpoint=checkpoint, tokenizer=storage.join(checkpoint, "tokenizer.json"))
+    return outputs
+
+
+def run(ctx, config: Config, *, fault: FaultInjection | None = None) -> dict[str, Any]:
+    """Fine-tune; ``fault`` is a test hook (never set by the executor)."""
+    job, base, chat, stats = build_job(ctx, config, fault)
+    ctx.log_metrics(stats)
+    result = fit(ctx, job)
+    state = result.state
     return {
-        **outputs,
+        **publish_outputs(ctx, result, base, chat, config.lora.save if config.lora else "merged"),
         "final_train_loss": state.get("train_loss"),
         "final_val_loss": state.get("val_loss"),
         "steps": int(state["step"]),
