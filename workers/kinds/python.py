@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from workers.cpu import normal_priority
 from workers.stage import StageContext
@@ -18,6 +18,14 @@ class Config(BaseModel):
                             description="The function to call, as module:function; it gets (ctx, **params) "
                                         "and returns a JSON-serialisable dict of outputs.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
+    inputs: list[str] = Field(default_factory=list,
+                              description="More files, folders, globs or storage URIs the function reads that no "
+                                          "config string names (paths built in code): their contents join the cache "
+                                          "key. Paths named in params are inputs already.")
+    env: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list,
+        description="Environment variables the function reads: their values (as the driver sees them; hashed, "
+                    "never stored) join the cache key. Other variables are not part of it.")
 
 
 def resolve(entrypoint: str) -> Callable[..., Any]:
@@ -37,9 +45,13 @@ def check(config: Config) -> None:
         raise ValueError(f"entrypoint: cannot import {config.entrypoint!r}: {type(e).__name__}: {e}") from None
 
 
-def modules(config: Config) -> list[str]:
-    """The user's module: it and the local modules it imports join the fingerprint."""
-    return [config.entrypoint.partition(":")[0]]
+def inputs(config: Config) -> list[str]:
+    """Inputs the params cannot show (kept in the key even while missing)."""
+    return config.inputs
+
+
+def env(config: Config) -> list[str]:
+    return config.env
 
 
 def run(ctx: StageContext, config: Config) -> dict[str, Any]:
