@@ -25,9 +25,10 @@ from typing import Any, Callable
 import pytest
 
 from orchestrator import runs
-from orchestrator.fingerprint import FAKE_VERSIONS_ENV, explain, scan_config
+from orchestrator.fingerprint import FAKE_VERSIONS_ENV, explain, input_signatures, scan_config
 from orchestrator.state import RunState, StageState
 from tests.test_faults import _write_corpus
+from workers import storage
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cret-value-never-stored"
@@ -317,6 +318,20 @@ def test_which_config_strings_are_inputs_and_modules(tmp_path, monkeypatch):
     inputs, modules = scan_config(config, upstreams={"up"}, roots=[str(pipe), str(cwd)])
     assert inputs == ["shards", "word", "here.txt", "s3://bucket/key", "shards/*.bin"]
     assert modules == ["keymod", "keypkg.sub"]  # json (stdlib) and torch (site-packages) are not followed
+
+    # how each is known: the working directory's here.txt first; folders without __pycache__ or
+    # the storage root; big files by size and mtime
+    (pipe / "shards" / "__pycache__").mkdir()
+    (pipe / "shards" / "__pycache__" / "x.pyc").write_text("")
+    (pipe / "shards" / "store").mkdir()
+    (pipe / "shards" / "store" / "out.bin").write_text("")
+    with open(pipe / "shards" / "big.bin", "wb") as f:
+        f.truncate((4 << 20) + 1)
+    sigs = input_signatures(["here.txt", "shards"], [str(pipe), str(cwd)], exclude=[str(pipe / "shards" / "store")])
+    assert sigs["here.txt"] == {str(cwd / "here.txt"): storage.sha256_file(cwd / "here.txt")[:16]}
+    big = (pipe / "shards" / "big.bin").stat()
+    assert sigs["shards"] == {str(pipe / "shards" / "a.bin"): storage.sha256_file(pipe / "shards" / "a.bin")[:16],
+                              str(pipe / "shards" / "big.bin"): f"{big.st_size}:{big.st_mtime_ns}"}
 
 
 def test_a_declared_input_counts_while_missing_and_env_values_are_digests(tmp_path, monkeypatch):
