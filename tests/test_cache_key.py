@@ -350,9 +350,10 @@ def test_a_declared_input_counts_while_missing_and_env_values_are_digests(tmp_pa
 
 
 def test_env_names_are_checked():
-    from pydantic import ValidationError
+    from orchestrator.errors import SpecError
+    from orchestrator.spec import check_stages, parse_pipeline
 
-    from workers.kinds import python
-
-    with pytest.raises(ValidationError, match="env.0"):
-        python.Config(entrypoint="m:f", env=["NOT-A-NAME"])
+    p = parse_pipeline({"name": "p", "stages": {"a": {"kind": "python", "config": {
+        "entrypoint": "json:dumps", "env": ["OK_1", "A-B"]}}}})
+    with pytest.raises(SpecError, match=r"stages.a.config.env: not an environment variable name: 'A-B'"):
+        check_stages(p)

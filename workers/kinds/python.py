@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Annotated, Any, Callable
+import re
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.cpu import normal_priority
 from workers.stage import StageContext
@@ -22,10 +23,19 @@ class Config(BaseModel):
                               description="More files, folders, globs or storage URIs the function reads that no "
                                           "config string names (paths built in code): their contents join the cache "
                                           "key. Paths named in params are inputs already.")
-    env: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
-        default_factory=list,
-        description="Environment variables the function reads: their values (as the driver sees them; hashed, "
-                    "never stored) join the cache key. Other variables are not part of it.")
+    env: list[str] = Field(default_factory=list,
+                           description="Environment variables the function reads: their values (as the driver "
+                                       "sees them; hashed, never stored) join the cache key. Other variables "
+                                       "are not part of it.")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:
+            raise ValueError(f"not an environment variable name: {bad[0]!r} (letters, digits and _, "
+                             "not starting with a digit)")
+        return v
 
 
 def resolve(entrypoint: str) -> Callable[..., Any]:
