@@ -357,3 +357,32 @@ def test_env_names_are_checked():
         "entrypoint": "json:dumps", "env": ["OK_1", "A-B"]}}}})
     with pytest.raises(SpecError, match=r"stages.a.config.env: not an environment variable name: 'A-B'"):
         check_stages(p)
+
+
+def test_a_pooled_worker_forgets_an_edited_module_found_on_pythonpath(tmp_path, monkeypatch):
+    """The runner drops loaded user modules when one was edited: those on PYTHONPATH too (outside
+    the pipeline's folder and the working directory), as the key follows them."""
+    from orchestrator import runner
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "pooledmod.py").write_text("VALUE = 1\n")
+    import pooledmod
+
+    roots = [str(tmp_path / "elsewhere")]
+    saved = dict(sys.modules)  # this process's project modules are dropped too: put them back after
+    try:
+        runner._forget_edited_code(roots)  # notes what is loaded
+        assert "pooledmod" in sys.modules
+        st = (tmp_path / "pooledmod.py").stat()
+        (tmp_path / "pooledmod.py").write_text("VALUE = 2\n")
+        os.utime(tmp_path / "pooledmod.py", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        runner._forget_edited_code(roots)
+        assert "pooledmod" not in sys.modules and "json" in sys.modules  # the stdlib stays
+        import pooledmod as again
+
+        assert again.VALUE == 2 and pooledmod.VALUE == 1
+    finally:
+        sys.modules.pop("pooledmod", None)
+        for name, module in saved.items():
+            if name != "pooledmod":
+                sys.modules[name] = module
