@@ -29,6 +29,8 @@ of the packages that change its numbers, and the upstream fingerprints. Its part
   stands for it), ``builtin:`` data (part of the code), and strings with a line break or longer
   than 4096 characters (text, not paths). A kind's ``inputs(config)`` adds what its config
   cannot show (a ``python`` stage's ``inputs: [...]``); those are recorded even when missing.
+  A kind's ``untracked(config)`` names config keys whose strings are not inputs (a ``python``
+  stage's ``untracked: [params.log_dir]``: folders it writes to or signals through).
   A folder is listed recursively, leaving out ``__pycache__`` and the pipeline's storage root
   (which holds the stage's own outputs). Each local file is known by its content hash up to
   4 MiB, else by size and modification time; a remote object by size and modification time.
@@ -154,7 +156,8 @@ def stage_parts(kind_module: Any, cfg: Any, *, upstreams: set[str], roots: list[
     ``cfg`` (an instance of ``kind_module.Config``). ``roots``: the pipeline's folder, then the
     working directory."""
     config = cfg.model_dump(mode="json")
-    found_inputs, found_modules = scan_config(config, upstreams=upstreams, roots=roots)
+    untracked = getattr(kind_module, "untracked", lambda c: [])(cfg)
+    found_inputs, found_modules = scan_config(config, upstreams=upstreams, roots=roots, untracked=untracked)
     declared = [x for x in _flatten(getattr(kind_module, "inputs", lambda c: [])(cfg))
                 if x not in upstreams and not x.startswith("builtin:")]
     modules = [kind_module.__name__, *getattr(kind_module, "modules", lambda c: [])(cfg), *found_modules]
@@ -189,12 +192,17 @@ def config_strings(config: Any, path: str = "config") -> Iterator[tuple[str, str
             yield from config_strings(v, f"{path}[{i}]")
 
 
-def scan_config(config: Any, *, upstreams: set[str], roots: list[str]) -> tuple[list[str], list[str]]:
-    """(inputs, modules) the strings of ``config`` name, by the rules of this module's docstring."""
+def scan_config(config: Any, *, upstreams: set[str], roots: list[str],
+                untracked: list[str] = ()) -> tuple[list[str], list[str]]:
+    """(inputs, modules) the strings of ``config`` name, by the rules of this module's docstring;
+    ``untracked``: config keys (``params.log_dir``) whose strings are left out."""
     inputs: list[str] = []
     modules: list[str] = []
     finder = _Finder(roots)
-    for _, s in config_strings(config):
+    skip = tuple(f"config.{key}" for key in untracked)
+    for where, s in config_strings(config):
+        if any(where == k or where.startswith((k + ".", k + "[")) for k in skip):
+            continue
         if (not s.strip() or s in upstreams or s.startswith("builtin:") or "\n" in s or "\r" in s
                 or "\0" in s or len(s) > _PATH_LIMIT):
             continue

@@ -318,6 +318,9 @@ def test_which_config_strings_are_inputs_and_modules(tmp_path, monkeypatch):
     inputs, modules = scan_config(config, upstreams={"up"}, roots=[str(pipe), str(cwd)])
     assert inputs == ["shards", "word", "here.txt", "s3://bucket/key", "shards/*.bin"]
     assert modules == ["keymod", "keypkg.sub"]  # json (stdlib) and torch (site-packages) are not followed
+    # keys a python stage marks `untracked` (folders it writes to) are left out, nested ones included
+    inputs, _ = scan_config(config, upstreams={"up"}, roots=[str(pipe), str(cwd)], untracked=["b", "a"])
+    assert inputs == ["s3://bucket/key", "shards/*.bin"]
 
     # how each is known: the working directory's here.txt first; folders without __pycache__ or
     # the storage root; big files by size and mtime

@@ -19,6 +19,8 @@ A stage kind is one module in ``workers/kinds/`` with:
 - optionally ``modules(config) -> list[str]``: modules loaded by names the config does not hold;
 - optionally ``env(config) -> list[str]``: environment variables whose values change the
   outputs (their values join the key as digests, never in clear);
+- optionally ``untracked(config) -> list[str]``: config keys (``params.log_dir``) whose strings
+  are not inputs (paths the stage only writes to);
 - optionally ``CACHEABLE = False`` when outputs are live things (an endpoint) that a later run
   cannot reuse;
 - optionally ``check(config)`` raising ``ValueError("field: message")`` for problems found at

@@ -23,6 +23,10 @@ class Config(BaseModel):
                               description="More files, folders, globs or storage URIs the function reads that no "
                                           "config string names (paths built in code): their contents join the cache "
                                           "key. Paths named in params are inputs already.")
+    untracked: list[str] = Field(default_factory=list,
+                                 description="Keys under config (e.g. params.log_dir) whose paths are not inputs: "
+                                             "folders or files the function only writes to or signals through. "
+                                             "Their contents stay out of the cache key (the values stay in).")
     env: list[str] = Field(default_factory=list,
                            description="Environment variables the function reads: their values (as the driver "
                                        "sees them; hashed, never stored) join the cache key. Other variables "
@@ -62,6 +66,10 @@ def inputs(config: Config) -> list[str]:
 
 def env(config: Config) -> list[str]:
     return config.env
+
+
+def untracked(config: Config) -> list[str]:
+    return config.untracked
 
 
 def run(ctx: StageContext, config: Config) -> dict[str, Any]:
