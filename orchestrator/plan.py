@@ -74,7 +74,8 @@ def build_plan(p: Pipeline, resolved: dict[str, dict[str, Any]]) -> Plan:
     planned = []
     for name in graph.topological_order(needs):
         s, r = p.stages[name], resolved[name]
-        parts = Components(s.kind, r["config"], r["code"], r["inputs"], {d: fps[d] for d in needs[name]})
+        parts = Components(s.kind, r["config"], r["code"], r["inputs"], {d: fps[d] for d in needs[name]},
+                           env=r.get("env", {}), versions=r.get("versions", {}))
         fps[name] = fp = parts.digest()
         planned.append(PlannedStage(
             name=name, kind=s.kind, needs=needs[name], config=r["config"], resources=s.resources,

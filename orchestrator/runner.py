@@ -70,12 +70,15 @@ _LOADED: dict[str, int] = {}
 
 def _forget_edited_code(roots: list[str]) -> None:
     """A pooled worker keeps modules an earlier stage imported. When a project or user source
-    file changed since, drop the loaded project and user modules, so this attempt runs the code
-    its fingerprint names (not the old module a worker still holds)."""
+    file changed since, drop the loaded project and user modules (those under ``roots`` or
+    anywhere outside the stdlib and site-packages, as the fingerprint follows them), so this
+    attempt runs the code its fingerprint names (not the old module a worker still holds)."""
+    from .fingerprint import third_party
+
     roots = tuple(os.path.join(os.path.abspath(r), "") for r in roots)
     ours = [(name, m.__file__) for name, m in list(sys.modules.items())
-            if isinstance(getattr(m, "__file__", None), str) and m.__file__.startswith(roots)
-            and not name.startswith("orchestrator")]  # this runner's own package stays
+            if isinstance(getattr(m, "__file__", None), str) and not name.startswith("orchestrator")
+            and (m.__file__.startswith(roots) or not third_party(os.path.dirname(m.__file__)))]
     edited = False
     for _, f in ours:
         try:

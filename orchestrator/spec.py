@@ -272,13 +272,13 @@ def check_stages(p: Pipeline, source: str = "<pipeline>", roots: list[str] | Non
     """Validate every stage's ``config`` with its kind's model.
 
     Returns stage name -> {"config": resolved config (JSON-able, defaults filled in),
-    "code": {source file: digest}, "inputs": {input: {file: signature}}, "distributed": bool,
+    "code", "inputs", "env", "versions" (``fingerprint.stage_parts``), "distributed": bool,
     "cacheable": bool}. ``roots``: where project modules and relative inputs are found (the
     pipeline's folder, the working directory).
     """
     from workers import KINDS, load_kind
 
-    from .fingerprint import code_digests, input_signatures
+    from .fingerprint import stage_parts
 
     roots = roots or [os.getcwd()]
 
@@ -304,12 +304,8 @@ def check_stages(p: Pipeline, source: str = "<pipeline>", roots: list[str] | Non
             except ValueError as e:
                 problems.append(f"{path}.config.{e}")
                 continue
-        declared = _flatten(getattr(module, "inputs", lambda c: [])(cfg))
-        declared = [x for x in declared if x not in p.stages and not x.startswith("builtin:")]
         resolved[name] = {
-            "config": cfg.model_dump(mode="json"),
-            "code": code_digests([module.__name__, *getattr(module, "modules", lambda c: [])(cfg)], roots),
-            "inputs": input_signatures(declared, roots[0]),
+            **stage_parts(module, cfg, upstreams=set(stage.needs), roots=roots, storage_root=p.storage),
             "distributed": bool(getattr(module, "DISTRIBUTED", False)),
             # a kind whose output is a live thing (an endpoint) is never taken from the cache
             "cacheable": bool(getattr(module, "CACHEABLE", True)),
@@ -317,12 +313,3 @@ def check_stages(p: Pipeline, source: str = "<pipeline>", roots: list[str] | Non
     if problems:
         raise SpecError(problems, source)
     return resolved
-
-
-def _flatten(items: Any) -> list[str]:
-    """A kind's declared inputs as a flat list of strings (None left out)."""
-    if items is None:
-        return []
-    if isinstance(items, str):
-        return [items]
-    return [x for item in items for x in _flatten(item)]

@@ -78,6 +78,8 @@ def workspace(tmp_path, ray_session, tracking_uri):
         text = (f"name: {name}\nstorage: {tmp_path / 'artifacts'}\ntracking: {{uri: \"{tracking_uri}\"}}\n"
                 f"defaults:\n  {defaults}\nstages:\n") + textwrap.indent(textwrap.dedent(stages), "  ")
         path = tmp_path / f"{name}.yaml"
+        # the markers folder is a side channel the stages write to, not an input of theirs
+        text = text.replace("params: {marker_dir: MARK", "untracked: [params.marker_dir], params: {marker_dir: MARK")
         path.write_text(text.replace("MARK", str(tmp_path / "markers")))
         return str(path)
 
@@ -251,7 +253,8 @@ def test_resume_after_driver_sigkill(workspace):
     assert killed.stages["second"].state == StageState.RUNNING
 
     # the stage now finishes quickly: point it at `work` through the recorded spec
-    killed.raw_spec["stages"]["second"]["config"] = {"entrypoint": "pfuncs:work", "params": {"marker_dir": str(workspace.path / "markers"), "value": 2}}
+    killed.raw_spec["stages"]["second"]["config"] = {"entrypoint": "pfuncs:work", "untracked": ["params.marker_dir"],
+                                                         "params": {"marker_dir": str(workspace.path / "markers"), "value": 2}}
     killed.save()
     rec = runs.resume_run(run_id, workspace.tracking_uri, stream=io.StringIO(), live=False)
     assert rec.run_id == run_id and rec.state == RunState.SUCCEEDED

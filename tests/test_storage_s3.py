@@ -163,7 +163,8 @@ def test_a_publish_killed_midway_is_never_a_cache_hit(ray_session, s3, tmp_path,
         tracking: {{uri: "{tracking_uri}"}}
         defaults: {{retries: 0}}
         stages:
-          many: {{kind: python, config: {{entrypoint: "manyfuncs:many", params: {{n: 400, pid_file: "{pid_file}"}}}}}}
+          many: {{kind: python, config: {{entrypoint: "manyfuncs:many", untracked: [params.pid_file],
+                                          params: {{n: 400, pid_file: "{pid_file}"}}}}}}
     """))
     first = runs.start_run(runs.prepare(path), stream=io.StringIO(), live=False)
     assert first.state == RunState.SUCCEEDED

@@ -305,8 +305,8 @@ def _outage_pipeline(tmp_path: Path, url: str) -> Path:
         tracking: {{uri: "{url}"}}
         defaults: {{retries: 0}}
         stages:
-          talk: {{kind: python, config: {{entrypoint: "ofuncs:talk", params: {{d: "{tmp_path}"}}}}}}
-          later: {{kind: python, needs: [talk], config: {{entrypoint: "ofuncs:later", params: {{d: "{tmp_path}"}}}}}}
+          talk: {{kind: python, config: {{entrypoint: "ofuncs:talk", untracked: [params.d], params: {{d: "{tmp_path}"}}}}}}
+          later: {{kind: python, needs: [talk], config: {{entrypoint: "ofuncs:later", untracked: [params.d], params: {{d: "{tmp_path}"}}}}}}
     """))
     return path
 

@@ -10,12 +10,17 @@ A stage kind is one module in ``workers/kinds/`` with:
   ``workers.checkpoints.open_checkpoint``);
 - optionally ``DISTRIBUTED = True`` when the kind spreads its work over Ray actors it starts
   itself (its runner then holds no CPU; ``ctx.resources`` says what each of its workers gets);
-- optionally ``inputs(config) -> list`` naming the external inputs the config points at (files,
-  folders, globs, URIs; lists and None allowed; upstream stage names and ``builtin:`` data are
-  left out): their listing joins the fingerprint, so editing a corpus invalidates its tokens;
-- optionally ``modules(config) -> list[str]``: user modules the config names (a python stage's
-  entrypoint, a reward function). The fingerprint covers the source of the kind module, of these,
-  and of every project module they import (found statically, transitively);
+- nothing to declare for the cache key in the usual case: every string of the resolved config
+  that names an existing file, folder or glob, or a storage URI, is an input, and every
+  ``module:function`` or module name that resolves to user code is followed like an import
+  (``orchestrator.fingerprint`` says exactly how). Only what the config cannot show is declared:
+- optionally ``inputs(config) -> list``: files, folders, globs, URIs read at paths the config
+  does not name (lists and None allowed); they join the key even while missing;
+- optionally ``modules(config) -> list[str]``: modules loaded by names the config does not hold;
+- optionally ``env(config) -> list[str]``: environment variables whose values change the
+  outputs (their values join the key as digests, never in clear);
+- optionally ``untracked(config) -> list[str]``: config keys (``params.log_dir``) whose strings
+  are not inputs (paths the stage only writes to);
 - optionally ``CACHEABLE = False`` when outputs are live things (an endpoint) that a later run
   cannot reuse;
 - optionally ``check(config)`` raising ``ValueError("field: message")`` for problems found at

@@ -38,7 +38,7 @@ from workers import storage
 from workers.cluster import ActorGroup, check_fits, count_of
 from workers.rl.checks import Check, resolve_check
 from workers.checkpoints import Checkpoint, open_checkpoint
-from workers.rl.ranking import RankingPool, RewardConfig, ranking_actors, resolve_reward, reward_modules
+from workers.rl.ranking import RankingPool, RewardConfig, ranking_actors, resolve_reward
 from workers.rl.rollout import PromptSource, RolloutPool, load_prompts
 
 DISTRIBUTED = True
@@ -73,16 +73,6 @@ class Config(BaseModel):
     references: list[str] = Field(default_factory=list, description="More models (upstream stage names or "
                                   "paths) sampled and scored on the same prompts, e.g. the pretrained one; "
                                   "metrics prefixed with their name.")
-
-
-def inputs(config: Config) -> list:
-    return [config.checkpoint, config.baseline, config.data, config.reward and config.reward.model,
-            config.prompts.source, *config.references]
-
-
-def modules(config: Config) -> list[str]:
-    """User modules whose source joins the fingerprint: the reward function's and each custom check's."""
-    return reward_modules(config.reward) + [c.partition(":")[0] for c in config.checks if ":" in c]
 
 
 def check(config: Config) -> None:

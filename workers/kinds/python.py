@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.cpu import normal_priority
 from workers.stage import StageContext
@@ -18,6 +19,27 @@ class Config(BaseModel):
                             description="The function to call, as module:function; it gets (ctx, **params) "
                                         "and returns a JSON-serialisable dict of outputs.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
+    inputs: list[str] = Field(default_factory=list,
+                              description="More files, folders, globs or storage URIs the function reads that no "
+                                          "config string names (paths built in code): their contents join the cache "
+                                          "key. Paths named in params are inputs already.")
+    untracked: list[str] = Field(default_factory=list,
+                                 description="Keys under config (e.g. params.log_dir) whose paths are not inputs: "
+                                             "folders or files the function only writes to or signals through. "
+                                             "Their contents stay out of the cache key (the values stay in).")
+    env: list[str] = Field(default_factory=list,
+                           description="Environment variables the function reads: their values (as the driver "
+                                       "sees them; hashed, never stored) join the cache key. Other variables "
+                                       "are not part of it.")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:
+            raise ValueError(f"not an environment variable name: {bad[0]!r} (letters, digits and _, "
+                             "not starting with a digit)")
+        return v
 
 
 def resolve(entrypoint: str) -> Callable[..., Any]:
@@ -37,9 +59,17 @@ def check(config: Config) -> None:
         raise ValueError(f"entrypoint: cannot import {config.entrypoint!r}: {type(e).__name__}: {e}") from None
 
 
-def modules(config: Config) -> list[str]:
-    """The user's module: it and the local modules it imports join the fingerprint."""
-    return [config.entrypoint.partition(":")[0]]
+def inputs(config: Config) -> list[str]:
+    """Inputs the params cannot show (kept in the key even while missing)."""
+    return config.inputs
+
+
+def env(config: Config) -> list[str]:
+    return config.env
+
+
+def untracked(config: Config) -> list[str]:
+    return config.untracked
 
 
 def run(ctx: StageContext, config: Config) -> dict[str, Any]:

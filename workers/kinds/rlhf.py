@@ -39,8 +39,7 @@ from workers import storage
 from workers.cluster import ActorGroup, check_fits, count_of
 from workers.cpu import claim_cpus
 from workers.checkpoints import Checkpoint, cast_model_files, local_folder, open_checkpoint
-from workers.rl.ranking import (Ranking, RankingPool, RewardConfig, ranking_actors, resolve_reward,
-                                reward_modules)
+from workers.rl.ranking import Ranking, RankingPool, RewardConfig, ranking_actors, resolve_reward
 from workers.rl.rollout import Group, PromptSource, RolloutPool, load_prompts
 from workers.training.loop import ShardingConfig
 from workers.training.params import OptimizerConfig, knob
@@ -80,14 +79,6 @@ class Config(OptimizerConfig, ShardingConfig):
                                  "gpus): every optimizer step's batch is split between them (strategy: ddp or fsdp).")
     seed: int = knob(OptimizerConfig, "seed", 0)
     keep_checkpoints: int = Field(2, ge=1, description="Iteration checkpoints kept in scratch storage.")
-
-
-def inputs(config: Config) -> list:
-    return [config.policy, config.reward.model, config.prompts.source]
-
-
-def modules(config: Config) -> list[str]:
-    return reward_modules(config.reward)
 
 
 # ----------------------------------------------------------------------------- typed hand-offs

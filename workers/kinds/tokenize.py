@@ -134,11 +134,6 @@ class Config(BaseModel):
         return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
-def inputs(config: Config) -> list:
-    """The corpus (and a tokenizer file): editing them invalidates the tokens."""
-    return [config.sources, config.tokenizer.path if isinstance(config.tokenizer, FileTokenizer) else None]
-
-
 class _Pool:
     """The encoder actors and the units in flight on each.
 
