@@ -252,8 +252,6 @@ def resume_run(run_id: str, tracking_uri: str, *, spec: str | None = None, addre
     ``spec``: which pipeline spec the stages run with when the file changed since the run
     started: "recorded" (the one the run started with) or "current" (the file now; finished
     stages whose fingerprint changes run again). None refuses a changed or missing file."""
-    from .tracking import Tracker
-
     record = load_record(run_id, tracking_uri)
     if record.state == RunState.SUCCEEDED:
         raise SpecError(f"run {run_id!r} already succeeded; nothing to resume")
@@ -291,6 +289,8 @@ def resume_run(run_id: str, tracking_uri: str, *, spec: str | None = None, addre
     record.state = RunState.RUNNING
     record.claim_driver()
     record.save()
+    from .tracking import Tracker  # after the checks: a refusal answers without importing MLflow
+
     tracker = Tracker(tracking_uri, record.experiment)
     tracker.spool_to(st.spool_dir(record.storage, run_id))  # first sends what the last driver could not
     tracker.reopen(run_id)
