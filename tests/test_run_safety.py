@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import runs
+from orchestrator.errors import SpecError
+from orchestrator.specdiff import diff
 from orchestrator import state as st
 from orchestrator.state import RunRecord, RunState, StageRecord, StageState
 from workers import storage
@@ -232,6 +234,11 @@ def test_resume_after_an_edit_names_the_keys_and_runs_the_spec_the_flag_names(pr
     assert rec.stages["first"].outputs == {"value": 1} and "changed since it ran" not in stream.getvalue()
     assert "stages.second.config.params.value: 10 -> 20" in stream.getvalue()
 
+    edited = path.read_text()
+    path.write_text(edited.replace("/store", "/elsewhere"))
+    with pytest.raises(SpecError, match=r"storage changed in .*start a new run"):
+        runs.resume_run(failed[1].run_id, project.tracking, spec="current", stream=io.StringIO(), live=False)
+    path.write_text(edited)
     out = project.cli("resume", failed[1].run_id, "--spec", "current", "--plain", "--address", project.address,
                       "--tracking-uri", project.tracking)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -243,6 +250,24 @@ def test_resume_after_an_edit_names_the_keys_and_runs_the_spec_the_flag_names(pr
     assert rec.stages["first"].outputs == {"value": 5} and rec.stages["second"].outputs == {"value": 25}
     assert rec.raw_spec["description"] == "x"
     print(f"resume refused in {refused_s:.2f}s")
+
+
+def test_spec_diff_names_yaml_paths_and_hides_secrets():
+    old = {"name": "p", "stages": {"tok": {"config": {"tokenizer": "a.json", "hf_token": "hf_abcdefghijklmnop",
+                                                      "corpus": ["x", "y"]}}},
+           "tracking": {"uri": "http://u:pw@host"}}
+    new = {"name": "p", "stages": {"tok": {"config": {"tokenizer": "b.json", "hf_token": "hf_zyxwvutsrqponmlk",
+                                                      "corpus": ["x", "z"], "key": "sk-abcdefghijklmnopqrs"}}},
+           "tracking": {"uri": "http://u:pw2@host"}, "description": "d"}
+    assert diff(old, new) == [
+        'stages.tok.config.tokenizer: "a.json" -> "b.json"',
+        "stages.tok.config.hf_token: *** -> ***",
+        'stages.tok.config.corpus[1]: "y" -> "z"',
+        'stages.tok.config.key: (absent) -> "***"',
+        'tracking.uri: "http://***@host" -> "http://***@host"',
+        'description: (absent) -> "d"',
+    ]
+    assert diff(old, old) == []
 
 
 # -- a live run, read from another terminal ----------------------------------------------------
