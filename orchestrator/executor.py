@@ -412,7 +412,7 @@ class Executor:
             if ev["type"] == "metrics":
                 steps.setdefault(rec.child_run_id, []).append((ev["metrics"], ev.get("step"), ev["ts"]))
                 if (latest := st.headline_metrics(ev["metrics"])) and not rec.state.terminal:
-                    rec.progress = {**(rec.progress or {}), "metrics": latest, "metrics_step": ev.get("step")}
+                    rec.progress = {**(rec.progress or {}), "metrics": latest}
                     self._progressed = True
             elif ev["type"] == "progress":
                 rec.progress = {**(rec.progress or {}), **{k: ev[k] for k in ("done", "total", "unit")}}

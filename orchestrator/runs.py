@@ -241,9 +241,6 @@ def _state_uri_from_sqlite(tracking_uri: str, run_id: str) -> str | None:
     return tags.get(st.TAG_STATE_URI) if tags.get(st.TAG_ROLE) == "pipeline" else None
 
 
-SPEC_CHOICES = ("recorded", "current")
-
-
 def resume_run(run_id: str, tracking_uri: str, *, spec: str | None = None, address: str | None = None,
                stream: TextIO | None = None, live: bool | None = None, quiet: bool = False) -> RunRecord:
     """Continue a failed, cancelled or killed run: done stages are kept, the rest run again
