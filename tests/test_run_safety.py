@@ -30,7 +30,7 @@ import json, os, time
 from pathlib import Path
 
 
-def _wait(pred, what, timeout=120.0):
+def _wait(pred, what, timeout=240.0):
     deadline = time.time() + timeout
     while not pred():
         if time.time() > deadline:
