@@ -273,15 +273,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .console import stage_table
-    from .runs import list_runs, load_record
+    from .runs import latest_run_id, load_record
 
     uri = args.tracking_uri or _default_tracking()
-    run_id = args.run_id
+    run_id = args.run_id or latest_run_id(uri)
     if run_id is None:
-        runs = list_runs(uri, 1)
-        if not runs:
-            raise SpecError(f"no pipeline runs in {uri}")
-        run_id = runs[0]["run_id"]
+        raise SpecError(f"no pipeline runs in {uri}")
     record = load_record(run_id, uri)
     if args.json:
         print(json.dumps(asdict(record), indent=2, default=str))

@@ -222,9 +222,29 @@ def load_record(run_id: str, tracking_uri: str) -> RunRecord:
 
 
 def _state_uri_from_sqlite(tracking_uri: str, run_id: str) -> str | None:
-    """The run's state file from a local SQLite MLflow store, read with ``sqlite3`` (MLflow's
-    schema: table ``tags``), or None to ask MLflow: importing it and opening its store take
-    seconds, and `orchestrator status` is a glance from another terminal."""
+    """The run's state file from a local SQLite MLflow store, or None to ask MLflow."""
+    rows = _query_sqlite(tracking_uri, "SELECT key, value FROM tags WHERE run_uuid = ? AND key IN (?, ?)",
+                         (run_id, st.TAG_ROLE, st.TAG_STATE_URI))
+    tags = dict(rows or [])
+    return tags.get(st.TAG_STATE_URI) if tags.get(st.TAG_ROLE) == "pipeline" else None
+
+
+def latest_run_id(tracking_uri: str) -> str | None:
+    """The most recently started pipeline run in the store (None: there is none)."""
+    rows = _query_sqlite(tracking_uri, "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                         "WHERE t.key = ? AND t.value = 'pipeline' AND r.lifecycle_stage = 'active' "
+                         "ORDER BY r.start_time DESC LIMIT 1", (st.TAG_ROLE,))
+    if rows is not None:
+        return rows[0][0] if rows else None
+    found = list_runs(tracking_uri, 1)
+    return found[0]["run_id"] if found else None
+
+
+def _query_sqlite(tracking_uri: str, sql: str, args: tuple) -> list[tuple] | None:
+    """Rows of a read-only query of a local SQLite MLflow store (its schema: tables ``runs`` and
+    ``tags``), or None where MLflow must be asked (another store, a missing, locked or other
+    file): importing MLflow and opening its store take seconds, and `orchestrator status` is a
+    glance from another terminal."""
     import sqlite3
 
     if not tracking_uri.startswith("sqlite:///"):
@@ -234,11 +254,9 @@ def _state_uri_from_sqlite(tracking_uri: str, run_id: str) -> str | None:
         return None
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
-            tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ? AND key IN (?, ?)",
-                                   (run_id, st.TAG_ROLE, st.TAG_STATE_URI)).fetchall())
-    except sqlite3.Error:  # another schema, a locked or damaged file: MLflow says what is wrong
+            return db.execute(sql, args).fetchall()
+    except sqlite3.Error:
         return None
-    return tags.get(st.TAG_STATE_URI) if tags.get(st.TAG_ROLE) == "pipeline" else None
 
 
 def resume_run(run_id: str, tracking_uri: str, *, spec: str | None = None, address: str | None = None,

@@ -296,6 +296,8 @@ def test_status_of_a_live_run_shows_its_progress(project):
         row = next(ln for ln in out.stdout.splitlines() if "work" in ln and "RUNNING" in ln)
         assert "3/10 steps (30%), train_loss 1.25, checkpoint @ 2" in row, out.stdout
         print(f"`orchestrator status` of a live run answered in {took:.2f}s")
+        latest = project.cli("status", "--tracking-uri", project.tracking)  # no RUN_ID: the latest run
+        assert latest.returncode == 0 and f"run {run_id}" in latest.stdout, latest.stdout + latest.stderr
     finally:
         gate.touch()
         t.join(120)
