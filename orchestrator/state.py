@@ -211,24 +211,27 @@ def owner_may_be_live(storage_root: str) -> Callable[[str], bool]:
     """A test of folder names (attempts, their staging copies, scratch folders: all start with
     their run's id) telling whether the run that owns one may still be writing it: its state says
     RUNNING and its driver is alive (or on another host, where that cannot be known). A folder
-    no run state claims is an orphan. Run states are read once, lazily, per test."""
-    states: dict[str, bool] | None = None
+    no run state claims is an orphan. Lists the runs once; reads only the states asked about."""
+    runs = storage.join(storage_root, "_runs")
+    ids: list[str] | None = None
+    known: dict[str, bool] = {}
 
     def live(name: str) -> bool:
-        nonlocal states
-        if states is None:
-            states = {}
-            runs = storage.join(storage_root, "_runs")
-            for run_id in storage.list_names(runs):
-                try:
-                    rec = RunRecord.load(storage.join(runs, run_id, "state.json"))
-                except FileNotFoundError:
-                    continue
-                except (OSError, ValueError):  # unreadable: keep its folders
-                    states[run_id[:_OWNER]] = True
-                    continue
-                states[run_id[:_OWNER]] = states.get(run_id[:_OWNER], False) or (
-                    rec.state == RunState.RUNNING and (rec.driver.get("host") != socket.gethostname() or rec.driver_alive()))
-        return states.get(name[:_OWNER], False)
+        nonlocal ids
+        owner = name[:_OWNER]
+        if owner not in known:
+            ids = storage.list_names(runs) if ids is None else ids
+            known[owner] = any(_may_be_live(storage.join(runs, i, "state.json")) for i in ids if i.startswith(owner))
+        return known[owner]
 
     return live
+
+
+def _may_be_live(uri: str) -> bool:
+    try:
+        rec = RunRecord.load(uri)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # unreadable: keep its folders
+        return True
+    return rec.state == RunState.RUNNING and (rec.driver.get("host") != socket.gethostname() or rec.driver_alive())
