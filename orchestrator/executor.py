@@ -1,6 +1,11 @@
 """The executor: launches every ready stage on Ray with the resources it asked for, retries
 with exponential backoff, enforces timeouts, honours cancellation, reuses cached outputs and
-records state after every transition."""
+records state after every transition.
+
+Runs of one fingerprint at the same time run apart rather than wait for each other (no lease to
+steal, nothing to deadlock): every attempt publishes into a folder of its own, every run trains in
+a scratch folder of its own, and clean-up touches only folders of this run or of runs that are over
+(``state.owner_may_be_live``). The cache record names whichever finished last; both are valid."""
 
 from __future__ import annotations
 
