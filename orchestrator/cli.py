@@ -75,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="Continue a failed, cancelled or killed run.",
                        description="Continue RUN_ID: stages that finished are not rerun; the same MLflow "
-                                   "parent run continues.")
+                                   "parent run continues. If the pipeline file changed (or is gone) since the "
+                                   "run started, it says which keys differ and exits 2 unless --spec says "
+                                   "which spec to run with.")
     p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--spec", choices=["recorded", "current"], default=None,
+                   help="When the pipeline file differs from the spec the run started with: 'recorded' runs "
+                        "the unfinished stages with the spec the run started with; 'current' with the file as "
+                        "it is now (finished stages whose fingerprint changes run again, and the run says which).")
     p.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster to run on.")
     p.add_argument("--plain", action="store_true", help="Print transitions instead of a live table.")
     _add_verbose(p)
@@ -256,7 +262,7 @@ def _stop_serving(owns_ray: bool) -> None:
 def cmd_resume(args: argparse.Namespace) -> int:
     from .runs import exit_code, resume_run
 
-    record = resume_run(args.run_id, args.tracking_uri or _default_tracking(), address=args.address,
+    record = resume_run(args.run_id, args.tracking_uri or _default_tracking(), spec=args.spec, address=args.address,
                         live=False if args.plain else None, quiet=not args.verbose)
     return exit_code(record)
 
@@ -267,15 +273,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .console import stage_table
-    from .runs import list_runs, load_record
+    from .runs import latest_run_id, load_record
 
     uri = args.tracking_uri or _default_tracking()
-    run_id = args.run_id
+    run_id = args.run_id or latest_run_id(uri)
     if run_id is None:
-        runs = list_runs(uri, 1)
-        if not runs:
-            raise SpecError(f"no pipeline runs in {uri}")
-        run_id = runs[0]["run_id"]
+        raise SpecError(f"no pipeline runs in {uri}")
     record = load_record(run_id, uri)
     if args.json:
         print(json.dumps(asdict(record), indent=2, default=str))

@@ -22,9 +22,14 @@ def _progress(rec: StageRecord) -> str:
     if not p:
         return ""
     done, total, unit = p.get("done"), p.get("total"), p.get("unit", "")
-    if total:
-        return f"{done:,.0f}/{total:,.0f} {unit} ({100 * done / total:.0f}%)"
-    return f"{done:,.0f} {unit}"
+    parts = []
+    if done is not None:
+        parts.append(f"{done:,.0f}/{total:,.0f} {unit} ({100 * done / total:.0f}%)" if total else f"{done:,.0f} {unit}")
+    if not rec.state.terminal:  # a finished stage's result column says the rest
+        parts += [f"{k} {v:.4g}" for k, v in (p.get("metrics") or {}).items()]
+        if p.get("checkpoint") is not None:
+            parts.append(f"checkpoint @ {p['checkpoint']:,}")
+    return ", ".join(parts)
 
 
 # Outputs worth a glance in the summary, in the order shown.

@@ -1,6 +1,11 @@
 """The executor: launches every ready stage on Ray with the resources it asked for, retries
 with exponential backoff, enforces timeouts, honours cancellation, reuses cached outputs and
-records state after every transition."""
+records state after every transition.
+
+Runs of one fingerprint at the same time run apart rather than wait for each other (no lease to
+steal, nothing to deadlock): every attempt publishes into a folder of its own, every run trains in
+a scratch folder of its own, and clean-up touches only folders of this run or of runs that are over
+(``state.owner_may_be_live``). The cache record names whichever finished last; both are valid."""
 
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ _DRAIN_EVERY_S = 1.0
 # CLI took ~2.5% of a core during a 2-thread step on 2 cores (issue 14); once a second is
 # plenty for a progress column and loss curves, and a finished stage is still seen at once
 # (the loop waits on the stages' refs, not on the clock).
+_PROGRESS_SAVE_S = 2.0
 
 
 class Executor:
@@ -52,6 +58,8 @@ class Executor:
         self._nodes: tuple[float, list[dict]] | None = None
         self._dirty = False
         self._last_drain = 0.0
+        self._progressed = False  # progress drained since the run state was last written
+        self._last_progress_save = 0.0
         self._remote: Any = None
         self._bus: Any = None  # Ray is touched only when a stage must run: all-cache-hit runs need none
 
@@ -200,10 +208,12 @@ class Executor:
     def _output_uri(self, s: PlannedStage, rec: StageRecord) -> str:
         """This attempt's own location (a retry or a later run never writes into it)."""
         return st.output_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint,
-                             f"{self.record.run_id[:12]}-{rec.attempts}")
+                             st.attempt_name(self.record.run_id, rec.attempts))
 
     def _scratch_uri(self, s: PlannedStage) -> str:
-        return st.scratch_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
+        """This run's own (its retries and its resume continue from its checkpoints; a run of the
+        same fingerprint beside it trains apart)."""
+        return st.scratch_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint, self.record.run_id)
 
     def _infeasible(self, s: PlannedStage) -> str | None:
         """A reason the cluster can never run this stage (asking more than any node has)."""
@@ -225,8 +235,6 @@ class Executor:
                 self._transition(s, rec, StageState.RUNNING)
             self._transition(s, rec, StageState.FAILED)
             return
-        if rec.attempts == 0 and self.no_cache:  # --no-cache starts over: no checkpoint of an earlier run
-            storage.delete(self._scratch_uri(s))
         rec.attempts += 1
         rec.error = None
         if rec.started is None or rec.state == StageState.PENDING:
@@ -289,13 +297,18 @@ class Executor:
         self.tracker.register_checkpoint(self.plan.pipeline, rec)
 
     def _clean_up(self, s: PlannedStage, kept: str) -> None:
-        """After a success or a hit: attempts cut short beside it, and the scratch state (its job
-        is done; a later run must not resume from a finished training)."""
+        """After a success or a hit: attempts cut short beside it, and scratch state (its job is
+        done; a resume must not continue a finished training). Only this run's folders and those
+        of runs that are over: another run of this fingerprint may be publishing or training now
+        (its folders are its own; it publishes its own attempt)."""
         try:
+            live = st.owner_may_be_live(self.record.storage)
+            spare = lambda name: not name.startswith(self.record.run_id[:12]) and live(name)  # noqa: E731
             parent = st.output_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
-            for gone in storage.remove_unpublished(parent, keep=kept):
+            for gone in storage.remove_unpublished(parent, keep=kept, spare=spare):
                 log.info("removed half-published attempt %s", gone)
-            storage.delete(self._scratch_uri(s))
+            scratch = st.scratch_uri(self.record.storage, self.plan.pipeline, s.name, s.fingerprint)
+            storage.remove_unpublished(scratch, spare=spare)
         except OSError as e:  # best effort: the result is already safe
             log.warning("stage %s: cleaning up old attempts failed: %s", s.name, e)
 
@@ -403,11 +416,22 @@ class Executor:
                 continue
             if ev["type"] == "metrics":
                 steps.setdefault(rec.child_run_id, []).append((ev["metrics"], ev.get("step"), ev["ts"]))
+                if (latest := st.headline_metrics(ev["metrics"])) and not rec.state.terminal:
+                    rec.progress = {**(rec.progress or {}), "metrics": latest}
+                    self._progressed = True
             elif ev["type"] == "progress":
-                rec.progress = {k: ev[k] for k in ("done", "total", "unit")}
+                rec.progress = {**(rec.progress or {}), **{k: ev[k] for k in ("done", "total", "unit")}}
+                if ev.get("checkpoint") is not None:
+                    rec.progress["checkpoint"] = ev["checkpoint"]
+                self._progressed = True
             elif ev["type"] == "tags":
                 if rec.child_run_id in steps:  # in order with the run's metrics before them
                     self.tracker.log_metric_steps(rec.child_run_id, steps.pop(rec.child_run_id))
                 self.tracker.set_tags(rec.child_run_id, ev["tags"])
         for run_id, rows in steps.items():
             self.tracker.log_metric_steps(run_id, rows)
+        # Progress reaches the run state (what `orchestrator status` reads from another terminal)
+        # at most every _PROGRESS_SAVE_S: one small atomic file write, not one per event.
+        if self._progressed and (force or time.monotonic() - self._last_progress_save >= _PROGRESS_SAVE_S):
+            self._dirty, self._progressed = True, False
+            self._last_progress_save = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -158,7 +159,7 @@ def start_run(prep: Prepared, *, no_cache: bool = False, address: str | None = N
     root = resolve_storage(p.storage)
     tracker.spool_to(st.spool_dir(root, run_id))
     record = RunRecord(
-        run_id=run_id, pipeline=p.name, state=RunState.RUNNING, raw_spec=prep.raw, source=prep.source,
+        run_id=run_id, pipeline=p.name, state=RunState.RUNNING, raw_spec=prep.raw, source=str(Path(prep.source).resolve()),
         storage=root, tracking_uri=spec_mod.redact(p.tracking_uri()), experiment=p.experiment(),
         stages={s.name: StageRecord(name=s.name, kind=s.kind, fingerprint=s.fingerprint) for s in prep.plan.stages},
         no_cache=no_cache,
@@ -207,41 +208,87 @@ FORWARD_SECRETS_ENV = "ORCHESTRATOR_FORWARD_SECRETS"
 
 
 def load_record(run_id: str, tracking_uri: str) -> RunRecord:
-    from .tracking import state_uri_of
+    uri = _state_uri_from_sqlite(tracking_uri, run_id)
+    if uri is None:
+        from .tracking import state_uri_of
 
-    try:
-        uri = state_uri_of(tracking_uri, run_id)
-    except ValueError as e:
-        raise SpecError(str(e)) from None
+        try:
+            uri = state_uri_of(tracking_uri, run_id)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
     if not storage.exists(uri):
         raise SpecError(f"run {run_id!r}: its state file {uri} is missing")
     return RunRecord.load(uri)
 
 
-def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
+def _state_uri_from_sqlite(tracking_uri: str, run_id: str) -> str | None:
+    """The run's state file from a local SQLite MLflow store, or None to ask MLflow."""
+    rows = _query_sqlite(tracking_uri, "SELECT key, value FROM tags WHERE run_uuid = ? AND key IN (?, ?)",
+                         (run_id, st.TAG_ROLE, st.TAG_STATE_URI))
+    tags = dict(rows or [])
+    return tags.get(st.TAG_STATE_URI) if tags.get(st.TAG_ROLE) == "pipeline" else None
+
+
+def latest_run_id(tracking_uri: str) -> str | None:
+    """The most recently started pipeline run in the store (None: there is none)."""
+    rows = _query_sqlite(tracking_uri, "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                         "WHERE t.key = ? AND t.value = 'pipeline' AND r.lifecycle_stage = 'active' "
+                         "ORDER BY r.start_time DESC LIMIT 1", (st.TAG_ROLE,))
+    if rows is not None:
+        return rows[0][0] if rows else None
+    found = list_runs(tracking_uri, 1)
+    return found[0]["run_id"] if found else None
+
+
+def _query_sqlite(tracking_uri: str, sql: str, args: tuple) -> list[tuple] | None:
+    """Rows of a read-only query of a local SQLite MLflow store (its schema: tables ``runs`` and
+    ``tags``), or None where MLflow must be asked (another store, a missing, locked or other
+    file): importing MLflow and opening its store take seconds, and `orchestrator status` is a
+    glance from another terminal."""
+    import sqlite3
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = Path(tracking_uri[len("sqlite:///"):])
+    if not path.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute(sql, args).fetchall()
+    except sqlite3.Error:
+        return None
+
+
+def resume_run(run_id: str, tracking_uri: str, *, spec: str | None = None, address: str | None = None,
                stream: TextIO | None = None, live: bool | None = None, quiet: bool = False) -> RunRecord:
     """Continue a failed, cancelled or killed run: done stages are kept, the rest run again
-    under the same MLflow parent run. ``quiet``: Ray's output to the log folder only."""
-    from .tracking import Tracker
+    under the same MLflow parent run. ``quiet``: Ray's output to the log folder only.
 
+    ``spec``: which pipeline spec the stages run with when the file changed since the run
+    started: "recorded" (the one the run started with) or "current" (the file now; finished
+    stages whose fingerprint changes run again). None refuses a changed or missing file."""
     record = load_record(run_id, tracking_uri)
     if record.state == RunState.SUCCEEDED:
         raise SpecError(f"run {run_id!r} already succeeded; nothing to resume")
     if record.state == RunState.RUNNING and record.driver_alive():
         raise SpecError(f"run {run_id!r} is still running (driver pid {record.driver.get('pid')}); cancel it first")
+    out = stream or sys.stdout
     src = Path(record.source)
-    tmp_raw = record.raw_spec
-    pipeline = spec_mod.parse_pipeline(tmp_raw, record.source)
+    raw = _spec_to_resume_with(record, spec, out)
+    pipeline = spec_mod.parse_pipeline(raw, record.source)
     base_dir = str(src.resolve().parent)
     _with_path([base_dir, os.getcwd()])
     plan = build_plan(pipeline, spec_mod.check_stages(pipeline, record.source, roots=[base_dir, os.getcwd()]))
     source_text = src.read_text(encoding="utf-8") if src.exists() else ""
-    prep = Prepared(pipeline, tmp_raw, plan, record.source, source_text, base_dir)
-    out = stream or sys.stdout
+    prep = Prepared(pipeline, raw, plan, record.source, source_text, base_dir)
+    for gone in [n for n in record.stages if n not in {s.name for s in plan.stages}]:
+        print(f"stage {gone}: not in the current spec; dropped from the run", file=out, flush=True)
+    stages = {}
     for s in plan.stages:
         old = record.stages.get(s.name)
         if old is not None and old.state.done:
             if old.fingerprint == s.fingerprint:
+                stages[s.name] = old
                 continue
             # Its code, inputs or an upstream changed since: its outputs are not this plan's.
             print(f"stage {s.name}: changed since it ran ({_what_changed(record, s)}); running it again",
@@ -249,13 +296,16 @@ def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
         fresh = StageRecord(name=s.name, kind=s.kind, fingerprint=s.fingerprint)
         if old is not None and not old.state.done:
             fresh.child_run_id, fresh.history = old.child_run_id, old.history
-        record.stages[s.name] = fresh
+        stages[s.name] = fresh
+    record.stages, record.raw_spec = stages, raw
     cancel = st.cancel_uri(record.storage, run_id)
     if storage.exists(cancel):
         storage.delete(cancel)
     record.state = RunState.RUNNING
     record.claim_driver()
     record.save()
+    from .tracking import Tracker  # after the checks: a refusal answers without importing MLflow
+
     tracker = Tracker(tracking_uri, record.experiment)
     tracker.spool_to(st.spool_dir(record.storage, run_id))  # first sends what the last driver could not
     tracker.reopen(run_id)
@@ -263,6 +313,51 @@ def resume_run(run_id: str, tracking_uri: str, *, address: str | None = None,
         print(f"Logs: {logs.folder}", file=stream or logs.terminal, flush=True)
         return _execute(prep, record, tracker, no_cache=record.no_cache, address=address, stream=stream, live=live,
                         logs=logs)
+
+
+# Where a run's state, outputs and MLflow runs live: a resume cannot move them.
+_FIXED_ON_RESUME = ("name", "storage", "tracking")
+
+
+def _spec_to_resume_with(record: RunRecord, choice: str | None, out: TextIO) -> dict[str, Any]:
+    """The raw spec a resume runs with: the recorded one while the file is unchanged, else the
+    one ``choice`` names (saying what differs); refused (SpecError) when there is a choice to
+    make and none was given."""
+    from .specdiff import diff
+
+    flags = "`--spec recorded` (the spec the run started with) or `--spec current` (the file as it is now; " \
+            "finished stages whose fingerprint changes run again)"
+    src = Path(record.source)
+    if not src.is_file():
+        if choice == "recorded":
+            print(f"pipeline file {src} is gone; resuming with the spec recorded when the run started", file=out, flush=True)
+            return record.raw_spec
+        raise SpecError(f"run {record.run_id!r}: its pipeline file {src} is gone (moved or deleted); "
+                        "resume with `--spec recorded` to run the unfinished stages with the spec recorded when it started")
+    try:
+        current = spec_mod.load_pipeline(src)[1]
+    except SpecError as e:
+        if choice == "recorded":
+            print(f"pipeline file {src} does not load now ({e}); resuming with the recorded spec", file=out, flush=True)
+            return record.raw_spec
+        raise SpecError(f"run {record.run_id!r}: its pipeline file does not load now: {e}\n"
+                        "resume with `--spec recorded` to run with the spec recorded when it started") from None
+    changed = diff(record.raw_spec, current)
+    if not changed:
+        return record.raw_spec
+    listing = "\n".join(f"  {line}" for line in changed)
+    if choice is None:
+        raise SpecError(f"run {record.run_id!r}: {src} differs from the spec recorded when the run started "
+                        f"(recorded -> file):\n{listing}\nresume with {flags}")
+    if choice == "recorded":
+        print(f"resuming with the recorded spec; {src} differs (recorded -> file, ignored):\n{listing}", file=out, flush=True)
+        return record.raw_spec
+    if fixed := [k for k in _FIXED_ON_RESUME if record.raw_spec.get(k) != current.get(k)]:
+        raise SpecError(f"run {record.run_id!r}: {', '.join(fixed)} changed in {src}; a resume cannot move a run's "
+                        "state, outputs and MLflow runs: start a new run with `orchestrator run`, or resume with "
+                        "`--spec recorded`")
+    print(f"resuming with the current file {src} (recorded -> file):\n{listing}", file=out, flush=True)
+    return current
 
 
 def _what_changed(record: RunRecord, s: Any) -> str:

@@ -11,9 +11,15 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from workers import storage
+
+
+# Tags on a pipeline's MLflow run: its role, and where its run state is (read without MLflow
+# by `status`, see orchestrator.runs.load_record).
+TAG_ROLE = "orchestrator.role"
+TAG_STATE_URI = "orchestrator.state_uri"
 
 
 class StageState(str, Enum):
@@ -141,6 +147,17 @@ class RunRecord:
         return True
 
 
+def headline_metrics(metrics: dict[str, float], most: int = 2) -> dict[str, float]:
+    """The metrics worth showing as a running stage's latest (losses first, then rewards and
+    accuracies, else the first logged), at most ``most`` of them."""
+    rank = {k: next((i for i, w in enumerate(_HEADLINE_WORDS) if w in k), None) for k in metrics}
+    ranked = sorted((k for k, r in rank.items() if r is not None), key=rank.__getitem__) or list(metrics)[:1]
+    return {k: metrics[k] for k in ranked[:most]}
+
+
+_HEADLINE_WORDS = ("loss", "reward", "accuracy", "kl")
+
+
 def state_uri(storage_root: str, run_id: str) -> str:
     return storage.join(storage_root, "_runs", run_id, "state.json")
 
@@ -173,5 +190,48 @@ def output_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str, a
     return storage.join(base, attempt) if attempt else base
 
 
-def scratch_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str) -> str:
-    return storage.join(storage_root, "_scratch", pipeline, stage, fingerprint[:16])
+def scratch_uri(storage_root: str, pipeline: str, stage: str, fingerprint: str, run_id: str | None = None) -> str:
+    """A fingerprint's scratch folder, or (``run_id`` given) the one run's in it: a run's retries
+    and its ``resume`` continue from the checkpoints there; another run of the same fingerprint
+    (started beside it, or later) never reads, keeps or deletes them."""
+    base = storage.join(storage_root, "_scratch", pipeline, stage, fingerprint[:16])
+    return storage.join(base, run_id[:12]) if run_id else base
+
+
+def attempt_name(run_id: str, attempt: int) -> str:
+    """An attempt's folder name under a fingerprint's outputs: the run's id first, so the folder
+    (and its ``.incoming-*`` staging copy) says which run owns it."""
+    return f"{run_id[:_OWNER]}-{attempt}"
+
+
+_OWNER = 12  # characters of the run id that name a run's folders
+
+
+def owner_may_be_live(storage_root: str) -> Callable[[str], bool]:
+    """A test of folder names (attempts, their staging copies, scratch folders: all start with
+    their run's id) telling whether the run that owns one may still be writing it: its state says
+    RUNNING and its driver is alive (or on another host, where that cannot be known). A folder
+    no run state claims is an orphan. Lists the runs once; reads only the states asked about."""
+    runs = storage.join(storage_root, "_runs")
+    ids: list[str] | None = None
+    known: dict[str, bool] = {}
+
+    def live(name: str) -> bool:
+        nonlocal ids
+        owner = name[:_OWNER]
+        if owner not in known:
+            ids = storage.list_names(runs) if ids is None else ids
+            known[owner] = any(_may_be_live(storage.join(runs, i, "state.json")) for i in ids if i.startswith(owner))
+        return known[owner]
+
+    return live
+
+
+def _may_be_live(uri: str) -> bool:
+    try:
+        rec = RunRecord.load(uri)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # unreadable: keep its folders
+        return True
+    return rec.state == RunState.RUNNING and (rec.driver.get("host") != socket.gethostname() or rec.driver_alive())

@@ -21,14 +21,12 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient
 
 from .spool import Spool
-from .state import RunRecord, StageRecord, StageState
+from .state import TAG_ROLE, TAG_STATE_URI, RunRecord, StageRecord, StageState
 
 log = logging.getLogger(__name__)
 
-TAG_ROLE = "orchestrator.role"
 # Registered-model aliases for the checkpoints that stage kinds produce.
 KIND_ALIASES = {"pretrain": "pretrained", "finetune": "sft", "rlhf": "aligned"}
-TAG_STATE_URI = "orchestrator.state_uri"
 _PARAM_MAX = 6000
 
 

@@ -256,7 +256,7 @@ def test_resume_after_driver_sigkill(workspace):
     killed.raw_spec["stages"]["second"]["config"] = {"entrypoint": "pfuncs:work", "untracked": ["params.marker_dir"],
                                                          "params": {"marker_dir": str(workspace.path / "markers"), "value": 2}}
     killed.save()
-    rec = runs.resume_run(run_id, workspace.tracking_uri, stream=io.StringIO(), live=False)
+    rec = runs.resume_run(run_id, workspace.tracking_uri, spec="recorded", stream=io.StringIO(), live=False)
     assert rec.run_id == run_id and rec.state == RunState.SUCCEEDED
     assert rec.stages["second"].outputs["value"] == 2
     assert workspace.calls().count("first") == 1  # done stages are not rerun

@@ -265,6 +265,8 @@ def test_rank0_logs_training_metrics_and_progress(runs):
     assert len(metric_steps(events, "val_loss")) == STEPS // CKPT_EVERY
     progress = [e for e in events if e["type"] == "progress"]
     assert progress[-1]["done"] == STEPS and progress[-1]["total"] == STEPS and progress[-1]["unit"] == "steps"
+    # each checkpoint is announced (the run state's "last checkpoint step" for `orchestrator status`)
+    assert [e["checkpoint"] for e in progress if e.get("checkpoint") is not None] == [20, 40, 60]
 
 
 @pytest.mark.slow

@@ -133,9 +133,12 @@ class StageContext:
         clean = {k: float(v) for k, v in metrics.items()}
         self.sink.emit({"type": "metrics", "stage": self.stage, "metrics": clean, "step": step, "ts": time.time()})
 
-    def progress(self, done: float, total: float | None = None, unit: str = "") -> None:
-        """Report progress of the stage's own work (steps, tokens, iterations) to the live table."""
-        self.sink.emit({"type": "progress", "stage": self.stage, "done": done, "total": total, "unit": unit, "ts": time.time()})
+    def progress(self, done: float, total: float | None = None, unit: str = "", checkpoint: int | None = None) -> None:
+        """Report progress of the stage's own work (steps, tokens, iterations) to the live table
+        and the run state (``orchestrator status``); ``checkpoint``: the step a checkpoint was
+        just saved at, where a resume would continue from."""
+        self.sink.emit({"type": "progress", "stage": self.stage, "done": done, "total": total, "unit": unit,
+                        "checkpoint": checkpoint, "ts": time.time()})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set tags on the stage's MLflow run (e.g. an endpoint URL, recovery notes)."""

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
@@ -174,14 +174,25 @@ def published(uri: str) -> str | None:
     return None
 
 
-def remove_unpublished(parent_uri: str, keep: str | None = None) -> list[str]:
-    """Delete the folders under ``parent_uri`` without a manifest (attempts cut short), except
-    ``keep``; returns what was removed."""
+def list_names(uri: str) -> list[str]:
+    """The names of the entries directly inside the folder ``uri`` (none when it is missing)."""
+    fs, path = resolve(uri)
+    return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def remove_unpublished(parent_uri: str, keep: str | None = None,
+                       spare: Callable[[str], bool] | None = None) -> list[str]:
+    """Delete the folders under ``parent_uri`` without a manifest (attempts cut short, their
+    staging copies), except ``keep`` and those whose name ``spare`` says another writer may still
+    be filling; returns what was removed."""
     fs, path = resolve(parent_uri)
     removed = []
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        child = join(parent_uri, posixpath.basename(info.path))
+        name = posixpath.basename(info.path)
+        child = join(parent_uri, name)
         if info.type != pafs.FileType.Directory or child == keep or exists(join(child, MANIFEST)):
+            continue
+        if spare is not None and spare(name):
             continue
         fs.delete_dir(info.path)
         removed.append(child)

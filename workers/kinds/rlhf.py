@@ -612,7 +612,7 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
                 "time_sync_s": sync_s, "time_checkpoint_s": t5 - t4, "iteration_s": t5 - t0,
                 **{f"learner_peak_memory_mb_rank{r}": mb for r, mb in enumerate(learner.peak_memory_mb())},
             }, step=n)
-            ctx.progress(n, config.iterations, "iterations")
+            ctx.progress(n, config.iterations, "iterations", checkpoint=n)
 
         if held_out:
             end, groups = mean_reward(rollout_pool, ranking_pool, held_out, config, config.seed + 10**6)

@@ -419,6 +419,8 @@ def _train(job: TrainJob, ctx: Any) -> None:
                 save_checkpoint(Path(d), model, optimizer, state, rank)
                 ray.train.report(report, checkpoint=Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"checkpoint-{done:08d}")
+            if rank == 0:
+                ctx.progress(done, job.max_steps, "steps", checkpoint=done)
             ctx.sink.flush()  # the metrics up to a checkpoint are not lost should the worker die
 
 
