@@ -112,8 +112,8 @@ class BatchSource(Protocol):
 class FaultInjection:
     """Test hook: rank ``rank`` stops at the start of step ``step``, once (``marker`` file),
     after Ray Train has registered every checkpoint reported before it: it exits hard, or with
-    ``hang`` it writes the marker and waits there, so that a test can kill its node while the
-    run provably has steps left."""
+    ``hang`` it writes the marker (ending with its pid) and waits there, so that a test can kill
+    it or its node while the run provably has steps left."""
 
     rank: int
     step: int
@@ -343,13 +343,15 @@ def _train(job: TrainJob, ctx: Any) -> None:
     prev_end: float | None = None
     last_progress = -math.inf
     for step in range(start, job.max_steps):
+        if job.fault and step == job.fault.step:
+            ctx.sink.flush()  # the steps logged so far (by rank 0) reach the driver before the fault
         if job.fault and rank == job.fault.rank and step == job.fault.step and not os.path.exists(job.fault.marker):
             # Let Ray Train register the checkpoints reported so far (its controller polls every
             # few seconds; a report still in flight when a worker dies is lost), then die, or
-            # wait for the test to kill this worker's node.
+            # wait for the test to kill this worker or its node.
             ray.train.get_all_reported_checkpoints()
-            ctx.sink.flush()  # the steps logged so far reach the driver, as a finished worker's do
-            Path(job.fault.marker).write_text(f"rank {rank} {'waits' if job.fault.hang else 'exited'} at step {step}\n")
+            Path(job.fault.marker).write_text(
+                f"rank {rank} {'waits' if job.fault.hang else 'exited'} at step {step}, pid {os.getpid()}\n")
             while job.fault.hang:
                 time.sleep(1)
             os._exit(1)
