@@ -41,8 +41,6 @@ from test_rlhf import REWARD, make_prompts
 from workers.stage import ListSink, Resources, local_context
 from workers.training.loop import FaultInjection
 
-pytestmark = pytest.mark.slow
-
 STEPS, CKPT_EVERY = 8, 3
 ITERATIONS = 4
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
@@ -256,6 +254,7 @@ def logged(events: list[dict], name: str) -> list[tuple[int, float]]:
     return [(e["step"], e["metrics"][name]) for e in events if e["type"] == "metrics" and name in e["metrics"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, strategy, k, rank", SCENARIOS)
 def test_killed_and_resumed_stage_ends_bit_identical(kind, strategy, k, rank, assets, ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"{kind}-{strategy}")
@@ -288,3 +287,23 @@ def test_killed_and_resumed_stage_ends_bit_identical(kind, strategy, k, rank, as
     assert not differ, f"{len(differ)} of {len(want)} tensors differ, e.g. {differ[:3]}"
     paths = {"checkpoint", "tokenizer", "reward_model"}
     assert {n: v for n, v in outputs.items() if n not in paths} == {n: v for n, v in ref_outputs.items() if n not in paths}
+
+
+@pytest.mark.parametrize("recorded, message", [
+    ({"seed": 12}, r"trained with seed=12, this run has seed=11; resume with the seed it was trained with"),
+    ({"max_steps": 6, "step": 6}, r"checkpoint at step 6 was trained with max_steps=6, this run has max_steps=8"),
+])
+def test_a_checkpoint_of_another_plan_is_refused(recorded, message, assets, tmp_path):
+    """A checkpoint recorded with another seed or step budget (a finished shorter run at its last
+    step, say) would continue another run, or end "done" without training: refused, by name."""
+    import json
+
+    from workers.training.loop import STATE_FILE, load_checkpoint
+
+    module, config, inputs = stage("pretrain", "ddp", assets)
+    job, _ = module.build_job(local_context(tmp_path, "pretrain", inputs=inputs, resources=Resources(workers=2)), config)
+    (tmp_path / "ck").mkdir()
+    state = {"step": 3, "seed": config.seed, "max_steps": STEPS, "tokens_per_step": job.tokens_per_step, **recorded}
+    (tmp_path / "ck" / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "ck", job, None, None)

@@ -239,6 +239,13 @@ def load_checkpoint(directory: Path, job: TrainJob, model: torch.nn.Module, opti
             f"{job.name}: the checkpoint at step {state['step']} was trained with {trained} tokens per step, "
             f"this run takes {job.tokens_per_step}; keep batch_size x grad_accum x workers (the global batch) "
             "as it was to resume on another number of workers")
+    # The rest of the run is a function of these (data order, dropout, the LR schedule): another
+    # value would continue another run, and a step beyond the plan would end "done" untrained.
+    for key, want in (("seed", job.config.seed), ("max_steps", job.max_steps)):
+        if key in state and state[key] != want:
+            raise ValueError(f"{job.name}: the checkpoint at step {state['step']} was trained with {key}={state[key]}, "
+                             f"this run has {key}={want}; resume with the {key} it was trained with, or start over "
+                             "(--no-cache)")
     sharding.load_state(directory, model, optimizer)
     return state
 
@@ -320,7 +327,7 @@ def _train(job: TrainJob, ctx: Any) -> None:
     optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=ADAMW_BETAS,
                       device_type=placed.optimizer_device)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None,
-                             "tokens_per_step": job.tokens_per_step}
+                             "tokens_per_step": job.tokens_per_step, "max_steps": job.max_steps}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
