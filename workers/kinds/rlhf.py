@@ -19,7 +19,10 @@ Each iteration has four steps, each its own function with a typed hand-off:
 The learners checkpoint after every iteration under ``ctx.scratch_uri`` (their shards of the policy
 and optimizer state, ``torch.distributed.checkpoint``, + ``state.json``), so a retried attempt
 resumes after the last finished iteration, at any number of learners; the output is consolidated
-from the last one, once, into the starting checkpoint's Hugging Face layout.
+from the last one, once, into the starting checkpoint's Hugging Face layout. An iteration's
+prompts, sampling seeds and minibatch order are functions of (seed, iteration), and its rollouts
+come from the policy that checkpoint holds: on the same workers a resumed run ends bit-identical
+to one never interrupted (tests/test_resume_exact.py).
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ state, and any number of workers sees the same global batch. Dropout randomness 
 ``(seed, step, rank)`` at every step for the same reason; a checkpoint therefore holds the
 trainable weights and optimizer state, sharded (``torch.distributed.checkpoint``: each rank writes
 its own part, any number of workers reads it back), and ``trainer_state.json`` (step, tokens,
-seed, last losses), and nothing else is needed. A run resumes on another number of workers when
-the global batch (batch_size x grad_accum x workers) stays the same.
+seed, step budget, last losses), and nothing else is needed: on the same workers a resumed run
+ends bit-identical to one never interrupted (CPU, fp32; tests/test_resume_exact.py), the steps
+after the last checkpoint replayed. A run resumes on another number of workers when the global
+batch (batch_size x grad_accum x workers) stays the same (the same curve within rounding).
 """
 
 from __future__ import annotations
