@@ -19,13 +19,15 @@ Each iteration has four steps, each its own function with a typed hand-off:
 The learners checkpoint after every iteration under ``ctx.scratch_uri`` (their shards of the policy
 and optimizer state, ``torch.distributed.checkpoint``, + ``state.json``), so a retried attempt
 resumes after the last finished iteration, at any number of learners; the output is consolidated
-from the last one, once, into the starting checkpoint's Hugging Face layout.
+from the last one, once, into the starting checkpoint's Hugging Face layout. An iteration's
+prompts, sampling seeds and minibatch order are functions of (seed, iteration), and its rollouts
+come from the policy that checkpoint holds: on the same workers a resumed run ends bit-identical
+to one never interrupted (tests/test_resume_exact.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -114,14 +116,6 @@ class UpdateStats:
     kl: float              # per-token KL(policy || reference) on this iteration's samples, before the update
     examples: int
     steps: int
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Test hook: raise once at the start of ``iteration`` (1-based) unless ``marker`` exists."""
-
-    iteration: int
-    marker: str
 
 
 # ----------------------------------------------------------------------------- 1-2. rollout, score
@@ -542,8 +536,8 @@ def _iteration_prompts(prompts: list[str], config: Config, iteration: int) -> li
     return [prompts[i] for i in idx]
 
 
-def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
-    """Train; ``fault`` is a test hook (never set by the executor)."""
+def run(ctx, config: Config) -> dict[str, Any]:
+    """Train."""
     import ray
 
     policy_uri = ctx.upstream("checkpoint", config.policy, field="policy")
@@ -585,9 +579,6 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
 
         for it in range(start, config.iterations):
             n = it + 1
-            if fault and fault.iteration == n and not os.path.exists(fault.marker):
-                Path(fault.marker).write_text(f"failed at iteration {n}\n")
-                raise RuntimeError(f"injected fault at iteration {n}")
             t0 = time.perf_counter()
             groups = rollout(rollout_pool, _iteration_prompts(train, config, it), config, config.seed + 1000 * n)
             t1 = time.perf_counter()

@@ -13,8 +13,10 @@ state, and any number of workers sees the same global batch. Dropout randomness 
 ``(seed, step, rank)`` at every step for the same reason; a checkpoint therefore holds the
 trainable weights and optimizer state, sharded (``torch.distributed.checkpoint``: each rank writes
 its own part, any number of workers reads it back), and ``trainer_state.json`` (step, tokens,
-seed, last losses), and nothing else is needed. A run resumes on another number of workers when
-the global batch (batch_size x grad_accum x workers) stays the same.
+seed, step budget, last losses), and nothing else is needed: on the same workers a resumed run
+ends bit-identical to one never interrupted (CPU, fp32; tests/test_resume_exact.py), the steps
+after the last checkpoint replayed. A run resumes on another number of workers when the global
+batch (batch_size x grad_accum x workers) stays the same (the same curve within rounding).
 """
 
 from __future__ import annotations
@@ -112,8 +114,8 @@ class BatchSource(Protocol):
 class FaultInjection:
     """Test hook: rank ``rank`` stops at the start of step ``step``, once (``marker`` file),
     after Ray Train has registered every checkpoint reported before it: it exits hard, or with
-    ``hang`` it writes the marker and waits there, so that a test can kill its node while the
-    run provably has steps left."""
+    ``hang`` it writes the marker (ending with its pid) and waits there, so that a test can kill
+    it or its node while the run provably has steps left."""
 
     rank: int
     step: int
@@ -239,6 +241,13 @@ def load_checkpoint(directory: Path, job: TrainJob, model: torch.nn.Module, opti
             f"{job.name}: the checkpoint at step {state['step']} was trained with {trained} tokens per step, "
             f"this run takes {job.tokens_per_step}; keep batch_size x grad_accum x workers (the global batch) "
             "as it was to resume on another number of workers")
+    # The rest of the run is a function of these (data order, dropout, the LR schedule): another
+    # value would continue another run, and a step beyond the plan would end "done" untrained.
+    for key, want in (("seed", job.config.seed), ("max_steps", job.max_steps)):
+        if key in state and state[key] != want:
+            raise ValueError(f"{job.name}: the checkpoint at step {state['step']} was trained with {key}={state[key]}, "
+                             f"this run has {key}={want}; resume with the {key} it was trained with, or start over "
+                             "(--no-cache)")
     sharding.load_state(directory, model, optimizer)
     return state
 
@@ -320,7 +329,7 @@ def _train(job: TrainJob, ctx: Any) -> None:
     optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=ADAMW_BETAS,
                       device_type=placed.optimizer_device)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "seed": cfg.seed, "train_loss": None, "val_loss": None,
-                             "tokens_per_step": job.tokens_per_step}
+                             "tokens_per_step": job.tokens_per_step, "max_steps": job.max_steps}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -343,13 +352,15 @@ def _train(job: TrainJob, ctx: Any) -> None:
     prev_end: float | None = None
     last_progress = -math.inf
     for step in range(start, job.max_steps):
+        if job.fault and step == job.fault.step:
+            ctx.sink.flush()  # the steps logged so far (by rank 0) reach the driver before the fault
         if job.fault and rank == job.fault.rank and step == job.fault.step and not os.path.exists(job.fault.marker):
             # Let Ray Train register the checkpoints reported so far (its controller polls every
             # few seconds; a report still in flight when a worker dies is lost), then die, or
-            # wait for the test to kill this worker's node.
+            # wait for the test to kill this worker or its node.
             ray.train.get_all_reported_checkpoints()
-            ctx.sink.flush()  # the steps logged so far reach the driver, as a finished worker's do
-            Path(job.fault.marker).write_text(f"rank {rank} {'waits' if job.fault.hang else 'exited'} at step {step}\n")
+            Path(job.fault.marker).write_text(
+                f"rank {rank} {'waits' if job.fault.hang else 'exited'} at step {step}, pid {os.getpid()}\n")
             while job.fault.hang:
                 time.sleep(1)
             os._exit(1)
