@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from workers.model.sampling import (Completion, GenerationCancelled, SamplingParams, apply_stops, generate,
-                                    penalty_counts, prefill, process_logits, sample)
+                                    penalty_counts, pick, prefill, process_logits)
 from workers.model.transformer import KVCache, autocast_context, default_device
 from workers.serving.batch import BatchState
 from workers.serving.protocol import APIError, server_error
@@ -122,7 +122,7 @@ class Seq:
         self.prompt_len = len(self.tokens)
         self.generator = None
         # same seeding as workers.model.sampling: sample i of a prompt draws from seed + i
-        if p.seed is not None and p.temperature > 0:
+        if p.seed is not None and not p.greedy:
             self.generator = torch.Generator(device=device).manual_seed(p.seed + index)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -567,10 +567,7 @@ class Engine:
         sel = torch.tensor(idx, device=logits.device)
         proc = process_logits(logits.index_select(0, sel), params,
                               self._batch.counts.index_select(0, sel), self._batch.seen.index_select(0, sel))
-        if params.temperature == 0:
-            tokens[sel] = proc.argmax(-1)
-        else:
-            tokens[sel] = sample(proc.softmax(-1), [rows[i].generator for i in idx])
+        tokens[sel] = pick(proc, params, [rows[i].generator for i in idx])
 
     def _sample_and_emit(self, logits) -> None:
         rows = self._rows
