@@ -209,6 +209,65 @@ def test_chat_fields_are_validated_too(server):
     assert len(ok.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
 
 
+# ------------------------------------------------------------------------------ OpenAI departures
+
+
+def test_an_unknown_model_is_404_model_not_found_as_openai(server):
+    err = assert_openai_error(post(server, {"model": "gpt-17", "prompt": "hi", "max_tokens": 2}), 404, "model")
+    assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
+    chat = {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}
+    assert assert_openai_error(post(server, chat, path="/v1/chat/completions"), 404, "model")["code"] == \
+        "model_not_found"
+
+
+def test_streamed_text_offset_continues_across_chunks(server):
+    """text_offset is each token's position in the whole completion (it restarted at 0 in every
+    chunk): equal to the offsets of the same request answered whole."""
+    body = {"model": MODEL, "prompt": "the lazy", "max_tokens": 12, "ignore_eos": True, "temperature": 0,
+            "logprobs": 1}
+    whole = post(server, body).json()["choices"][0]["logprobs"]
+    assert whole["text_offset"] == [sum(map(len, whole["tokens"][:i])) for i in range(12)]
+    app = build_app(server["loaded"], server["engine"], key_digest=key_digest(KEY), stream_interval_s=0)
+    with uvicorn_serving(app) as url, httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=20,
+                                                   json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"]]
+    assert len(parts) > 1  # else the test shows nothing
+    assert [t for p in parts for t in p["tokens"]] == whole["tokens"]
+    assert [o for p in parts for o in p["text_offset"]] == whole["text_offset"]
+
+
+def test_beam_search_with_alternatives_is_a_400_naming_the_param(server):
+    beams = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "num_beams": 2}
+    assert_openai_error(post(server, {**beams, "logprobs": 2}), 400, "logprobs")
+    ok = post(server, {**beams, "logprobs": 0})  # the chosen tokens' logprobs: supported
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["token_logprobs"]) == 3
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "num_beams": 2,
+            "logprobs": True}
+    assert_openai_error(post(server, {**chat, "top_logprobs": 3}, path="/v1/chat/completions"), 400,
+                        "top_logprobs")
+    assert post(server, chat, path="/v1/chat/completions").status_code == 200
+
+
+@pytest.mark.parametrize("override,param", [({"best_of": MAX_BATCH + 1}, "best_of"), ({"n": MAX_BATCH + 1}, "n"),
+                                            ({"num_beams": MAX_BATCH + 1}, "num_beams"),
+                                            ({"use_beam_search": True, "best_of": MAX_BATCH + 1}, "best_of")])
+def test_a_width_past_the_batch_names_the_field_that_asked_for_it(server, override, param):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2, **override}
+    assert param in assert_openai_error(post(server, body), 400, param)["message"]
+
+
+def test_a_non_ascii_api_key_matches(server):
+    """Header bytes arrive as they were sent (UTF-8 here); the digest is of those same bytes."""
+    key = "sk-clé-ünïcode-✓"
+    app = build_app(server["loaded"], server["engine"], key_digest=key_digest(key))
+    with uvicorn_serving(app) as url:
+        ok = httpx.get(f"{url}/v1/models", headers={"Authorization": b"Bearer " + key.encode("utf-8")})
+        assert ok.status_code == 200, ok.text
+        wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": b"Bearer " + key.encode("latin-1", "replace")})
+        assert_openai_error(wrong, 401)
+
+
 def test_a_bad_request_beside_a_good_one_hurts_neither(server):
     """The finding: a good request and a seed=2**64 request sent together both hung."""
     good = {"model": MODEL, "prompt": "hello", "max_tokens": 8, "temperature": 0}

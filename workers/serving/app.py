@@ -58,9 +58,10 @@ SERVE_LOGGING = {"enable_access_log": False}
 # The ASGI guard: authentication and size limits before any work
 
 
-def key_digest(key: str) -> str:
-    """What a replica keeps of the API key (it compares digests, in constant time)."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+def key_digest(key: str | bytes) -> str:
+    """What a replica keeps of the API key (it compares digests, in constant time): the SHA-256
+    of its UTF-8 bytes, as a client sends them in the header."""
+    return hashlib.sha256(key.encode("utf-8") if isinstance(key, str) else key).hexdigest()
 
 
 class Guard:
@@ -121,7 +122,9 @@ class Guard:
         if self.digest is None:
             return True
         scheme, _, key = header.partition(b" ")
-        given = key_digest(key.strip().decode("latin-1")) if scheme.lower() == b"bearer" else ""
+        # the header's bytes as sent (ASGI gives bytes; decoding them as latin-1 and re-encoding
+        # as UTF-8 would never match a non-ASCII key)
+        given = key_digest(key.strip()) if scheme.lower() == b"bearer" else ""
         return hmac.compare_digest(given.encode(), self.digest.encode())
 
 
@@ -237,7 +240,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     def check_model(name: str | None) -> None:
         if name is not None and name != loaded.name:
             raise oa.APIError(f"The model {name!r} does not exist; this server serves {loaded.name!r} "
-                              "(see GET /v1/models)", param="model", code="model_not_found")
+                              "(see GET /v1/models)", status=404, param="model", code="model_not_found")
 
     def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list:
         check_model(body.model)
@@ -327,7 +330,10 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                 choices.append(c)
         return choices, completion_tokens
 
-    def chunk_choices(batch, reqs: list[GenerationRequest], n: int, *, chat: bool) -> tuple[list[dict], int]:
+    def chunk_choices(batch, reqs: list[GenerationRequest], n: int, *, chat: bool,
+                      offsets: dict[int, int]) -> tuple[list[dict], int]:
+        """A chunk's choices from ``batch``; ``offsets`` (choice index -> characters sent so far)
+        carries each choice's ``text_offset`` across the chunks of a stream."""
         merged: dict[int, _Choice] = {}
         tokens = 0
         for ev in batch:
@@ -355,7 +361,8 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             if k is not None:
                 top = m.top if k else None
                 lp = oa.chat_logprobs(m.tokens, m.logprobs, top) if chat else \
-                    oa.completion_logprobs(m.tokens, m.logprobs, top)
+                    oa.completion_logprobs(m.tokens, m.logprobs, top, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(map(len, m.tokens))
             c = {"index": index, "logprobs": lp, "finish_reason": m.finish}
             if chat:
                 c["delta"] = {"content": m.text} if m.text else {}
@@ -406,8 +413,9 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                 if failure is not None:
                     raise failure
                 tail = ""
+                offsets: dict[int, int] = {}
                 async for batch in _prepend(first, stream):
-                    choices, count = chunk_choices(batch, reqs, n, chat=chat)
+                    choices, count = chunk_choices(batch, reqs, n, chat=chat, offsets=offsets)
                     completion_tokens += count
                     text = oa.sse(make(rid, name, choices, None, chunk=True, created=created)) if choices else ""
                     text, head = head + text, ""

@@ -206,8 +206,17 @@ class _SamplingRequest(BaseModel):
             raise bad("num_beams", beams, f">= n ({self.n}) for beam search")
         width = max(beams, self.samples())
         if width > max_batch_size:
-            raise APIError(f"n/best_of/num_beams asks for {width} sequences at once; this server runs at most "
-                           f"{max_batch_size} (max_batch_size)", param="n")
+            # the field that set the width: num_beams (or use_beam_search's best_of), best_of, n
+            param = ("num_beams" if self.num_beams is not None else "best_of" if self.best_of is not None else "n") \
+                if beams > 1 else "best_of" if self.best_of is not None else "n"
+            raise APIError(f"{param} asks for {width} sequences at once; this server runs at most "
+                           f"{max_batch_size} (max_batch_size)", param=param)
+        if beams > 1 and self.top_logprobs_count():
+            # beam search reports the chosen tokens' logprobs, not the alternatives
+            name = "top_logprobs" if isinstance(self, ChatCompletionRequest) else "logprobs"
+            raise APIError(f"{name} > 0 is not supported with beam search (got {self.top_logprobs_count()}); "
+                           f"ask for {'logprobs: true with top_logprobs 0' if name == 'top_logprobs' else 'logprobs: 0'} "
+                           "for the chosen tokens' logprobs", param=name)
         if self.stream and (beams > 1 or self.samples() > self.n):
             raise APIError("stream is not supported with beam search or best_of > n", param="stream")
         stops = self.stop_list()
