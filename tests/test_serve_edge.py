@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import SERVE_CHAT_TEMPLATE, free_port
 from workers.checkpoints import open_checkpoint
 from workers.serving.app import build_app, key_digest
 from workers.serving.engine import Engine
@@ -207,6 +207,113 @@ def test_chat_fields_are_validated_too(server):
               top_logprobs=2)
     assert ok.status_code == 200, ok.text
     assert len(ok.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+# ------------------------------------------------------------------------------ no request work on the loop
+
+
+def test_sizes_are_checked_before_anything_is_validated_or_encoded(server):
+    """A prompt longer than the context x the longest token is refused by its length in
+    characters (the 4 MB prompt was encoded first), a list of many prompts by its length (the
+    699k-prompt list was validated first): each answer comes from the size check, which runs
+    before validation (the lone surrogate or the stray number would be reported otherwise)."""
+    ctx = server["loaded"].context
+    err = assert_openai_error(post(server, json.dumps({"model": MODEL, "prompt": "a" * 60_000 + "\ud800"})),
+                              400, "prompt")
+    assert err["code"] == "context_length_exceeded" and "60001 characters" in err["message"], err
+    many = ["hi"] * 12_000 + [5]
+    err = assert_openai_error(post(server, {"model": MODEL, "prompt": many}), 400, "prompt")
+    assert err["code"] == "too_many_prompts" and "12001 prompts" in err["message"]
+    ids = assert_openai_error(post(server, {"model": MODEL, "prompt": [1] * ctx + [-1]}), 400, "prompt")
+    assert ids["code"] == "context_length_exceeded"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "b" * 50_000 + "\ud800"}]}
+    err = assert_openai_error(post(server, json.dumps(chat), path="/v1/chat/completions"), 400,
+                              "messages[0].content")
+    assert "50001 characters" in err["message"]
+    # within the limits the same shapes work
+    assert post(server, {"model": MODEL, "prompt": ["hi", "ho"], "max_tokens": 2}).status_code == 200
+
+
+SLOW_TEMPLATE = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def test_a_template_that_never_ends_fails_its_request_and_the_replica_stays_healthy(server):
+    """The finding: a chat template with nested loops froze the replica for good (/health timed
+    out, SIGTERM was ignored). It renders in a worker process, killed after the budget: that
+    request gets a 400 naming the template, /health answers all along, the next chats work."""
+    import copy
+
+    slow = copy.copy(server["loaded"])
+    slow.chat_template = "{% if messages[0]['content'] == 'spin' %}" + SLOW_TEMPLATE + \
+        "{% else %}{{ messages[0]['content'] }}{% endif %}"
+    app = build_app(slow, server["engine"], key_digest=key_digest(KEY), template_budget_s=1.0)
+    chat = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "spin"}]}
+    with uvicorn_serving(app) as url:
+        with httpx.Client(timeout=30) as c:
+            assert c.post(f"{url}/v1/chat/completions", headers=AUTH,
+                          json={**chat, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+            first = app.app.state.renderer.pids()
+            done = threading.Event()
+            answers: list = []
+            threading.Thread(target=lambda: (answers.append(c.post(f"{url}/v1/chat/completions", headers=AUTH,
+                                                                   json=chat)), done.set())).start()
+            polls = 0
+            with httpx.Client(timeout=5) as h:
+                while not done.is_set():
+                    assert h.get(f"{url}/health").json() == {"status": "ok"}
+                    polls += 1
+            err = assert_openai_error(answers[0], 400, "messages")
+            assert "chat_template took more than 1s" in err["message"], err
+            assert polls > 3 and app.app.state.renderer.killed == 1
+            assert not set(first) & set(app.app.state.renderer.pids())  # the killed worker is gone
+            ok = c.post(f"{url}/v1/chat/completions", headers=AUTH,
+                        json={**chat, "messages": [{"role": "user", "content": "hi"}]})
+            assert ok.status_code == 200
+    app.app.state.renderer.close()
+
+
+# ------------------------------------------------------------------------------ special tokens
+
+
+def test_request_text_is_never_parsed_as_special_tokens(server):
+    """``<|endoftext|>`` in a prompt or a message was the end-of-text token itself; now it is the
+    13 characters it is made of (the char tokenizer has no '<' or '|': unknown tokens), and the
+    chat template's own eos_token stays the one control token. ``allow_special_tokens`` turns
+    parsing back on for raw completions."""
+    from workers.serving.prompts import PromptEncoder
+    from workers.serving.render import Renderer
+
+    lm = server["loaded"]
+    tok, eos = lm.tokenizer, lm.eos_token_id
+    body = {"model": MODEL, "prompt": "hi<|endoftext|>", "max_tokens": 1}
+    assert post(server, body).json()["usage"]["prompt_tokens"] == 2 + 13
+    app = build_app(lm, server["engine"], key_digest=key_digest(KEY), allow_special_tokens=True)
+    with uvicorn_serving(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=30)
+        assert r.json()["usage"]["prompt_tokens"] == 2 + 1
+    app.app.state.renderer.close()
+    # chat: the template's eos_token between turns is the eos id, the same text in a message is not
+    template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    renderer = Renderer()
+    try:
+        enc = PromptEncoder(tok, context=lm.context, renderer=renderer)
+        ids = enc.chat([{"role": "user", "content": "hi<|endoftext|>"}, {"role": "user", "content": "yo"}],
+                       template, add_generation_prompt=True, eos_token="<|endoftext|>")
+        unk = tok.token_to_id("<|unk|>")
+        plain = [tok.get_vocab(with_added_tokens=False).get(ch, unk) for ch in "hi<|endoftext|>"]  # one id a char
+        assert plain.count(unk) == 4  # '<', '|', '|', '>'; no eos
+        assert ids == plain + [eos] + tok.encode("yo").ids + [eos]
+        # without special-token text in the messages: exactly the tokenizer's own encoding
+        clean = enc.chat([{"role": "user", "content": "the lazy dog"}], template, add_generation_prompt=True,
+                         eos_token="<|endoftext|>")
+        assert clean == tok.encode("the lazy dog<|endoftext|>").ids
+    finally:
+        renderer.close()
+    chat = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "<|endoftext|>"}]}
+    rendered = SERVE_CHAT_TEMPLATE.replace("{% for m in messages %}", "").replace("{% endfor %}", "")
+    assert post(server, chat, path="/v1/chat/completions").json()["usage"]["prompt_tokens"] == \
+        len("user: <|endoftext|>\nassistant:")  # every character a token: the marker too
+    assert rendered
 
 
 # ------------------------------------------------------------------------------ OpenAI departures

@@ -50,6 +50,9 @@ SERVE_ENV = {
 }
 """Environment of the Serve controller, proxies and replicas: each thread and loop hop per
 request costs Python time on the cores the engine needs."""
+PREP_THREADS = 4
+"""Threads per replica that parse, validate, encode and render requests, off the event loop (a
+chat render waits there for its worker process: see ``workers.serving.render``)."""
 SERVE_LOGGING = {"enable_access_log": False}
 """Serve's logging of the proxies and of our application (else: a formatted line per request)."""
 
@@ -163,16 +166,27 @@ async def _prepend(first, rest):
 
 
 def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None = None, max_queue: int = 64,
-              stream_interval_s: float = STREAM_INTERVAL_S, max_body_bytes: int = oa.MAX_BODY_BYTES):
-    """The OpenAI-compatible ASGI app (FastAPI behind :class:`Guard`) over a running ``engine``."""
+              stream_interval_s: float = STREAM_INTERVAL_S, max_body_bytes: int = oa.MAX_BODY_BYTES,
+              allow_special_tokens: bool = False, template_budget_s: float | None = None):
+    """The OpenAI-compatible ASGI app (FastAPI behind :class:`Guard`) over a running ``engine``.
+
+    The event loop does no work that grows with a request: the body is parsed, validated,
+    encoded and (chat) rendered in a bounded pool of threads (``PREP_THREADS``; past
+    max_batch_size + max_queue requests in preparation: 503 ``overloaded``), sizes are checked
+    before anything is encoded, and chat templates render in worker processes under a time
+    budget. ``allow_special_tokens``: completion prompts may hold the tokenizer's special
+    tokens (off: text from a request is always plain text)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from workers.data.chat import ChatTemplateError, render_chat
     from workers.model.sampling import SamplingParams
-    from workers.serving.engine import Done, GenerationRequest, Step
+    from workers.serving.engine import RETRY_AFTER_S, Done, GenerationRequest, Step
+    from workers.serving.prompts import PromptEncoder
+    from workers.serving.render import TEMPLATE_BUDGET_S, Renderer
 
     class Inbox:
         """One HTTP request's engine events: ``put`` (on its event loop) adds those of a step,
@@ -217,6 +231,14 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     app = FastAPI(title="genai-orchestrator OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None, redirect_slashes=False)
     vocab = loaded.model.config.vocab_size
+    renderer = Renderer(budget_s=template_budget_s or TEMPLATE_BUDGET_S)
+    encoder = PromptEncoder(engine.tokenizer, context=loaded.context, allow_special=allow_special_tokens,
+                            renderer=renderer)
+    eos_text = engine.decode([loaded.eos_token_id]) if loaded.eos_token_id is not None else ""
+    prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="prepare")
+    prep_limit = engine.max_batch_size + engine.max_queue
+    preparing = 0  # requests in the preparation pool (the event loop's count; no lock needed)
+    app.state.renderer = renderer  # tests look at its workers
 
     @app.exception_handler(oa.APIError)
     async def _api_error(request: Request, exc: oa.APIError):
@@ -242,13 +264,40 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             raise oa.APIError(f"The model {name!r} does not exist; this server serves {loaded.name!r} "
                               "(see GET /v1/models)", status=404, param="model", code="model_not_found")
 
-    def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list:
-        check_model(body.model)
-        body.check(max_batch_size=engine.max_batch_size, vocab_size=vocab)
-        if not engine.admissible(len(prompts)):
-            raise oa.APIError(f"{param} holds {len(prompts)} prompts; this server admits at most "
+    def check_count(count: int, param: str) -> None:
+        if not engine.admissible(count):
+            raise oa.APIError(f"{param} holds {count} prompts; this server admits at most "
                               f"{engine.max_batch_size + engine.max_queue} at once (max_batch_size + max_queue)",
                               param=param, code="too_many_prompts")
+
+    def check_sizes(obj: dict) -> None:
+        """Sizes on the raw JSON, before it is walked, validated or encoded (lengths only)."""
+        prompt, messages = obj.get("prompt"), obj.get("messages")
+        if isinstance(prompt, str):
+            encoder.check_chars(prompt, "prompt")
+        elif isinstance(prompt, list) and prompt:
+            if isinstance(prompt[0], (str, list)):
+                check_count(len(prompt), "prompt")
+            items = prompt if isinstance(prompt[0], (str, list)) else [prompt]
+            for p in items:
+                if isinstance(p, str):
+                    encoder.check_chars(p, "prompt")
+                elif isinstance(p, list) and len(p) >= loaded.context:
+                    oa.check_length(None, len(p), loaded.context, param="prompt")
+        if isinstance(messages, list):
+            if len(messages) > oa.MAX_MESSAGES:
+                raise oa.APIError(f"messages holds {len(messages)} messages; at most {oa.MAX_MESSAGES}",
+                                  param="messages")
+            for i, m in enumerate(messages):
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, str):
+                    encoder.check_chars(content, f"messages[{i}].content")
+                elif isinstance(content, list) and len(content) > oa.MAX_MESSAGES:
+                    raise oa.APIError(f"messages[{i}].content holds {len(content)} parts; at most "
+                                      f"{oa.MAX_MESSAGES}", param="messages")
+
+    def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list:
+        check_count(len(prompts), param)
         out = []
         for i, ids in enumerate(prompts):
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -436,32 +485,58 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def generate(request: Request, body, prompts: list[list[int]], *, chat: bool, param: str):
-        inbox = Inbox(len(prompts))
-        reqs = make_requests(body, prompts, param=param, emit=inbox.put, loop=asyncio.get_running_loop())
+    def parse(raw: bytes, model):
+        """The request body, its model and fields checked (in a preparation thread)."""
+        body = oa.parse_body(raw, model, limits=check_sizes)
+        check_model(body.model)
+        body.check(max_batch_size=engine.max_batch_size, vocab_size=vocab)
+        return body
+
+    def prepare_completion(raw: bytes, emit, loop):
+        body = parse(raw, oa.CompletionRequest)
+        prompts = [encoder.text(p, param="prompt") if isinstance(p, str) else list(p) for p in body.prompts()]
+        if not prompts:
+            raise oa.APIError("prompt must not be empty", param="prompt")
+        return body, make_requests(body, prompts, param="prompt", emit=emit, loop=loop)
+
+    def prepare_chat(raw: bytes, emit, loop):
+        body = parse(raw, oa.ChatCompletionRequest)
+        ids = encoder.chat([m.model_dump() for m in body.messages], loaded.chat_template,
+                           add_generation_prompt=body.add_generation_prompt, eos_token=eos_text)
+        return body, make_requests(body, [ids], param="messages", emit=emit, loop=loop)
+
+    async def prepared(request: Request, prepare):
+        """``prepare(raw, emit, loop)`` in the preparation pool -> (body, requests, inbox)."""
+        nonlocal preparing
+        raw = await request.body()
+        if preparing >= prep_limit:
+            raise oa.APIError(f"server overloaded: {preparing} requests are being prepared; retry later",
+                              status=503, type="server_error", code="overloaded",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(0)
+        preparing += 1
+        try:
+            body, reqs = await loop.run_in_executor(prep_pool, prepare, raw, inbox.put, loop)
+        finally:
+            preparing -= 1
+        inbox.left = len(reqs)
+        return body, reqs, inbox
+
+    async def generate(request: Request, prepare, *, chat: bool):
+        body, reqs, inbox = await prepared(request, prepare)
         # submitted before any byte is sent, so an overloaded server answers a plain 503
         engine.submit(reqs)
-        return await respond(request, body, reqs, inbox, chat=chat, prompt_tokens=sum(map(len, prompts)))
+        return await respond(request, body, reqs, inbox, chat=chat,
+                             prompt_tokens=sum(len(r.prompt_ids) for r in reqs))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = oa.parse_body(await request.body(), oa.CompletionRequest)
-        prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
-        if not prompts:
-            raise oa.APIError("prompt must not be empty", param="prompt")
-        return await generate(request, body, prompts, chat=False, param="prompt")
+        return await generate(request, prepare_completion, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = oa.parse_body(await request.body(), oa.ChatCompletionRequest)
-        try:
-            text = render_chat([m.model_dump() for m in body.messages], loaded.chat_template,
-                               add_generation_prompt=body.add_generation_prompt,
-                               eos_token=engine.decode([loaded.eos_token_id])
-                               if loaded.eos_token_id is not None else "")
-        except ChatTemplateError as e:
-            raise oa.APIError(str(e), param="messages") from None
-        return await generate(request, body, [engine.encode(text)], chat=True, param="messages")
+        return await generate(request, prepare_chat, chat=True)
 
     @app.get("/v1/models")
     async def models():
