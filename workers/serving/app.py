@@ -574,7 +574,8 @@ def _deployment():
     @serve.ingress()
     class OpenAIServer:
         def __init__(self, checkpoint: str, *, model_name: str | None, key_digest: str | None,
-                     max_batch_size: int, max_queue: int, stream_interval_s: float):
+                     max_batch_size: int, max_queue: int, stream_interval_s: float,
+                     allow_special_tokens: bool = False):
             import ray
 
             from workers.checkpoints import open_checkpoint
@@ -589,7 +590,8 @@ def _deployment():
             lm = self.loaded
             self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, end_token_ids=lm.stop_token_ids,
                                  max_batch_size=max_batch_size, max_queue=max_queue).start()
-            self._app_args = dict(key_digest=key_digest, max_queue=max_queue, stream_interval_s=stream_interval_s)
+            self._app_args = dict(key_digest=key_digest, max_queue=max_queue, stream_interval_s=stream_interval_s,
+                                  allow_special_tokens=allow_special_tokens)
 
         def __serve_build_asgi_app__(self):
             return build_app(self.loaded, self.engine, **self._app_args)
@@ -629,7 +631,8 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
                      max_batch_size: int = 8, max_queue: int = 64, api_key: str | None = None,
                      model_name: str | None = None, autoscaling: dict | None = None, blocking: bool = True,
                      num_cpus: float = 1.0, num_gpus: float | None = None, app_name: str = APP_NAME,
-                     route_prefix: str = "/", stream_interval_s: float = STREAM_INTERVAL_S) -> str:
+                     route_prefix: str = "/", stream_interval_s: float = STREAM_INTERVAL_S,
+                     allow_special_tokens: bool = False) -> str:
     """Deploy ``checkpoint_dir`` as an OpenAI-compatible API on Ray Serve; return its base URL
     (``http://host:port`` + route_prefix; clients use ``<url>/v1``).
 
@@ -637,7 +640,9 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     digest reaches the replicas). ``autoscaling`` (``min_replicas``, ``max_replicas``,
     ``target_ongoing_requests``) replaces ``replicas``. Each replica gets ``num_cpus`` and
     ``num_gpus`` (None: one GPU when the cluster has any). ``blocking``: serve until Ctrl-C, then
-    remove the application. A failure or interrupt while deploying removes it too. Several
+    remove the application. ``allow_special_tokens``: completion prompts may hold the
+    tokenizer's special tokens (off: request text is plain text). A failure or interrupt while
+    deploying removes it too. Several
     checkpoints can be served side by side under different ``app_name``/``route_prefix``.
     """
     import ray
@@ -684,7 +689,8 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     deployment = _deployment().options(**options)
     app = deployment.bind(str(checkpoint_dir), model_name=model_name,
                           key_digest=key_digest(api_key) if api_key else None,
-                          max_batch_size=max_batch_size, max_queue=max_queue, stream_interval_s=stream_interval_s)
+                          max_batch_size=max_batch_size, max_queue=max_queue, stream_interval_s=stream_interval_s,
+                          allow_special_tokens=allow_special_tokens)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
     try:
