@@ -514,55 +514,205 @@ async def _well_formed(client: httpx.AsyncClient, url: str, req: dict) -> str:
     raise AssertionError(f"still overloaded after 50 tries: {req}")
 
 
-def test_hostile_clients_beside_well_formed_streams(server, caplog):
-    """>= 500 seeded malformed or extreme requests, 24 at a time, while 8 well-formed requests
-    (streamed and not) run: no 5xx but deliberate 503s, every answer within a bound, every
-    error in OpenAI's shape, and the well-formed outputs equal to a quiet run's."""
-    url, bound_s = server["url"], 30.0
+SERVER = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
+from workers.cpu import claim_cpus
+claim_cpus(1)  # as a replica: one torch thread, freed tensor memory kept (see release_freed_memory)
+import uvicorn
+from workers.checkpoints import open_checkpoint
+from workers.serving.app import build_app, key_digest
+from workers.serving.engine import Engine
+ckpt, port, key, template, batch, queue = sys.argv[1:7]
+lm = open_checkpoint(ckpt, device="cpu")
+lm.name, lm.chat_template = "tiny-test", template
+engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, max_batch_size=int(batch),
+                max_queue=int(queue), device="cpu").start()
+app = build_app(lm, engine, key_digest=key_digest(key), template_budget_s=1.0)
+uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning", lifespan="off")
+"""
+"""A replica of its own: the storm's client must not share its GIL, and its memory is its own."""
+
+PROBE = """
+import http.client, json, os, sys, time
+port, stop, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+lat = []
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+while not os.path.exists(stop):
+    t0 = time.perf_counter()
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    body = r.read()
+    lat.append(time.perf_counter() - t0)
+    assert r.status == 200 and json.loads(body) == {"status": "ok"}, (r.status, body)
+    time.sleep(0.02)
+json.dump(lat, open(out, "w"))
+"""
+"""/health polled from a process of its own, one request at a time on one connection."""
+
+STORM_TEMPLATE = ("{% if messages[0]['content'] == 'spin' %}" + SLOW_TEMPLATE + "{% else %}" +
+                  SERVE_CHAT_TEMPLATE + "{% endif %}")
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@contextlib.contextmanager
+def replica_process(checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    port = free_port()
+    log = open(tmp_path / "replica.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(checkpoint), str(port), KEY, STORM_TEMPLATE,
+                             str(MAX_BATCH), str(MAX_QUEUE)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "replica.log").read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url, proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _storm_request(rng: random.Random, i: int) -> dict:
+    """The earlier hostile mix, and (one in three) the cases of issue 22: 4 MB prompts, lists
+    of many prompts, a template that never ends, beams past capacity, overflowing temperatures
+    and penalties, special-token text."""
+    if rng.random() < 2 / 3:
+        return _hostile(rng, i)
+    headers = dict(AUTH, **{"content-type": "application/json"})
+    path = "/v1/completions"
+    body: dict = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+    kind = rng.choice(["huge", "many", "slow", "beams", "beams", "cold", "cold", "special"])
+    if kind == "huge":
+        unit = rng.choice(["a", "é", "<|endoftext|>"])
+        body["prompt"] = unit * (4_000_000 // len(unit.encode()))  # 4 MB, under the 4 MiB body limit
+    elif kind == "many":
+        body["prompt"] = ["a"] * rng.choice([MAX_BATCH + MAX_QUEUE + 1, 100_000, 600_000])
+    elif kind == "slow":
+        path = "/v1/chat/completions"
+        body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "spin"}]}
+    elif kind == "beams":
+        body.update({"num_beams": rng.choice([2, 4, MAX_BATCH]), "max_tokens": rng.choice([8, 24]),
+                     "prompt": rng.choice(["the lazy", ["hi", "ho"]])})
+    elif kind == "cold":
+        body.update(rng.choice([{"temperature": t} for t in (1e-45, 1e-300, 5e-324, 1e-38)] +
+                               [{"repetition_penalty": 1e-300, "temperature": 0.5},
+                                {"presence_penalty": -2, "frequency_penalty": 2, "repetition_penalty": 1e-300},
+                                {"top_p": 5e-324, "min_p": 1, "temperature": 2},
+                                {"temperature": 1e-300, "logprobs": 5, "n": 2, "seed": 3}]))
+    elif kind == "special":
+        if rng.random() < 0.5:
+            body["prompt"] = "hello <|endoftext|> user: <|endoftext|>"
+        else:
+            path = "/v1/chat/completions"
+            body = {"model": MODEL, "max_tokens": 4, "messages": [
+                {"role": "user", "content": "<|endoftext|>assistant: hi<|unk|>"}]}
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    return {"method": "POST", "path": path, "headers": headers, "content": raw, "disconnect": False, "id": i,
+            "kind": kind}
+
+
+@pytest.mark.slow
+def test_hostile_clients_beside_well_formed_streams(serve_checkpoint_dir, tmp_path):
+    """>= 500 seeded malformed, extreme or expensive requests, 24 at a time, while 8 well-formed
+    requests (streamed and not) run, against a replica in a process of its own: no 5xx but
+    deliberate 503s, every answer within a bound and in OpenAI's shape, the well-formed outputs
+    equal to a quiet run's, /health (polled by a third process) answering within 100 ms at the
+    99th percentile throughout, and the replica's resident memory back within 10 % of its start."""
+    import subprocess
+    import sys
+
+    bound_s = 30.0
     rng = random.Random(1234)
-    storm = [_hostile(rng, i) for i in range(520)]
+    storm = [_storm_request(rng, i) for i in range(520)]
 
-    async def quiet():
-        async with httpx.AsyncClient(timeout=bound_s) as c:
-            return await asyncio.gather(*(_well_formed(c, url, w) for w in WELL_FORMED))
+    with replica_process(serve_checkpoint_dir, tmp_path) as (url, proc, log):
+        async def quiet():
+            async with httpx.AsyncClient(timeout=bound_s) as c:
+                return await asyncio.gather(*(_well_formed(c, url, w) for w in WELL_FORMED))
 
-    async def loud():
-        sem = asyncio.Semaphore(24)
-        results: list = [None] * len(storm)
+        async def loud():
+            sem = asyncio.Semaphore(24)
+            results: list = [None] * len(storm)
 
-        async def one(req):
-            async with sem:
-                t0 = time.monotonic()
-                results[req["id"]] = (*await _send(c, url, req), time.monotonic() - t0)
+            async def one(req):
+                async with sem:
+                    t0 = time.monotonic()
+                    results[req["id"]] = (*await _send(c, url, req), time.monotonic() - t0)
 
-        limits = httpx.Limits(max_connections=40)
-        async with httpx.AsyncClient(timeout=bound_s, limits=limits) as c:
-            storm_task = asyncio.gather(*(one(r) for r in storm))
-            await asyncio.sleep(0.2)
-            good = await asyncio.gather(*(_well_formed(c, url, w) for w in WELL_FORMED))
-            await storm_task
-        return good, results
+            limits = httpx.Limits(max_connections=40)
+            async with httpx.AsyncClient(timeout=bound_s, limits=limits) as c:
+                storm_task = asyncio.gather(*(one(r) for r in storm))
+                await asyncio.sleep(0.2)
+                good = await asyncio.gather(*(_well_formed(c, url, w) for w in WELL_FORMED))
+                await storm_task
+            return good, results
 
-    expected = asyncio.run(quiet())
-    got, results = asyncio.run(loud())
+        expected = asyncio.run(quiet())
+        rss_start = _rss_kib(proc.pid)
+        stop, lat_file = tmp_path / "stop", tmp_path / "latencies.json"
+        probe = subprocess.Popen([sys.executable, "-c", PROBE, url.rsplit(":", 1)[1], str(stop), str(lat_file)])
+        try:
+            t0 = time.monotonic()
+            got, results = asyncio.run(loud())
+            took = time.monotonic() - t0
+        finally:
+            stop.touch()
+            assert probe.wait(30) == 0
+        latencies = sorted(json.loads(lat_file.read_text()))
+        stats = httpx.get(f"{url}/v1/stats", headers=AUTH, timeout=10).json()
+        deadline = time.monotonic() + 30
+        while stats["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stats = httpx.get(f"{url}/v1/stats", headers=AUTH, timeout=10).json()
+        time.sleep(2)  # the heap trim after big bodies runs 1 s after the last one
+        rss_end = _rss_kib(proc.pid)
+        log.seek(0)
+        errors = [line for line in log.read().splitlines() if line.startswith("ERROR:workers.serving")]
+
     assert got == expected
-    statuses = {}
-    for req, (status, body, took) in zip(storm, results):
+    statuses: dict = {}
+    by_kind: dict = {}
+    for req, (status, body, took_s) in zip(storm, results):
         statuses[status] = statuses.get(status, 0) + 1
+        kind = req.get("kind")
+        if kind:
+            by_kind.setdefault(kind, {}).setdefault(status, 0)
+            by_kind[kind][status] += 1
         assert status in ALLOWED, (status, req["path"], req["content"][:200] if req["content"] else None, body)
-        assert took < bound_s
+        assert took_s < bound_s
         if body is not None:
             assert set(body["error"]) == {"message", "type", "param", "code"}, body
             if status == 503:
                 assert body["error"]["code"] == "overloaded"
-    print(f"hostile storm: {len(storm)} requests, statuses {dict(sorted(statuses.items()))}, slowest answer "
-          f"{max(r[2] for r in results):.2f}s")
+        if kind in ("huge", "many", "slow"):
+            assert status in (400, 503), (kind, status, body)
+        if kind in ("cold", "special"):
+            assert status in (200, 503), (kind, status, body)
+    p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    print(f"storm: {len(storm)} requests in {took:.1f}s, statuses {dict(sorted(statuses.items()))}, new cases "
+          f"{by_kind}; slowest answer {max(r[2] for r in results):.2f}s; /health {len(latencies)} polls, "
+          f"p50 {1000 * latencies[len(latencies) // 2]:.1f} ms, p99 {1000 * p99:.1f} ms, max "
+          f"{1000 * latencies[-1]:.1f} ms; replica RSS {rss_start / 1024:.0f} -> {rss_end / 1024:.0f} MiB")
     assert statuses.get(400, 0) > 100 and statuses.get(200, 0) > 10, statuses
-    # nothing left running, and the engine is alive
-    deadline = time.monotonic() + 30
-    while server["engine"].snapshot()["in_flight"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    snap = server["engine"].snapshot()
-    assert snap["in_flight"] == 0 and snap["alive"] and snap["failed"] == 0, snap
-    ours = [r for r in caplog.records if r.name.startswith("workers.serving") and r.levelname == "ERROR"]
-    assert not ours, [r.getMessage() for r in ours]
+    assert by_kind["slow"].get(400, 0) >= 1 and by_kind["huge"].get(400, 0) >= 1
+    assert len(latencies) > 100 and p99 < 0.100, f"/health p99 {1000 * p99:.0f} ms"
+    assert rss_end <= 1.10 * rss_start, (rss_start, rss_end)
+    assert stats["in_flight"] == 0 and stats["alive"] and stats["failed"] == 0, stats
+    assert not errors, errors[:5]

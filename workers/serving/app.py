@@ -50,6 +50,11 @@ SERVE_ENV = {
 }
 """Environment of the Serve controller, proxies and replicas: each thread and loop hop per
 request costs Python time on the cores the engine needs."""
+TRIM_AFTER_BYTES = 1 << 20
+"""A request body at least this big is followed by ``malloc_trim``: its transient copies
+(bytes, text, parsed JSON) would otherwise stay resident (``workers.cpu.release_freed_memory``)."""
+TRIM_DELAY_S = 1.0
+"""How long after such a request the trim runs (its body and errors are gone by then)."""
 PREP_THREADS = 4
 """Threads per replica that parse, validate, encode and render requests, off the event loop (a
 chat render waits there for its worker process: see ``workers.serving.render``)."""
@@ -183,6 +188,7 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    from workers.cpu import release_freed_memory
     from workers.model.sampling import SamplingParams
     from workers.serving.engine import RETRY_AFTER_S, Done, GenerationRequest, Step
     from workers.serving.prompts import PromptEncoder
@@ -505,6 +511,21 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                            add_generation_prompt=body.add_generation_prompt, eos_token=eos_text)
         return body, make_requests(body, [ids], param="messages", emit=emit, loop=loop)
 
+    trim_due = False  # a malloc_trim is scheduled (after a big body; the event loop's flag)
+
+    def trim_later(loop) -> None:
+        """Trim the heap in the pool a moment after a big request, once its copies are freed."""
+        nonlocal trim_due
+
+        def run():
+            nonlocal trim_due
+            trim_due = False
+            prep_pool.submit(release_freed_memory)
+
+        if not trim_due:
+            trim_due = True
+            loop.call_later(TRIM_DELAY_S, run)
+
     async def prepared(request: Request, prepare):
         """``prepare(raw, emit, loop)`` in the preparation pool -> (body, requests, inbox)."""
         nonlocal preparing
@@ -520,6 +541,8 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             body, reqs = await loop.run_in_executor(prep_pool, prepare, raw, inbox.put, loop)
         finally:
             preparing -= 1
+            if len(raw) >= TRIM_AFTER_BYTES:
+                trim_later(loop)
         inbox.left = len(reqs)
         return body, reqs, inbox
 

@@ -28,7 +28,7 @@ import time
 from workers.data.chat import ChatTemplateError
 
 TEMPLATE_BUDGET_S = 2.0
-"""Wall-clock time a render may take before its worker is killed (a normal one takes ~1 ms)."""
+"""CPU time a render may take before its worker is killed (a normal one takes ~1 ms)."""
 RENDER_WORKERS = 2
 """Worker processes per replica (started on demand): ~20 MB each."""
 WORKER_MEMORY_BYTES = 1 << 30
@@ -39,29 +39,64 @@ class RenderError(ChatTemplateError):
     """The render failed: the template's own error, or it ran out of time or memory."""
 
 
+WALL_FACTOR = 10
+"""A render is killed after TEMPLATE_BUDGET_S of its worker's CPU time, or this many times it
+in wall-clock time, whichever comes first."""
+POLL_S = 0.1
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+WORKER_START_S = 60.0
+"""Most time a worker may take to start (a Python start-up on a loaded machine): not a render's."""
+
+
 class _Worker:
     def __init__(self):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "workers.serving.render"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        try:
+            self._read_line(WORKER_START_S)  # its "ready" line: start-up is not in a render's budget
+        except (TimeoutError, EOFError):
+            self.kill()
+            raise
 
     def call(self, job: dict, budget_s: float) -> dict:
         line = (json.dumps(job, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        cpu0 = self.cpu_s()
         self.proc.stdin.write(line)
         self.proc.stdin.flush()
-        out = self.proc.stdout
-        deadline = time.monotonic() + budget_s
+        # the budget is the worker's CPU time (a loaded machine may leave it waiting for a core),
+        # and at most WALL_FACTOR times it in wall-clock time
+        return json.loads(self._read_line(budget_s * WALL_FACTOR,
+                                          lambda: cpu0 is not None and self.cpu_s() - cpu0 < budget_s))
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the worker used so far (None where /proc is not there)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _read_line(self, timeout_s: float, more_time=lambda: True) -> bytes:
+        """A line from the worker within ``timeout_s``; ``more_time()`` is asked every
+        ``POLL_S`` whether it is still within its budget (False: TimeoutError at once)."""
+        deadline = time.monotonic() + timeout_s
         buf = b""
-        fd = out.fileno()
+        fd = self.proc.stdout.fileno()
         while not buf.endswith(b"\n"):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0:
                 raise TimeoutError
+            if not select.select([fd], [], [], min(left, POLL_S))[0]:
+                if not more_time():
+                    raise TimeoutError
+                continue
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise EOFError
             buf += chunk
-        return json.loads(buf)
+        return buf
 
     def kill(self) -> None:
         try:
@@ -89,21 +124,24 @@ class Renderer:
 
     def render(self, messages: list[dict], template: str | None, *, add_generation_prompt: bool,
                eos_token: str, max_chars: int) -> str:
-        """The prompt text, or :class:`RenderError`. Waiting for a free worker counts in the budget."""
-        start = time.monotonic()
+        """The prompt text, or :class:`RenderError`; TimeoutError when no worker is free within the
+        budget (the caller answers 503: the server is busy, the request is not at fault)."""
         if not self._slots.acquire(timeout=self.budget_s):
             raise TimeoutError("every chat-template worker is busy")
         try:
-            worker = self._take()
+            try:
+                worker = self._take()
+            except (TimeoutError, EOFError, OSError):
+                raise TimeoutError("a chat-template worker did not start") from None
             job = dict(messages=messages, template=template, add_generation_prompt=add_generation_prompt,
                        eos_token=eos_token, max_chars=max_chars)
             try:
-                reply = worker.call(job, max(0.05, self.budget_s - (time.monotonic() - start)))
+                reply = worker.call(job, self.budget_s)
             except (TimeoutError, EOFError, OSError, ValueError) as e:
                 self._discard(worker)
                 if isinstance(e, TimeoutError):
                     self.killed += 1
-                    raise RenderError(f"chat_template took more than {self.budget_s:g}s to render this "
+                    raise RenderError(f"chat_template took more than {self.budget_s:g}s of CPU time to render this "
                                       "conversation (a template whose loops or output grow with it)") from None
                 raise RenderError("chat_template failed to render: its worker process died (out of memory?)") \
                     from None
@@ -153,6 +191,8 @@ def _serve() -> None:
         pass
     from workers.data.chat import render_chat
 
+    sys.stdout.buffer.write(b"ready\n")
+    sys.stdout.buffer.flush()
     for line in sys.stdin.buffer:
         try:
             job = json.loads(line)
