@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1).")
     p.add_argument("--max-batch-size", type=int, default=8, help="Sequences decoded together per replica.")
     p.add_argument("--max-queue", type=int, default=64, help="Requests waiting per replica before 503.")
+    p.add_argument("--allow-special-tokens", action="store_true",
+                   help="Let completion prompts hold the tokenizer's special tokens (default: request text is "
+                        "always plain text; in chat only the template's markers are control tokens).")
     p.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="Require the bearer key in this file (first line); default: $ORCHESTRATOR_API_KEY; "
                         "neither: open. The key itself is never an argument (ps would show it).")
@@ -421,6 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,
                                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                                       allow_special_tokens=args.allow_special_tokens,
                                        api_key=api_key,
                                        model_name=args.model_name, blocking=False)
     except KeyboardInterrupt:  # Ctrl-C while deploying: leave nothing half-deployed

@@ -8,8 +8,9 @@ import torch
 from torch.nn import functional as F
 
 from workers.model.transformer import GPT, config_for
-from workers.model.sampling import (SamplingParams, apply_min_p, apply_penalties, apply_top_k,
-                              apply_top_p, generate, process_logits, stream)
+from workers.model.sampling import (LOGIT_LIMIT, SamplingParams, apply_min_p, apply_penalties,
+                                    apply_temperature, apply_top_k, apply_top_p, check_finite, generate,
+                                    penalty_counts, pick, process_logits, stream)
 
 V = 53
 
@@ -128,6 +129,74 @@ def test_greedy_matches_full_recompute_reference(model):
         assert len(comps) == 1
         assert comps[0].token_ids == reference_greedy(model, prompt, 12)
         assert comps[0].finish_reason == "length"
+
+
+TINY_TEMPERATURES = [1e-6, 1e-38, 1e-45, 1e-300, 5e-324]
+EXTREME = [  # (field, value): inside or beyond every accepted range
+    *[("temperature", t) for t in TINY_TEMPERATURES], ("temperature", 2.0), ("temperature", 1e30),
+    ("repetition_penalty", 1e-300), ("repetition_penalty", 5e-324), ("repetition_penalty", 1e300),
+    ("presence_penalty", 1e300), ("presence_penalty", -1e300), ("frequency_penalty", 1e300),
+    ("frequency_penalty", -1e300), ("top_p", 1e-300), ("top_p", 5e-324), ("min_p", 1.0), ("top_k", 1),
+]
+
+
+@pytest.mark.parametrize("field,value", EXTREME, ids=[f"{f}={v}" for f, v in EXTREME])
+def test_extreme_parameters_are_finite_in_effect_through_every_processor(field, value):
+    """The finding: temperature 1e-45 .. 5e-324 and repetition_penalty 1e-300 turned logits into
+    inf/NaN and the "sample" was token 0. Each processor alone, and the whole pipeline, keeps
+    every value finite or -inf with a finite maximum; the pick equals the hand-computed one."""
+    logits = random_logits(7, rows=4)
+    logits[:, 5] = 0.0  # an exact zero: 0 / 0 = NaN was the failure
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[:, :20] = True
+    counts, _ = penalty_counts([[0]] * 4, [[1, 2, 2, 3]] * 4, V, "cpu")
+    kw = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    outs = []
+    if field in kw:
+        kw[field] = value
+        outs.append(apply_penalties(logits, counts, seen, **kw))
+    elif field == "temperature":
+        outs.append(apply_temperature(logits, value))
+    elif field == "top_p":
+        outs.append(apply_top_p(logits, value))
+    elif field == "min_p":
+        outs.append(apply_min_p(logits, value))
+    params = SamplingParams(**{"temperature": 1.0, field: value})
+    outs.append(process_logits(logits, params, counts, seen))
+    for out in outs:
+        assert not torch.isnan(out).any()
+        assert not torch.isposinf(out).any()
+        top = out.max(-1).values
+        assert torch.isfinite(top).all() and (top.abs() <= LOGIT_LIMIT).all()
+    proc = outs[-1]
+    tokens = pick(proc, params, [torch.Generator().manual_seed(i) for i in range(4)])
+    # below 1e-5 the temperature is greedy; top_p of ~0 and top_k 1 keep only the top token
+    assert params.greedy == (field == "temperature" and value < 1e-5)
+    if params.greedy or field in ("top_p", "top_k"):
+        assert tokens.tolist() == logits.argmax(-1).tolist()
+    if field == "repetition_penalty" and value < 1:
+        # clamped at 1e4: a seen positive logit x becomes x * 1e4, a seen negative one x / 1e4
+        x = logits[0, 3].item()
+        assert proc[0, 3].item() == pytest.approx(x * 1e4 if x > 0 else x / 1e4, rel=1e-6)
+
+
+def test_the_sampler_asserts_no_nan_reaches_argmax_or_the_draw():
+    nan = torch.zeros(2, V)
+    nan[1, 3] = float("nan")
+    with pytest.raises(AssertionError, match="NaN in the processed logits of 2 row"):
+        pick(nan, SamplingParams(temperature=0), [None, None])
+    with pytest.raises(AssertionError, match="NaN in the probabilities"):
+        check_finite(nan.softmax(-1), "probabilities")
+
+
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+def test_temperatures_that_overflow_generate_greedily(model, temperature):
+    greedy = generate(model, PROMPTS, SamplingParams(max_tokens=8, temperature=0))
+    cold = generate(model, PROMPTS, SamplingParams(max_tokens=8, temperature=temperature, seed=1))
+    assert [c[0].token_ids for c in cold] == [c[0].token_ids for c in greedy]
+    penalised = generate(model, PROMPTS, SamplingParams(max_tokens=8, temperature=0.7, seed=1,
+                                                        repetition_penalty=1e-300))
+    assert all(len(c[0].token_ids) == 8 for c in penalised)
 
 
 def test_tiny_temperature_and_top_k_1_equal_greedy(model):
@@ -320,3 +389,21 @@ def test_fixture_model_is_not_degenerate(model):
     out = generate(model, PROMPTS, SamplingParams(max_tokens=12, temperature=0))
     assert len({t for c in out for t in c[0].token_ids}) >= 8
     assert len({tuple(c[0].token_ids) for c in out}) == len(PROMPTS)
+
+
+def test_orchestrator_generate_samples_an_overflowing_temperature_greedily(serve_checkpoint_dir, capsys):
+    """`orchestrator generate` calls the same sampler: temperature 1e-45 and repetition_penalty
+    1e-300 printed an empty completion (token 0) before."""
+    from orchestrator.cli import main
+
+    def run(*extra):
+        assert main(["generate", str(serve_checkpoint_dir), "--prompt", "the lazy", "--max-tokens", "12",
+                     "--device", "cpu", *extra]) == 0
+        return capsys.readouterr().out
+
+    greedy = run("--temperature", "0")
+    assert "(length, 12 tokens" in greedy
+    assert run("--temperature", "1e-45") == greedy
+    assert run("--temperature", "5e-324", "--seed", "3") == greedy
+    penalised = run("--temperature", "0.8", "--repetition-penalty", "1e-300", "--seed", "3")
+    assert "(length, 12 tokens" in penalised

@@ -296,3 +296,44 @@ def test_a_newcomer_longer_than_the_cache_leaves_the_running_rows_as_they_were(l
     assert all(sink.done[i].error is None for i in range(len(reqs)))
     for req, (p, kw) in zip(reqs, cases):
         assert [s.token_ids for s in req.seqs] == [c.token_ids for c in reference(loaded, p, **kw)], p
+
+
+def test_back_pressure_counts_beam_searches_and_their_width(loaded):
+    """The finding: with max_batch_size=2, max_queue=0, 12 of 12 beam requests were accepted into
+    the beam thread's unbounded queue (and ran one after another) while plain requests got 503.
+    A beam search takes num_beams batch slots while it runs and waits like any request before."""
+    from workers.serving.protocol import APIError
+
+    model, tok = loaded
+    engine = Engine(model, tok, eos_token_id=toks.eos_id(tok), max_batch_size=2, max_queue=0).start()
+    try:
+        sink = Collector(13)
+        reqs = make(loaded, [("the lazy", dict(max_tokens=60, num_beams=2))] * 12 +
+                    [("hello", dict(max_tokens=4, temperature=0))], sink, ignore_eos=True)
+        codes = []
+        for r in reqs:
+            try:
+                engine.submit([r])
+                codes.append(200)
+            except APIError as e:
+                assert e.status == 503 and e.code == "overloaded" and e.headers == {"Retry-After": "1"}
+                codes.append(503)
+        assert codes == [200] + [503] * 12, codes
+        engine.abort(reqs[:1])
+        sink.done.clear()
+        while engine.snapshot()["in_flight"]:
+            sink._all.wait(0.01)
+        engine.submit([reqs[12]])  # slots free again
+        while 12 not in sink.done:
+            sink._all.wait(0.01)
+        assert sink.done[12].error is None
+        # plain requests: two fit the two slots, the third would wait (max_queue=0)
+        sink2 = Collector(3)
+        one = make(loaded, [("the lazy", dict(max_tokens=60, num_beams=1, temperature=0))] * 3, sink2,
+                   ignore_eos=True)
+        engine.submit(one[:2])
+        with pytest.raises(APIError, match="overloaded"):
+            engine.submit(one[2:])
+        engine.abort(one[:2])
+    finally:
+        engine.stop()

@@ -121,6 +121,23 @@ def keep_freed_memory() -> bool:
         bool(libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): after a burst of big
+    transient allocations (a serving replica's multi-megabyte request bodies), which
+    ``keep_freed_memory`` would otherwise keep resident. Costs a walk over the heap (~ms);
+    called by ``workers.serving.app`` after a request body over 1 MiB. False where the C
+    library is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def claim_cpus(threads: int, *, torch_threads: bool = True) -> dict[str, int]:
     """Run this worker at normal priority with ``threads`` compute threads.
 

@@ -68,8 +68,10 @@ def render_chat(
     add_generation_prompt: bool = True,
     bos_token: str = "",
     eos_token: str = "",
+    max_chars: int | None = None,
 ) -> str:
-    """The prompt for ``messages`` (dicts with ``role`` and ``content``) under ``template``."""
+    """The prompt for ``messages`` (dicts with ``role`` and ``content``) under ``template``.
+    ``max_chars``: stop rendering, with a ChatTemplateError, once the output passes it."""
     if not messages:
         raise ChatTemplateError("messages must hold at least one message")
     clean = []
@@ -81,9 +83,15 @@ def render_chat(
     from jinja2 import TemplateError
 
     try:
-        return _compile(template or DEFAULT_CHAT_TEMPLATE).render(
-            messages=clean, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token
-        )
+        parts, size = [], 0
+        for part in _compile(template or DEFAULT_CHAT_TEMPLATE).generate(
+                messages=clean, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token):
+            size += len(part)
+            if max_chars is not None and size > max_chars:
+                raise ChatTemplateError(f"the rendered conversation passes {max_chars} characters, more than "
+                                        "the model's context can hold")
+            parts.append(part)
+        return "".join(parts)
     except ChatTemplateError:
         raise
     except TemplateError as e:

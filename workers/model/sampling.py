@@ -19,6 +19,12 @@ Conventions (documented because callers rely on them):
 - Seeded sampling: sample i of a prompt draws from its own torch.Generator seeded with
   seed + i, so the same seed gives the same tokens whatever else is in the batch. Unseeded
   rows share torch's global RNG.
+- Finite in effect: a temperature below ``GREEDY_BELOW`` (vLLM's ``_SAMPLING_EPS``) is greedy,
+  since dividing float32 logits by it overflows (1e-45 is 0 in float32: 0/0 = NaN); penalties
+  are clamped to ``PENALTY_LIMIT`` and penalised or tempered logits saturate at +-``LOGIT_LIMIT``
+  instead of reaching infinity; top-p always keeps the most likely token. So every row reaching
+  argmax or the sampler holds finite values (masked ones -inf) and a finite maximum, which
+  ``check_finite`` asserts.
 - Beam search (num_beams > 1) is deterministic (temperature/top-k/p ignored; penalties apply),
   scores a hypothesis as sum_logprobs / generated_len ** length_penalty (HF convention; the
   stop token counts in the length), stops a prompt once num_beams hypotheses have finished
@@ -40,11 +46,22 @@ from workers.model.transformer import GPT, KVCache, StepDecoder
 __all__ = [
     "SamplingParams", "Completion", "StepOutput", "generate", "stream",
     "apply_penalties", "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p",
-    "process_logits", "penalty_counts", "prefill", "GenerationCancelled", "sample", "find_stop", "partial_stop", "StopCheck", "apply_stops",
+    "process_logits", "penalty_counts", "check_finite", "GREEDY_BELOW", "LOGIT_LIMIT", "PENALTY_LIMIT", "prefill", "GenerationCancelled", "sample", "pick", "find_stop", "partial_stop", "StopCheck", "apply_stops",
 ]
 
 
 # ----------------------------------------------------------------------------- parameters
+
+GREEDY_BELOW = 1e-5
+"""A temperature below this samples greedily (vLLM's ``_SAMPLING_EPS``): the division would
+overflow float32 logits, or round to zero (0/0 = NaN), long before it stops meaning argmax."""
+LOGIT_LIMIT = 1e30
+"""Penalised and tempered logits saturate here (float32 reaches 3.4e38): finite, so softmax's
+max subtraction never sees inf - inf, and far above any logit a model produces."""
+PENALTY_LIMIT = 1e4
+"""repetition_penalty is clamped to [1/PENALTY_LIMIT, PENALTY_LIMIT] and presence/frequency
+penalties to [-PENALTY_LIMIT, PENALTY_LIMIT] where they are applied: beyond, a penalty only
+overflows (1e-300 is 0 in float32)."""
 
 @dataclass
 class SamplingParams:
@@ -110,6 +127,11 @@ class SamplingParams:
         if not isinstance(self.logprobs, bool):
             bad("logprobs", "must be true or false")
 
+    @property
+    def greedy(self) -> bool:
+        """Whether this samples greedily: temperature 0, or below ``GREEDY_BELOW``."""
+        return self.temperature < GREEDY_BELOW
+
 
 @dataclass
 class Completion:
@@ -141,20 +163,43 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor | None, seen: tor
                     frequency_penalty: float = 0.0) -> torch.Tensor:
     """logits (B, V). counts (B, V): times each token was generated so far (presence/frequency,
     OpenAI: output tokens only). seen (B, V) bool: token in prompt or output (repetition, HF/vLLM:
-    positive logits divided by the penalty, negative ones multiplied)."""
+    positive logits divided by the penalty, negative ones multiplied).
+    Penalties are clamped (``PENALTY_LIMIT``) and the result saturates at +-``LOGIT_LIMIT``."""
+    changed = False
     if repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        r = min(max(repetition_penalty, 1 / PENALTY_LIMIT), PENALTY_LIMIT)
+        penalised = torch.where(logits > 0, logits / r, logits * r)
         logits = torch.where(seen, penalised, logits)
+        changed = True
     if counts is not None:
         if frequency_penalty:
-            logits = logits - frequency_penalty * counts
+            logits = logits - _clamp_penalty(frequency_penalty) * counts
+            changed = True
         if presence_penalty:
-            logits = logits - presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+            logits = logits - _clamp_penalty(presence_penalty) * (counts > 0).to(logits.dtype)
+            changed = True
+    return _saturate(logits) if changed else logits
+
+
+def _clamp_penalty(v: float) -> float:
+    return min(max(v, -PENALTY_LIMIT), PENALTY_LIMIT)
+
+
+def _saturate(logits: torch.Tensor) -> torch.Tensor:
+    """+-inf (an overflow) -> +-LOGIT_LIMIT; finite values above it too."""
+    return logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature
+    """logits / temperature. Below ``GREEDY_BELOW`` (where the
+    division overflows, or float32 rounds the temperature to 0: x / 0 is inf or NaN) the limit
+    as the temperature goes to 0: 0 for the most likely token(s), -inf for the others."""
+    if temperature == 1.0:
+        return logits
+    if temperature < GREEDY_BELOW:
+        top = logits.max(-1, keepdim=True).values
+        return torch.zeros_like(logits).masked_fill(logits < top, float("-inf"))
+    return logits / temperature  # finite: |logits| <= LOGIT_LIMIT, and LOGIT_LIMIT / GREEDY_BELOW < 3.4e38
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -172,7 +217,8 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-    drop_sorted = before >= p          # the top token always has before == 0 < p
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False        # the top token always stays (a p of 1e-300 is 0 in float32)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -190,7 +236,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, counts=None, se
     """The whole pipeline for sampling: penalties -> temperature -> top-k -> top-p -> min-p."""
     logits = apply_penalties(logits, counts, seen, params.repetition_penalty,
                              params.presence_penalty, params.frequency_penalty)
-    if params.temperature == 0:
+    if params.greedy:
         return logits
     logits = apply_temperature(logits, params.temperature)
     logits = apply_top_k(logits, params.top_k)
@@ -198,9 +244,30 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, counts=None, se
     return apply_min_p(logits, params.min_p)
 
 
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Assert that no NaN reaches argmax or the sampler (the pipeline above keeps values finite;
+    a NaN here is a bug, or a model whose logits are NaN). On an accelerator the check runs
+    asynchronously, without a device sync."""
+    bad = torch.isnan(x).any()
+    if x.device.type == "cpu":
+        if bool(bad):
+            raise AssertionError(f"sampling: NaN in the {what} of {x.size(0)} row(s)")
+    else:
+        torch._assert_async(~bad, f"sampling: NaN in the {what}")
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The next token of each row from processed ``logits`` (B, V): argmax when greedy, else a draw."""
+    check_finite(logits, "processed logits")
+    if params.greedy:
+        return logits.argmax(-1)
+    return sample(logits.softmax(-1), generators)
+
+
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One draw per row, (B, V) -> (B,), by the exponential race argmax(p / E), E ~ Exp(1):
     equivalent to multinomial, and lets each row use its own generator."""
+    check_finite(probs, "probabilities")
     q = torch.empty_like(probs)
     if all(g is None for g in generators):
         q.exponential_()
@@ -400,7 +467,7 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
     seqs = [_Seq(i, j) for i in range(P) for j in range(n)]
     stop_ids = set(params.stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
     stops = tuple(params.stop)
-    greedy = params.temperature == 0
+    greedy = params.greedy
     generators: list[torch.Generator | None] = [None] * rows
     if params.seed is not None and not greedy:
         for r, s in enumerate(seqs):
@@ -417,7 +484,7 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
         for step in range(params.max_tokens):
             with torch.inference_mode():
                 proc = process_logits(logits, params, pen.counts, pen.seen)
-                tokens = proc.argmax(-1) if greedy else sample(proc.softmax(-1), generators)  # (rows,)
+                tokens = pick(proc, params, generators)  # (rows,)
                 # raw-model log-prob of the chosen token (vLLM V1 "raw_logprobs"); one fused
                 # kernel, where logsumexp is several (measured 6 vs 17 us over 8k logits)
                 lp = F.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)

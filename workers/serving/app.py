@@ -50,6 +50,14 @@ SERVE_ENV = {
 }
 """Environment of the Serve controller, proxies and replicas: each thread and loop hop per
 request costs Python time on the cores the engine needs."""
+TRIM_AFTER_BYTES = 1 << 20
+"""A request body at least this big is followed by ``malloc_trim``: its transient copies
+(bytes, text, parsed JSON) would otherwise stay resident (``workers.cpu.release_freed_memory``)."""
+TRIM_DELAY_S = 1.0
+"""How long after such a request the trim runs (its body and errors are gone by then)."""
+PREP_THREADS = 4
+"""Threads per replica that parse, validate, encode and render requests, off the event loop (a
+chat render waits there for its worker process: see ``workers.serving.render``)."""
 SERVE_LOGGING = {"enable_access_log": False}
 """Serve's logging of the proxies and of our application (else: a formatted line per request)."""
 
@@ -58,9 +66,10 @@ SERVE_LOGGING = {"enable_access_log": False}
 # The ASGI guard: authentication and size limits before any work
 
 
-def key_digest(key: str) -> str:
-    """What a replica keeps of the API key (it compares digests, in constant time)."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+def key_digest(key: str | bytes) -> str:
+    """What a replica keeps of the API key (it compares digests, in constant time): the SHA-256
+    of its UTF-8 bytes, as a client sends them in the header."""
+    return hashlib.sha256(key.encode("utf-8") if isinstance(key, str) else key).hexdigest()
 
 
 class Guard:
@@ -121,7 +130,9 @@ class Guard:
         if self.digest is None:
             return True
         scheme, _, key = header.partition(b" ")
-        given = key_digest(key.strip().decode("latin-1")) if scheme.lower() == b"bearer" else ""
+        # the header's bytes as sent (ASGI gives bytes; decoding them as latin-1 and re-encoding
+        # as UTF-8 would never match a non-ASCII key)
+        given = key_digest(key.strip()) if scheme.lower() == b"bearer" else ""
         return hmac.compare_digest(given.encode(), self.digest.encode())
 
 
@@ -160,16 +171,28 @@ async def _prepend(first, rest):
 
 
 def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None = None, max_queue: int = 64,
-              stream_interval_s: float = STREAM_INTERVAL_S, max_body_bytes: int = oa.MAX_BODY_BYTES):
-    """The OpenAI-compatible ASGI app (FastAPI behind :class:`Guard`) over a running ``engine``."""
+              stream_interval_s: float = STREAM_INTERVAL_S, max_body_bytes: int = oa.MAX_BODY_BYTES,
+              allow_special_tokens: bool = False, template_budget_s: float | None = None):
+    """The OpenAI-compatible ASGI app (FastAPI behind :class:`Guard`) over a running ``engine``.
+
+    The event loop does no work that grows with a request: the body is parsed, validated,
+    encoded and (chat) rendered in a bounded pool of threads (``PREP_THREADS``; past
+    max_batch_size + max_queue requests in preparation: 503 ``overloaded``), sizes are checked
+    before anything is encoded, and chat templates render in worker processes under a time
+    budget. ``allow_special_tokens``: completion prompts may hold the tokenizer's special
+    tokens (off: text from a request is always plain text)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from workers.data.chat import ChatTemplateError, render_chat
+    from workers.cpu import release_freed_memory
     from workers.model.sampling import SamplingParams
-    from workers.serving.engine import Done, GenerationRequest, Step
+    from workers.serving.engine import RETRY_AFTER_S, Done, GenerationRequest, Step
+    from workers.serving.prompts import PromptEncoder
+    from workers.serving.render import TEMPLATE_BUDGET_S, Renderer
 
     class Inbox:
         """One HTTP request's engine events: ``put`` (on its event loop) adds those of a step,
@@ -214,6 +237,14 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     app = FastAPI(title="genai-orchestrator OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None, redirect_slashes=False)
     vocab = loaded.model.config.vocab_size
+    renderer = Renderer(budget_s=template_budget_s or TEMPLATE_BUDGET_S)
+    encoder = PromptEncoder(engine.tokenizer, context=loaded.context, allow_special=allow_special_tokens,
+                            renderer=renderer)
+    eos_text = engine.decode([loaded.eos_token_id]) if loaded.eos_token_id is not None else ""
+    prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="prepare")
+    prep_limit = engine.max_batch_size + engine.max_queue
+    preparing = 0  # requests in the preparation pool (the event loop's count; no lock needed)
+    app.state.renderer = renderer  # tests look at its workers
 
     @app.exception_handler(oa.APIError)
     async def _api_error(request: Request, exc: oa.APIError):
@@ -237,15 +268,42 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     def check_model(name: str | None) -> None:
         if name is not None and name != loaded.name:
             raise oa.APIError(f"The model {name!r} does not exist; this server serves {loaded.name!r} "
-                              "(see GET /v1/models)", param="model", code="model_not_found")
+                              "(see GET /v1/models)", status=404, param="model", code="model_not_found")
 
-    def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list:
-        check_model(body.model)
-        body.check(max_batch_size=engine.max_batch_size, vocab_size=vocab)
-        if not engine.admissible(len(prompts)):
-            raise oa.APIError(f"{param} holds {len(prompts)} prompts; this server admits at most "
+    def check_count(count: int, param: str) -> None:
+        if not engine.admissible(count):
+            raise oa.APIError(f"{param} holds {count} prompts; this server admits at most "
                               f"{engine.max_batch_size + engine.max_queue} at once (max_batch_size + max_queue)",
                               param=param, code="too_many_prompts")
+
+    def check_sizes(obj: dict) -> None:
+        """Sizes on the raw JSON, before it is walked, validated or encoded (lengths only)."""
+        prompt, messages = obj.get("prompt"), obj.get("messages")
+        if isinstance(prompt, str):
+            encoder.check_chars(prompt, "prompt")
+        elif isinstance(prompt, list) and prompt:
+            if isinstance(prompt[0], (str, list)):
+                check_count(len(prompt), "prompt")
+            items = prompt if isinstance(prompt[0], (str, list)) else [prompt]
+            for p in items:
+                if isinstance(p, str):
+                    encoder.check_chars(p, "prompt")
+                elif isinstance(p, list) and len(p) >= loaded.context:
+                    oa.check_length(None, len(p), loaded.context, param="prompt")
+        if isinstance(messages, list):
+            if len(messages) > oa.MAX_MESSAGES:
+                raise oa.APIError(f"messages holds {len(messages)} messages; at most {oa.MAX_MESSAGES}",
+                                  param="messages")
+            for i, m in enumerate(messages):
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, str):
+                    encoder.check_chars(content, f"messages[{i}].content")
+                elif isinstance(content, list) and len(content) > oa.MAX_MESSAGES:
+                    raise oa.APIError(f"messages[{i}].content holds {len(content)} parts; at most "
+                                      f"{oa.MAX_MESSAGES}", param="messages")
+
+    def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list:
+        check_count(len(prompts), param)
         out = []
         for i, ids in enumerate(prompts):
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -327,7 +385,10 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                 choices.append(c)
         return choices, completion_tokens
 
-    def chunk_choices(batch, reqs: list[GenerationRequest], n: int, *, chat: bool) -> tuple[list[dict], int]:
+    def chunk_choices(batch, reqs: list[GenerationRequest], n: int, *, chat: bool,
+                      offsets: dict[int, int]) -> tuple[list[dict], int]:
+        """A chunk's choices from ``batch``; ``offsets`` (choice index -> characters sent so far)
+        carries each choice's ``text_offset`` across the chunks of a stream."""
         merged: dict[int, _Choice] = {}
         tokens = 0
         for ev in batch:
@@ -355,7 +416,8 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             if k is not None:
                 top = m.top if k else None
                 lp = oa.chat_logprobs(m.tokens, m.logprobs, top) if chat else \
-                    oa.completion_logprobs(m.tokens, m.logprobs, top)
+                    oa.completion_logprobs(m.tokens, m.logprobs, top, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(map(len, m.tokens))
             c = {"index": index, "logprobs": lp, "finish_reason": m.finish}
             if chat:
                 c["delta"] = {"content": m.text} if m.text else {}
@@ -406,8 +468,9 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
                 if failure is not None:
                     raise failure
                 tail = ""
+                offsets: dict[int, int] = {}
                 async for batch in _prepend(first, stream):
-                    choices, count = chunk_choices(batch, reqs, n, chat=chat)
+                    choices, count = chunk_choices(batch, reqs, n, chat=chat, offsets=offsets)
                     completion_tokens += count
                     text = oa.sse(make(rid, name, choices, None, chunk=True, created=created)) if choices else ""
                     text, head = head + text, ""
@@ -428,32 +491,75 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def generate(request: Request, body, prompts: list[list[int]], *, chat: bool, param: str):
-        inbox = Inbox(len(prompts))
-        reqs = make_requests(body, prompts, param=param, emit=inbox.put, loop=asyncio.get_running_loop())
+    def parse(raw: bytes, model):
+        """The request body, its model and fields checked (in a preparation thread)."""
+        body = oa.parse_body(raw, model, limits=check_sizes)
+        check_model(body.model)
+        body.check(max_batch_size=engine.max_batch_size, vocab_size=vocab)
+        return body
+
+    def prepare_completion(raw: bytes, emit, loop):
+        body = parse(raw, oa.CompletionRequest)
+        prompts = [encoder.text(p, param="prompt") if isinstance(p, str) else list(p) for p in body.prompts()]
+        if not prompts:
+            raise oa.APIError("prompt must not be empty", param="prompt")
+        return body, make_requests(body, prompts, param="prompt", emit=emit, loop=loop)
+
+    def prepare_chat(raw: bytes, emit, loop):
+        body = parse(raw, oa.ChatCompletionRequest)
+        ids = encoder.chat([m.model_dump() for m in body.messages], loaded.chat_template,
+                           add_generation_prompt=body.add_generation_prompt, eos_token=eos_text)
+        return body, make_requests(body, [ids], param="messages", emit=emit, loop=loop)
+
+    trim_due = False  # a malloc_trim is scheduled (after a big body; the event loop's flag)
+
+    def trim_later(loop) -> None:
+        """Trim the heap in the pool a moment after a big request, once its copies are freed."""
+        nonlocal trim_due
+
+        def run():
+            nonlocal trim_due
+            trim_due = False
+            prep_pool.submit(release_freed_memory)
+
+        if not trim_due:
+            trim_due = True
+            loop.call_later(TRIM_DELAY_S, run)
+
+    async def prepared(request: Request, prepare):
+        """``prepare(raw, emit, loop)`` in the preparation pool -> (body, requests, inbox)."""
+        nonlocal preparing
+        raw = await request.body()
+        if preparing >= prep_limit:
+            raise oa.APIError(f"server overloaded: {preparing} requests are being prepared; retry later",
+                              status=503, type="server_error", code="overloaded",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(0)
+        preparing += 1
+        try:
+            body, reqs = await loop.run_in_executor(prep_pool, prepare, raw, inbox.put, loop)
+        finally:
+            preparing -= 1
+            if len(raw) >= TRIM_AFTER_BYTES:
+                trim_later(loop)
+        inbox.left = len(reqs)
+        return body, reqs, inbox
+
+    async def generate(request: Request, prepare, *, chat: bool):
+        body, reqs, inbox = await prepared(request, prepare)
         # submitted before any byte is sent, so an overloaded server answers a plain 503
         engine.submit(reqs)
-        return await respond(request, body, reqs, inbox, chat=chat, prompt_tokens=sum(map(len, prompts)))
+        return await respond(request, body, reqs, inbox, chat=chat,
+                             prompt_tokens=sum(len(r.prompt_ids) for r in reqs))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = oa.parse_body(await request.body(), oa.CompletionRequest)
-        prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
-        if not prompts:
-            raise oa.APIError("prompt must not be empty", param="prompt")
-        return await generate(request, body, prompts, chat=False, param="prompt")
+        return await generate(request, prepare_completion, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = oa.parse_body(await request.body(), oa.ChatCompletionRequest)
-        try:
-            text = render_chat([m.model_dump() for m in body.messages], loaded.chat_template,
-                               add_generation_prompt=body.add_generation_prompt,
-                               eos_token=engine.decode([loaded.eos_token_id])
-                               if loaded.eos_token_id is not None else "")
-        except ChatTemplateError as e:
-            raise oa.APIError(str(e), param="messages") from None
-        return await generate(request, body, [engine.encode(text)], chat=True, param="messages")
+        return await generate(request, prepare_chat, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -491,7 +597,8 @@ def _deployment():
     @serve.ingress()
     class OpenAIServer:
         def __init__(self, checkpoint: str, *, model_name: str | None, key_digest: str | None,
-                     max_batch_size: int, max_queue: int, stream_interval_s: float):
+                     max_batch_size: int, max_queue: int, stream_interval_s: float,
+                     allow_special_tokens: bool = False):
             import ray
 
             from workers.checkpoints import open_checkpoint
@@ -506,7 +613,8 @@ def _deployment():
             lm = self.loaded
             self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, end_token_ids=lm.stop_token_ids,
                                  max_batch_size=max_batch_size, max_queue=max_queue).start()
-            self._app_args = dict(key_digest=key_digest, max_queue=max_queue, stream_interval_s=stream_interval_s)
+            self._app_args = dict(key_digest=key_digest, max_queue=max_queue, stream_interval_s=stream_interval_s,
+                                  allow_special_tokens=allow_special_tokens)
 
         def __serve_build_asgi_app__(self):
             return build_app(self.loaded, self.engine, **self._app_args)
@@ -546,7 +654,8 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
                      max_batch_size: int = 8, max_queue: int = 64, api_key: str | None = None,
                      model_name: str | None = None, autoscaling: dict | None = None, blocking: bool = True,
                      num_cpus: float = 1.0, num_gpus: float | None = None, app_name: str = APP_NAME,
-                     route_prefix: str = "/", stream_interval_s: float = STREAM_INTERVAL_S) -> str:
+                     route_prefix: str = "/", stream_interval_s: float = STREAM_INTERVAL_S,
+                     allow_special_tokens: bool = False) -> str:
     """Deploy ``checkpoint_dir`` as an OpenAI-compatible API on Ray Serve; return its base URL
     (``http://host:port`` + route_prefix; clients use ``<url>/v1``).
 
@@ -554,7 +663,9 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     digest reaches the replicas). ``autoscaling`` (``min_replicas``, ``max_replicas``,
     ``target_ongoing_requests``) replaces ``replicas``. Each replica gets ``num_cpus`` and
     ``num_gpus`` (None: one GPU when the cluster has any). ``blocking``: serve until Ctrl-C, then
-    remove the application. A failure or interrupt while deploying removes it too. Several
+    remove the application. ``allow_special_tokens``: completion prompts may hold the
+    tokenizer's special tokens (off: request text is plain text). A failure or interrupt while
+    deploying removes it too. Several
     checkpoints can be served side by side under different ``app_name``/``route_prefix``.
     """
     import ray
@@ -601,7 +712,8 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     deployment = _deployment().options(**options)
     app = deployment.bind(str(checkpoint_dir), model_name=model_name,
                           key_digest=key_digest(api_key) if api_key else None,
-                          max_batch_size=max_batch_size, max_queue=max_queue, stream_interval_s=stream_interval_s)
+                          max_batch_size=max_batch_size, max_queue=max_queue, stream_interval_s=stream_interval_s,
+                          allow_special_tokens=allow_special_tokens)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
     try:

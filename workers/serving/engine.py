@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from workers.model.sampling import (Completion, GenerationCancelled, SamplingParams, apply_stops, generate,
-                                    penalty_counts, prefill, process_logits, sample)
+                                    penalty_counts, pick, prefill, process_logits)
 from workers.model.transformer import KVCache, autocast_context, default_device
 from workers.serving.batch import BatchState
 from workers.serving.protocol import APIError, server_error
@@ -122,7 +122,7 @@ class Seq:
         self.prompt_len = len(self.tokens)
         self.generator = None
         # same seeding as workers.model.sampling: sample i of a prompt draws from seed + i
-        if p.seed is not None and p.temperature > 0:
+        if p.seed is not None and not p.greedy:
             self.generator = torch.Generator(device=device).manual_seed(p.seed + index)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -207,7 +207,8 @@ class Engine:
         self._stop = threading.Event()
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._admitting: list[GenerationRequest] = []  # popped from _waiting, not yet in _rows
-        self._beams: set[GenerationRequest] = set()
+        self._beams: set[GenerationRequest] = set()  # beam searches handed to their thread, not done
+        self._beam_running: GenerationRequest | None = None
         self._beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="beam-search")
         self._rows: list[Seq] = []
         self._batch: BatchState | None = None  # KV cache, mask and penalty state of self._rows
@@ -242,18 +243,40 @@ class Engine:
     def submit(self, reqs: list[GenerationRequest]) -> None:
         """Queue ``reqs`` (all or none): 503 + Retry-After when the wait queue would overflow."""
         with self._lock:
-            # requests beyond the free batch slots wait; at most max_queue of them
-            queued = len(self._waiting) + len(reqs) - max(0, self.max_batch_size - len(self._rows))
+            queued = self._queued_with(reqs)
             if queued > self.max_queue:
                 self.stats.rejected += 1
-                raise APIError(f"server overloaded: {len(self._waiting)} requests already wait for a batch "
-                               f"slot (max_queue={self.max_queue}); retry later", status=503,
-                               type="server_error", code="overloaded",
+                raise APIError(f"server overloaded: {queued - len(reqs)} requests already wait for a batch "
+                               f"slot or the beam-search thread (max_queue={self.max_queue}); retry later",
+                               status=503, type="server_error", code="overloaded",
                                headers={"Retry-After": str(RETRY_AFTER_S)})
             self._waiting.extend(reqs)
             self.stats.in_flight += len(reqs)
             self.stats.waiting = len(self._waiting)
         self._wake.set()
+
+    def _queued_with(self, reqs: list[GenerationRequest]) -> int:
+        """How many requests would wait if ``reqs`` were admitted too (under ``_lock``).
+
+        Every admitted unit of work counts: a request takes its width (n or best_of sequences,
+        or num_beams) of the ``max_batch_size`` slots, the running beam search included; beam
+        searches queued for their thread wait like any other. In FIFO order, as admitted."""
+        free = self.max_batch_size - len(self._rows) - sum(r.width for r in self._admitting) - \
+            (self._beam_running.params.num_beams if self._beam_running is not None else 0)
+        beam_free = self._beam_running is None
+        queued = 0
+        pool_queued = [r for r in self._beams if r is not self._beam_running]
+        for r in [*pool_queued, *self._waiting, *reqs]:
+            if r.cancelled:
+                continue
+            width = r.params.num_beams if r.params.num_beams > 1 else r.width
+            beam = r.params.num_beams > 1
+            if queued == 0 and width <= free and (beam_free or not beam):
+                free -= width
+                beam_free = beam_free and not beam
+            else:
+                queued += 1
+        return queued
 
     def abort(self, reqs: list[GenerationRequest]) -> None:
         """Stop generating for ``reqs`` (client gone); their slots free at the next step."""
@@ -389,11 +412,12 @@ class Engine:
                     taken.append(req)
             self.stats.waiting = len(self._waiting)
             self._admitting = list(taken)
+            # counted by submit's back-pressure from here until they end
+            self._beams.update(r for r in popped if not r.cancelled and r.params.num_beams > 1)
         for req in popped:
             if req.cancelled:
                 self._finish(req, self._outbox, aborted=True)
             elif req.params.num_beams > 1:
-                self._beams.add(req)
                 self._beam_pool.submit(self._run_beam, req)
         return taken
 
@@ -567,10 +591,7 @@ class Engine:
         sel = torch.tensor(idx, device=logits.device)
         proc = process_logits(logits.index_select(0, sel), params,
                               self._batch.counts.index_select(0, sel), self._batch.seen.index_select(0, sel))
-        if params.temperature == 0:
-            tokens[sel] = proc.argmax(-1)
-        else:
-            tokens[sel] = sample(proc.softmax(-1), [rows[i].generator for i in idx])
+        tokens[sel] = pick(proc, params, [rows[i].generator for i in idx])
 
     def _sample_and_emit(self, logits) -> None:
         rows = self._rows
@@ -644,6 +665,8 @@ class Engine:
 
     def _run_beam(self, req: GenerationRequest) -> None:
         outbox: list = []
+        with self._lock:
+            self._beam_running = req
         try:
             self._hook("beam", [req])
             with torch.inference_mode(), autocast_context(self.device):
@@ -660,7 +683,9 @@ class Engine:
             log.error("beam search failed: %s: %s", type(e).__name__, e, exc_info=e)
             self._finish(req, outbox, error=server_error())
         finally:
-            self._beams.discard(req)
+            with self._lock:
+                self._beams.discard(req)
+                self._beam_running = None
             flush(outbox)
 
 

@@ -99,9 +99,15 @@ def _check_strings(value: Any, param: str | None) -> None:
             stack.extend(v)
 
 
-def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+MAX_MESSAGES = 2048
+"""Most messages in one chat request (checked before the body is validated)."""
+
+
+def parse_body(raw: bytes, model: type[BaseModel], limits=None) -> Any:
     """Parse and validate a request body: UTF-8 JSON object, no NaN/Infinity, no lone surrogates,
-    no unsupported or unknown fields, every field in range. Raises :class:`APIError` (400)."""
+    no unsupported or unknown fields, every field in range. Raises :class:`APIError` (400).
+    ``limits(obj)`` checks sizes on the parsed JSON before anything walks or validates it
+    (the validation of a list of 699k prompts took seconds before its 400)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -112,6 +118,8 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
         raise APIError(f"request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    if limits is not None:
+        limits(obj)
     for key, value in obj.items():
         _check_strings(key, None)
         _check_strings(value, key)
@@ -206,8 +214,17 @@ class _SamplingRequest(BaseModel):
             raise bad("num_beams", beams, f">= n ({self.n}) for beam search")
         width = max(beams, self.samples())
         if width > max_batch_size:
-            raise APIError(f"n/best_of/num_beams asks for {width} sequences at once; this server runs at most "
-                           f"{max_batch_size} (max_batch_size)", param="n")
+            # the field that set the width: num_beams (or use_beam_search's best_of), best_of, n
+            param = ("num_beams" if self.num_beams is not None else "best_of" if self.best_of is not None else "n") \
+                if beams > 1 else "best_of" if self.best_of is not None else "n"
+            raise APIError(f"{param} asks for {width} sequences at once; this server runs at most "
+                           f"{max_batch_size} (max_batch_size)", param=param)
+        if beams > 1 and self.top_logprobs_count():
+            # beam search reports the chosen tokens' logprobs, not the alternatives
+            name = "top_logprobs" if isinstance(self, ChatCompletionRequest) else "logprobs"
+            raise APIError(f"{name} > 0 is not supported with beam search (got {self.top_logprobs_count()}); "
+                           f"ask for {'logprobs: true with top_logprobs 0' if name == 'top_logprobs' else 'logprobs: 0'} "
+                           "for the chosen tokens' logprobs", param=name)
         if self.stream and (beams > 1 or self.samples() > self.n):
             raise APIError("stream is not supported with beam search or best_of > n", param="stream")
         stops = self.stop_list()
@@ -380,7 +397,7 @@ def sse(obj: dict[str, Any] | str) -> str:
 SSE_DONE = sse("[DONE]")
 
 __all__ = [
-    "APIError", "ChatCompletionRequest", "CompletionRequest", "MAX_BODY_BYTES", "SSE_DONE", "chat_body",
+    "APIError", "ChatCompletionRequest", "CompletionRequest", "MAX_BODY_BYTES", "MAX_MESSAGES", "SSE_DONE", "chat_body",
     "chat_logprobs", "check_length", "completion_body", "completion_logprobs", "error_body", "models_body",
     "new_id", "parse_body", "sampling_kwargs", "server_error", "sse", "usage", "validation_error",
 ]
