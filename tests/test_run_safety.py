@@ -197,6 +197,7 @@ def test_cleanup_after_a_success_or_a_hit_spares_a_live_runs_folders(project):
 
 # -- resume after the pipeline file changed ----------------------------------------------------
 
+@pytest.mark.slow  # two failed runs, two refusals and two resumes, one of them a CLI process on Ray
 def test_resume_after_an_edit_names_the_keys_and_runs_the_spec_the_flag_names(project):
     gate = project.dir / "gate"
     stages = f"""
