@@ -44,7 +44,8 @@ of the packages that change its numbers, and the upstream fingerprints. Its part
 Not covered: environment variables not declared; files read by code at paths the config never
 names; third-party packages other than ``NUMERIC_PACKAGES`` (and those are known by version,
 not content); edits to a remote object, or a >4 MiB local file, that keep its size and
-modification time.
+modification time; values as the stage's node sees them (variables and local paths are read on
+the driver, where the plan is made).
 """
 
 from __future__ import annotations

@@ -389,3 +389,13 @@ def test_a_pooled_worker_forgets_an_edited_module_found_on_pythonpath(tmp_path, 
         for name, module in saved.items():
             if name != "pooledmod":
                 sys.modules[name] = module
+
+
+def test_explain_names_each_part_and_an_older_record():
+    old = {"kind": "python", "config": {"a": 1}, "code": {}, "inputs": {}, "env": {"TOKEN": "x"},
+           "versions": {"python": "CPython 3.11.7", "torch": "2.13.0"}}
+    new = {**old, "env": {"TOKEN": "y"}, "versions": {"python": "CPython 3.11.7", "torch": "2.14.1", "numpy": "2.4.6"}}
+    assert explain(old, new) == ["env var TOKEN", "environment: numpy not used -> 2.4.6",
+                                 "environment: torch 2.13.0 -> 2.14.1"]
+    before = {k: v for k, v in old.items() if k not in ("env", "versions")}  # a record from before this key
+    assert explain(before, new) == ["env var TOKEN", "environment: not recorded (a record from an older orchestrator)"]
