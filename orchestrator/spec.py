@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from workers.config import StrictConfig
 
 from .errors import SpecError
 from .yamlio import load_yaml_file, load_yaml_text
@@ -41,25 +43,37 @@ def _credential_paths(node: Any, path: str = "") -> list[str]:
     return [path] if isinstance(node, str) and _CREDENTIALS.search(node) else []
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# Bounds of the policy and resource fields: past them a value is a typo, not a plan (a backoff
+# that doubles from an hour over 100 retries would outlive the cluster).
+MAX_RETRIES = 100
+MAX_BACKOFF_S = 3600.0
+MAX_TIMEOUT_S = 30 * 86400.0
+MAX_CPUS = 100_000
+MAX_GPUS = 10_000
+MAX_WORKERS = 100_000
+
+
+class _Strict(StrictConfig):
+    """Unknown fields refused; numbers finite and bounded (``workers.config``)."""
 
 
 class Resources(_Strict):
     """What a stage asks the cluster for."""
 
-    cpus: float = Field(1.0, ge=0, description="CPUs per worker (a python stage has one worker).")
-    gpus: float = Field(0.0, ge=0, description="GPUs per worker.")
-    workers: int | None = Field(None, ge=1, description="Number of workers for kinds that spread their work "
+    cpus: float = Field(1.0, ge=0, le=MAX_CPUS, description="CPUs per worker (a python stage has one worker).")
+    gpus: float = Field(0.0, ge=0, le=MAX_GPUS, description="GPUs per worker.")
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="Number of workers for kinds that spread their work "
                                 "(tokenizer actors, Ray Train workers, replicas); null: the kind's default.")
 
 
 class Policy(_Strict):
     """How a stage is retried, timed out and cached (``defaults`` and per-stage overrides)."""
 
-    retries: int = Field(2, ge=0, description="Extra attempts after the first.")
-    retry_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles on each retry.")
-    timeout_s: float | None = Field(None, gt=0, description="Stop an attempt after this many seconds (a failed attempt).")
+    retries: int = Field(2, ge=0, le=MAX_RETRIES, description="Extra attempts after the first.")
+    retry_backoff_s: float = Field(1.0, ge=0, le=MAX_BACKOFF_S,
+                                   description="Wait before the first retry; doubles on each retry.")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S,
+                                    description="Stop an attempt after this many seconds (a failed attempt).")
     cache: bool = Field(True, description="Reuse the outputs of an earlier run with the same fingerprint.")
 
 
@@ -72,9 +86,9 @@ class Stage(_Strict):
     config: dict[str, Any] = Field(default_factory=dict, description="The kind's own configuration, validated by the kind.")
     resources: Resources = Field(default_factory=Resources, description="Resources per worker.")
     enabled: bool = Field(True, description="false: the stage (and what needs it) is skipped.")
-    retries: int | None = Field(None, ge=0, description="Overrides defaults.retries.")
-    retry_backoff_s: float | None = Field(None, ge=0, description="Overrides defaults.retry_backoff_s.")
-    timeout_s: float | None = Field(None, gt=0, description="Overrides defaults.timeout_s.")
+    retries: int | None = Field(None, ge=0, le=MAX_RETRIES, description="Overrides defaults.retries.")
+    retry_backoff_s: float | None = Field(None, ge=0, le=MAX_BACKOFF_S, description="Overrides defaults.retry_backoff_s.")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="Overrides defaults.timeout_s.")
     cache: bool | None = Field(None, description="Overrides defaults.cache.")
 
     @field_validator("needs")
@@ -93,7 +107,7 @@ class Tracking(_Strict):
 
 class RayOptions(_Strict):
     address: str | None = Field(None, description='null: start a local Ray; "auto" or "ray://host:10001": connect.')
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when address is null.")
+    num_cpus: int | None = Field(None, ge=1, le=MAX_CPUS, description="CPUs of the local Ray started when address is null.")
 
 
 class Pipeline(_Strict):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from workers.config import StrictConfig
 from workers.cpu import normal_priority
 from workers.stage import StageContext
 
 
-class Config(BaseModel):
+class Config(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     entrypoint: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",

@@ -13,8 +13,9 @@ waits in front of the replicas.
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from workers.config import StrictConfig
 from workers.serving.app import APP_NAME, STREAM_INTERVAL_S, api_key_from, serve_checkpoint, shutdown
 
 DISTRIBUTED = True
@@ -25,7 +26,7 @@ CACHEABLE = False  # an endpoint lives only as long as the Ray that serves it
 # Stage kind config
 
 
-class Autoscaling(BaseModel):
+class Autoscaling(StrictConfig):
     """Ray Serve autoscaling (replaces ``replicas`` when given)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -44,7 +45,7 @@ class Autoscaling(BaseModel):
         return self
 
 
-class Config(BaseModel):
+class Config(StrictConfig):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     input: str | None = None

@@ -33,9 +33,10 @@ from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from workers import storage
+from workers.config import StrictConfig
 from workers.cpu import claim_cpus
 from workers.training import sharding
 from workers.training.params import OptimizerConfig, adamw
@@ -45,7 +46,7 @@ ADAMW_BETAS = (0.9, 0.95)
 _PROGRESS_EVERY_S = 0.5
 
 
-class FsdpConfig(BaseModel):
+class FsdpConfig(StrictConfig):
     """Options of ``strategy: fsdp`` (see workers.training.sharding)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -57,7 +58,7 @@ class FsdpConfig(BaseModel):
                               "host memory (GPU only: fits larger models, slower steps).")
 
 
-class ShardingConfig(BaseModel):
+class ShardingConfig(StrictConfig):
     """How the training workers hold the model (every training kind and the rlhf learner)."""
 
     model_config = ConfigDict(extra="forbid")
