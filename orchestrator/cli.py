@@ -257,7 +257,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     prep = prepare(args.file, args.overrides)
     cache = explain_cache(prep)
-    print(f"pipeline {prep.pipeline.name!r}: {len(prep.plan.stages)} stages, storage {prep.pipeline.storage}, "
+    print(f"pipeline {prep.pipeline.name!r}: {len(prep.plan.stages)} stages, storage {redact(prep.pipeline.storage)}, "
           f"tracking {redact(prep.pipeline.tracking_uri())}")
     print(f"{'#':>2}  {'stage':<16} {'kind':<10} {'needs':<24} {'resources':<26} cache")
     for i, s in enumerate(prep.plan.stages, 1):

@@ -18,6 +18,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from workers.config import StrictConfig
 
 from .errors import SpecError
+# Credentials inside a URI (userinfo, a token in its query): refused in the spec, redacted
+# wherever else a URI is shown (``redact``, re-exported here for the modules that show them).
+from .secrets import credential_paths, redact  # noqa: F401
 from .yamlio import load_yaml_file, load_yaml_text
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
@@ -25,22 +28,6 @@ NAME_PATTERN = r"^[a-z0-9_-]+$"
 # otherwise be taken for a local folder and scatter outputs over each node's disk).
 STORAGE_SCHEMES = ("file://", "s3://", "gs://", "gcs://", "hdfs://", "viewfs://")
 _SCHEME = re.compile(r"\A([A-Za-z][A-Za-z0-9+.-]*)://")
-# user:password@ inside a URI: refused in the spec, redacted wherever else a URI is shown.
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@:]+:[^/\s@]+@)")
-
-
-def redact(text: str) -> str:
-    """``text`` with credentials inside URIs (``scheme://user:secret@host``) replaced by ``***``."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", text)
-
-
-def _credential_paths(node: Any, path: str = "") -> list[str]:
-    """YAML paths of strings holding a URI with credentials."""
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _credential_paths(v, f"{path}.{k}" if path else str(k))]
-    if isinstance(node, list):
-        return [p for i, v in enumerate(node) for p in _credential_paths(v, f"{path}[{i}]")]
-    return [path] if isinstance(node, str) and _CREDENTIALS.search(node) else []
 
 
 # Bounds of the policy and resource fields: past them a value is a typo, not a plan (a backoff
@@ -258,8 +245,8 @@ def parse_pipeline(raw: Any, source: str = "<pipeline>") -> Pipeline:
     """Validate the top level of a pipeline (kinds' configs are checked by ``check_stages``)."""
     if not isinstance(raw, dict):
         raise SpecError(f"the pipeline must be a mapping with name and stages, got {type(raw).__name__}", source)
-    if leaks := _credential_paths(raw):
-        raise SpecError([f"{p}: a URI with credentials (user:password@) would be printed, saved in the run state and "
+    if leaks := credential_paths(raw):
+        raise SpecError([f"{p}: a URI with credentials (user:password@, TOKEN@ or a token in its query) would be printed, saved in the run state and "
                          f"logged to MLflow; give them through the environment or a credentials file instead"
                          for p in leaks], source)
     try:

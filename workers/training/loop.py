@@ -36,6 +36,7 @@ import torch.distributed as dist
 from pydantic import ConfigDict, Field, model_validator
 
 from workers import storage
+from workers.cluster import ActorGroup, check_fits, count_of
 from workers.config import StrictConfig
 from workers.cpu import claim_cpus
 from workers.training import sharding
@@ -477,6 +478,10 @@ def fit(ctx, job: TrainJob) -> FitResult:
     # unless the environment asks for it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     res = ctx.resources
+    # Ray Train would wait forever for workers a too-small cluster can never place: fail now,
+    # naming stages.<stage>.resources.workers and the numbers (pretrain, finetune, reward).
+    workers, workers_field = count_of(("resources.workers", res.workers))
+    check_fits(ctx.stage, [ActorGroup("Ray Train worker", workers, workers_field, res.cpus, res.gpus, "resources")])
     use_gpu = res.gpus > 0
     per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if use_gpu else {})}
     root = ctx.scratch_uri or storage.join(str(ctx.artifact_dir), ".train")
