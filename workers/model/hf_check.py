@@ -67,9 +67,9 @@ class Key:
             return None if isinstance(value, dict) else f"got {value!r}; expected an object"
         high = LIMITS[self.limit] if self.limit else self.high
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return f"got {value!r}; must be {'>' if self.low_open else '>='} {self.low:g}"
+            return f"got {value!r}; must be {'>' if self.low_open else '>='} {self.low!r}"
         if high is not None and value > high:
-            return f"got {value!r}; at most {high:g} is supported"
+            return f"got {value!r}; at most {high!r} is supported"
         return None
 
 
@@ -250,7 +250,7 @@ def free_bytes(device: Any) -> int:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB" if n >= 2**28 else f"{n / 2**20:.3g} MiB"
+    return f"{n / 2**30:.4g} GiB" if n >= 2**28 else f"{n / 2**20:.4g} MiB"
 
 
 def check_folder(folder, *, dtype=None, device=None, memory: bool = True):
