@@ -2,7 +2,8 @@
 
 A URI's credentials are found by parsing it (``urllib.parse``), not by a pattern over the text:
 
-- userinfo of any form before the host: ``https://TOKEN@host``, ``s3://KEY:SECRET@bucket``, and a
+- userinfo of any form before the host: ``https://TOKEN@host``, ``s3://KEY:SECRET@bucket`` (but
+  ``abfs://container@account`` names a container), and a
   password holding a ``/`` (``postgresql://u:Pa55/w0rd@host/db``), which ends the authority for
   ``urlsplit``: its tell-tale is an authority whose port does not parse (``u:Pa55``) followed by
   an ``@``, and the userinfo is then everything up to that ``@``;
@@ -41,12 +42,20 @@ _URI_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 MASK = "***"
 
 
+# Schemes whose userinfo names a container, not a user (abfs://container@account.dfs...):
+# a secret there only with a ":".
+_CONTAINER_SCHEMES = frozenset({"abfs", "abfss", "wasb", "wasbs"})
+
+
 def _userinfo_end(uri: str) -> int:
     """The index of the ``@`` ending the userinfo in ``uri``, or -1 if it has none."""
     parts = urlsplit(uri)
     start = uri.index("://") + 3
     if "@" in parts.netloc:
-        return start + parts.netloc.rindex("@")
+        userinfo = parts.netloc[:parts.netloc.rindex("@")]
+        if parts.scheme.lower() in _CONTAINER_SCHEMES and ":" not in userinfo:
+            return -1
+        return start + len(userinfo)
     try:
         parts.port  # noqa: B018 - raises when the authority's "port" is not a number
         return -1

@@ -254,7 +254,9 @@ def test_training_kinds_check_they_fit_the_cluster(ray_session, tmp_path, kind):
     ("https://acct.blob.core.windows.net/c/f?sv=2020&sig=SeCr3t%3D", "https://acct.blob.core.windows.net/c/f?sv=2020&sig=***"),
     ("http://h/cb#access_token=abc&state=1", "http://h/cb#access_token=***&state=1"),
     ("'https://h/api?token=abc'", "'https://h/api?token=***'"),
-    ("s3://bucket/key@v1 https://host:8080/a@b sqlite:///mlflow.db", "s3://bucket/key@v1 https://host:8080/a@b sqlite:///mlflow.db"),
+    ("s3://bucket/key@v1 https://host:8080/a@b sqlite:///mlflow.db abfs://c@a.dfs.core.windows.net/x",
+     "s3://bucket/key@v1 https://host:8080/a@b sqlite:///mlflow.db abfs://c@a.dfs.core.windows.net/x"),
+    ("wasbs://c:K3y@a.blob.core.windows.net/x", "wasbs://***@a.blob.core.windows.net/x"),
 ])
 def test_uri_credentials_are_found_by_parsing(text, redacted):
     from orchestrator.secrets import redact

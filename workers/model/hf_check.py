@@ -250,7 +250,7 @@ def free_bytes(device: Any) -> int:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.4g} GiB" if n >= 2**28 else f"{n / 2**20:.4g} MiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def check_folder(folder, *, dtype=None, device=None, memory: bool = True):
