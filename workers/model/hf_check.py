@@ -238,15 +238,26 @@ def stored_tensors(folder: Path) -> dict[str, tuple[str, str, tuple[int, ...]]]:
 
 
 def free_bytes(device: Any) -> int:
-    """Memory free for new tensors on ``device``: CUDA's free memory, else the host's available."""
+    """Memory free for new tensors on ``device``: CUDA's free memory, else the host's available
+    memory (Linux's MemAvailable; elsewhere the free pages; unknown: no limit)."""
+    import os
+
     import torch
 
-    device = torch.device(device or "cpu")
+    device = torch.device("cpu" if device is None else device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
 
 
 def _gib(n: float) -> str:
@@ -279,7 +290,7 @@ def check_folder(folder, *, dtype=None, device=None, memory: bool = True):
         free = free_bytes(device)
         if need > free:
             raise CheckpointError(f"{where}: config.json: the parameters need {_gib(need)}, {_gib(free)} free "
-                                  f"on {torch.device(device or 'cpu')}")
+                                  f"on {torch.device('cpu' if device is None else device)}")
     seen: set[str] = set()
     for name, (file, _, shape) in stored.items():
         key = hf_io.normalized_name(name, model_type)
