@@ -131,9 +131,10 @@ def test_parameters_that_cannot_fit_in_free_memory(good, tmp_path):
     (lambda c: c.update(layer_norm_epsilon=float("nan")), "config.json: layer_norm_epsilon: got nan"),
     (lambda c: c.update(tie_word_embeddings="yes"), "config.json: tie_word_embeddings: got 'yes'; expected true"),
     (lambda c: c.update(model_type="gemma"), "config.json: model_type 'gemma' is not supported"),
+    (lambda c: c.update(model_type=["gpt2"]), "config.json: model_type ['gpt2'] is not supported"),
     (lambda c: [c], "config.json: expected a JSON object, got list"),
     (lambda c: "x", "config.json: expected a JSON object, got str"),
-], ids=["missing", "str", "indivisible", "nan", "bool", "family", "list", "string"])
+], ids=["missing", "str", "indivisible", "nan", "bool", "family", "family-list", "list", "string"])
 def test_config_json_problems_are_one_line(good, tmp_path, edit, match):
     d = _copy(good["gpt2"], tmp_path / "c")
     _edit_json(d / "config.json", edit)

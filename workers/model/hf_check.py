@@ -120,7 +120,7 @@ def check_config(hf: Any, where: str) -> None:
     if not isinstance(hf, dict):
         raise CheckpointError(f"{where}: config.json: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type", "gpt2")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise CheckpointError(f"{where}: config.json: model_type {model_type!r} is not supported; supported: "
                               f"{', '.join(FAMILIES)}")
     required, optional = FAMILIES[model_type]
