@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 from typing import Sequence
@@ -16,12 +17,75 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_TRACKING = "sqlite:///mlflow.db"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line (which argument, the value, what is allowed) and exit 2; the
+    usage is one ``--help`` away."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# Argument types: each refuses a bad value with what is allowed (argparse adds the option's name).
+def _int_in(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected an integer") from None
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"got {value}; must be an integer {allowed}")
+        return value
+    return parse
+
+
+def _finite_float(low: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; must be a finite number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"got {text!r}; must be >= {low:g}")
+        return value
+    return parse
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"got {text!r}; must not be empty")
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError("must not contain NUL characters")
+    return text
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", text):
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: cpu, cuda, cuda:N")
+    if text.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count()
+        index = int(text.partition(":")[2] or 0)
+        if index >= count:
+            raise argparse.ArgumentTypeError(f"got {text!r}; this machine has {count} CUDA devices")
+    return text
+
+
+_PORT = _int_in(1, 65535)
+_SEED = _int_in(0, 2**63 - 1)
+
+
 def _default_tracking() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING)
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None, metavar="URI",
+    p.add_argument("--tracking-uri", default=None, metavar="URI", type=_nonempty,
                    help="MLflow tracking store holding the runs (default: $MLFLOW_TRACKING_URI or "
                         f"{DEFAULT_TRACKING} in the current directory).")
 
@@ -33,14 +97,14 @@ def _add_verbose(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="Pipeline YAML file.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("file", metavar="FILE", type=_nonempty, help="Pipeline YAML file.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_nonempty,
                    help="Override a field of the file, e.g. --set stages.train.retries=5 "
                         "(VALUE is parsed as YAML; repeatable).")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="orchestrator",
         description="Run GenAI pipelines (tokenize, pretrain, fine-tune, RLHF, serve) as DAGs of stages "
                     "on Ray, tracked in MLflow.",
@@ -56,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "starts at once on Ray. Shows a live table of stages; Ctrl-C cancels.")
     _add_pipeline_args(p)
     p.add_argument("--no-cache", action="store_true", help="Rerun every stage even if its outputs are cached.")
-    p.add_argument("--address", default=None, metavar="ADDR",
+    p.add_argument("--address", default=None, metavar="ADDR", type=_nonempty,
                    help='Ray cluster to run on ("auto", "ray://host:10001"); overrides ray.address in FILE.')
     p.add_argument("--plain", action="store_true", help="Print one line per stage transition instead of a live table.")
     _add_verbose(p)
@@ -65,12 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="Show a run's stages (default: the latest run).",
                        description="Show the state of each stage of RUN_ID (the MLflow parent run id).")
-    p.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    p.add_argument("run_id", nargs="?", metavar="RUN_ID", type=_nonempty)
     p.add_argument("--json", action="store_true", help="Print the run record as JSON.")
     _add_tracking(p)
 
     p = sub.add_parser("list", help="List recent pipeline runs.", description="List recent pipeline runs.")
-    p.add_argument("--limit", type=int, default=20, help="How many runs to show (default 20).")
+    p.add_argument("--limit", type=_int_in(1, 100_000), default=20, help="How many runs to show (default 20; 1 to 100000).")
     _add_tracking(p)
 
     p = sub.add_parser("resume", help="Continue a failed, cancelled or killed run.",
@@ -78,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "parent run continues. If the pipeline file changed (or is gone) since the "
                                    "run started, it says which keys differ and exits 2 unless --spec says "
                                    "which spec to run with.")
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", type=_nonempty)
     p.add_argument("--spec", choices=["recorded", "current"], default=None,
                    help="When the pipeline file differs from the spec the run started with: 'recorded' runs "
                         "the unfinished stages with the spec the run started with; 'current' with the file as "
                         "it is now (finished stages whose fingerprint changes run again, and the run says which).")
-    p.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster to run on.")
+    p.add_argument("--address", default=None, metavar="ADDR", type=_nonempty, help="Ray cluster to run on.")
     p.add_argument("--plain", action="store_true", help="Print transitions instead of a live table.")
     _add_verbose(p)
     _add_tracking(p)
@@ -92,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Stop RUN_ID: its running stages' Ray tasks and actors are killed; "
                                    "states become CANCELLED. With --address, RUN_ID is a Ray job id from "
                                    "`orchestrator submit`: the job is stopped and its driver cancels the run.")
-    p.add_argument("run_id", metavar="RUN_ID")
-    p.add_argument("--address", default=None, metavar="URL",
+    p.add_argument("run_id", metavar="RUN_ID", type=_nonempty)
+    p.add_argument("--address", default=None, metavar="URL", type=_nonempty,
                    help="Ray dashboard URL (http://HEAD:8265): RUN_ID is then a Ray job id.")
     _add_tracking(p)
 
@@ -102,33 +166,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory travels with the job; the driver runs `orchestrator run FILE "
                                    "--address auto` on the head node. Prints the Ray job id and the MLflow run id.")
     _add_pipeline_args(p)
-    p.add_argument("--address", required=True, metavar="URL",
+    p.add_argument("--address", required=True, metavar="URL", type=_nonempty,
                    help="Ray dashboard URL of the cluster, e.g. http://HEAD:8265 (`ray up` prints it).")
     p.add_argument("--no-cache", action="store_true", help="Rerun every stage even if its outputs are cached.")
-    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]", type=_nonempty,
                    help="Set an environment variable for the job: NAME passes your value, NAME=VALUE sets one "
                         "(repeatable), e.g. --env MLFLOW_TRACKING_URI.")
-    p.add_argument("--working-dir", default=".", metavar="DIR",
+    p.add_argument("--working-dir", default=".", metavar="DIR", type=_nonempty,
                    help="Folder shipped to the cluster (default: the current one); FILE must be inside it.")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", type=_nonempty,
                    help="Leave files matching PATTERN (gitignore syntax) out of the shipped folder (repeatable).")
     p.add_argument("--follow", action="store_true",
                    help="Then print the job's logs until it ends; the exit code is the pipeline's.")
-    p.add_argument("--wait-run-id", type=float, default=300.0, metavar="SECONDS",
-                   help="How long to wait for the driver to print its MLflow run id (default 300).")
+    p.add_argument("--wait-run-id", type=_finite_float(0), default=300.0, metavar="SECONDS",
+                   help="How long to wait for the driver to print its MLflow run id (default 300; >= 0).")
 
     p = sub.add_parser("logs", help="Print a submitted Ray job's logs.",
                        description="Print the logs of Ray job JOB_ID (from `orchestrator submit`), following them "
                                    "until the job ends. Exit code 0 if the job succeeded, 1 if not.")
-    p.add_argument("job_id", metavar="JOB_ID")
-    p.add_argument("--address", required=True, metavar="URL", help="Ray dashboard URL (http://HEAD:8265).")
+    p.add_argument("job_id", metavar="JOB_ID", type=_nonempty)
+    p.add_argument("--address", required=True, metavar="URL", type=_nonempty, help="Ray dashboard URL (http://HEAD:8265).")
     p.add_argument("--no-follow", action="store_true", help="Print the logs so far and return.")
 
     p = sub.add_parser("ui", help="Open the MLflow UI on the tracking store.",
                        description="Start the MLflow UI on the pipeline's tracking store (127.0.0.1 unless --host).")
-    p.add_argument("file", nargs="?", metavar="FILE", help="Pipeline file whose tracking store to show.")
-    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
-    p.add_argument("--port", type=int, default=5000, help="Port (default 5000).")
+    p.add_argument("file", nargs="?", metavar="FILE", type=_nonempty, help="Pipeline file whose tracking store to show.")
+    p.add_argument("--host", default="127.0.0.1", type=_nonempty, help="Interface to bind (default 127.0.0.1).")
+    p.add_argument("--port", type=_PORT, default=5000, help="Port (default 5000; 1 to 65535).")
     _add_tracking(p)
 
     p = sub.add_parser("generate", help="Generate text from a checkpoint.",
@@ -137,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or a storage URI; a pipeline run id (its last stage with a checkpoint) or "
                                    "RUN_ID:STAGE. Sampling options not given come from the checkpoint's "
                                    "generation_config.json.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
-    p.add_argument("--prompt", action="append", required=True, help="Prompt text (repeatable: one batch).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", type=_nonempty)
+    p.add_argument("--prompt", action="append", required=True, type=_nonempty,
+                   help="Prompt text, not empty (repeatable: one batch).")
     _add_sampling_args(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    p.add_argument("--device", default=None, type=_device,
+                   help="cpu, cuda or cuda:N, a device this machine has (default: cuda when available).")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="Compute in this dtype (default: as the checkpoint stores its weights).")
     _add_tracking(p)
@@ -151,39 +217,43 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve CHECKPOINT_OR_RUN (a checkpoint folder, ours or a Hugging Face one, "
                                    "local or a storage URI; a run id; RUN_ID:STAGE) at /v1/completions, "
                                    "/v1/chat/completions, /v1/models and /health until Ctrl-C.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
-    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
-    p.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
-    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1).")
-    p.add_argument("--max-batch-size", type=int, default=8, help="Sequences decoded together per replica.")
-    p.add_argument("--max-queue", type=int, default=64, help="Requests waiting per replica before 503.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", type=_nonempty)
+    p.add_argument("--host", default="127.0.0.1", type=_nonempty, help="Interface to bind (default 127.0.0.1).")
+    p.add_argument("--port", type=_PORT, default=8000, help="Port (default 8000; 1 to 65535).")
+    p.add_argument("--replicas", type=_int_in(1, 1024), default=1, help="Ray Serve replicas (default 1; 1 to 1024).")
+    p.add_argument("--max-batch-size", type=_int_in(1, 4096), default=8,
+                   help="Sequences decoded together per replica (default 8; 1 to 4096).")
+    p.add_argument("--max-queue", type=_int_in(0, 1_000_000), default=64,
+                   help="Requests waiting per replica before 503 (default 64; 0 to 1000000).")
     p.add_argument("--allow-special-tokens", action="store_true",
                    help="Let completion prompts hold the tokenizer's special tokens (default: request text is "
                         "always plain text; in chat only the template's markers are control tokens).")
-    p.add_argument("--api-key-file", default=None, metavar="PATH",
+    p.add_argument("--api-key-file", default=None, metavar="PATH", type=_nonempty,
                    help="Require the bearer key in this file (first line); default: $ORCHESTRATOR_API_KEY; "
                         "neither: open. The key itself is never an argument (ps would show it).")
-    p.add_argument("--model-name", default=None, help="Model name in the API (default: the folder name).")
-    p.add_argument("--address", default=None, help="Ray cluster to deploy on (default: a local Ray).")
+    p.add_argument("--model-name", default=None, type=_nonempty, help="Model name in the API (default: the folder name).")
+    p.add_argument("--address", default=None, type=_nonempty, help="Ray cluster to deploy on (default: a local Ray).")
     _add_tracking(p)
     return parser
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=None, help="Tokens to generate (default 64).")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0).")
-    g.add_argument("--top-k", type=int, default=None, help="Sample from the k most likely tokens (0 = off).")
-    g.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1] (default 1).")
-    g.add_argument("--min-p", type=float, default=0.0, help="Drop tokens below min_p x the top probability.")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off).")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="In [-2, 2] (0 = off).")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="In [-2, 2] (0 = off).")
-    g.add_argument("--num-beams", type=int, default=1, help="Beam search width (1 = no beam search).")
-    g.add_argument("--length-penalty", type=float, default=1.0, help="Beam score = logprob / length**this.")
-    g.add_argument("--n", type=int, default=1, help="Completions per prompt.")
-    g.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
-    g.add_argument("--seed", type=int, default=None, help="Same seed, same text.")
+    # Ranges and combinations are SamplingParams.validate's; here: numbers, finite.
+    g.add_argument("--max-tokens", type=_int_in(1), default=None, help="Tokens to generate (default 64).")
+    g.add_argument("--temperature", type=_finite_float(), default=None, help="0 = greedy (default 1.0).")
+    g.add_argument("--top-k", type=_int_in(0), default=None, help="Sample from the k most likely tokens (0 = off).")
+    g.add_argument("--top-p", type=_finite_float(), default=None, help="Nucleus sampling mass in (0, 1] (default 1).")
+    g.add_argument("--min-p", type=_finite_float(), default=0.0, help="Drop tokens below min_p x the top probability.")
+    g.add_argument("--repetition-penalty", type=_finite_float(), default=None,
+                   help="> 1 discourages repeats (1 = off).")
+    g.add_argument("--presence-penalty", type=_finite_float(), default=0.0, help="In [-2, 2] (0 = off).")
+    g.add_argument("--frequency-penalty", type=_finite_float(), default=0.0, help="In [-2, 2] (0 = off).")
+    g.add_argument("--num-beams", type=_int_in(1), default=1, help="Beam search width (1 = no beam search).")
+    g.add_argument("--length-penalty", type=_finite_float(), default=1.0, help="Beam score = logprob / length**this.")
+    g.add_argument("--n", type=_int_in(1), default=1, help="Completions per prompt.")
+    g.add_argument("--stop", action="append", default=[], type=_nonempty, help="Stop string, not empty (repeatable).")
+    g.add_argument("--seed", type=_SEED, default=None, help="Same seed, same text (0 to 2**63-1).")
     g.add_argument("--logprobs", action="store_true", help="Print the log-prob of each chosen token.")
 
 
@@ -196,7 +266,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     prep = prepare(args.file, args.overrides)
     cache = explain_cache(prep)
-    print(f"pipeline {prep.pipeline.name!r}: {len(prep.plan.stages)} stages, storage {prep.pipeline.storage}, "
+    print(f"pipeline {prep.pipeline.name!r}: {len(prep.plan.stages)} stages, storage {redact(prep.pipeline.storage)}, "
           f"tracking {redact(prep.pipeline.tracking_uri())}")
     print(f"{'#':>2}  {'stage':<16} {'kind':<10} {'needs':<24} {'resources':<26} cache")
     for i, s in enumerate(prep.plan.stages, 1):
@@ -404,6 +474,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_checkpoint(ckpt: str, **kw) -> None:
+    from workers.checkpoints import check_checkpoint
+
+    try:
+        check_checkpoint(ckpt, **kw)
+    except (FileNotFoundError, ValueError) as e:
+        raise SpecError(str(e)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from workers.serving import app as serving
 
@@ -411,6 +490,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .spec import RayOptions
 
     ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri or _default_tracking())
+    _check_checkpoint(ckpt, memory=args.address is None)  # before Ray and Serve start: one line, exit 2
     try:
         api_key = serving.api_key_from(file=args.api_key_file) if args.api_key_file else \
             os.environ.get("ORCHESTRATOR_API_KEY", "").strip() or None
@@ -440,7 +520,10 @@ COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "validate": cmd_valida
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (one line said): the code, as a return value
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
         return COMMANDS[args.command](args)
     except SpecError as e:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import SpecError
+from .secrets import is_secret_env, secret_env_warning
 
 RUN_ID_LINE = re.compile(r"MLflow run id: ([0-9a-f]{32})")
 
@@ -69,6 +70,9 @@ def _env_vars(env: list[str]) -> dict[str, str]:
                 raise SpecError(f"--env {name}: the variable is not set here; use --env {name}=VALUE")
             value = os.environ[name]
         out[name] = value
+    secret = [n for n, v in out.items() if is_secret_env(n, v)]
+    if warning := secret_env_warning(secret, "the job's runtime_env (--env)"):
+        print(warning, file=sys.stderr)
     return out
 
 

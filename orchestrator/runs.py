@@ -15,6 +15,7 @@ from . import state as st
 from workers import storage
 from .console import StageDisplay
 from .errors import SpecError
+from .secrets import secret_env_warning
 from .logs import SETUP_HOOK, RunLogs
 from .plan import Plan, build_plan
 from .state import RunRecord, RunState, StageRecord, StageState
@@ -180,9 +181,9 @@ def _execute(prep: Prepared, record: RunRecord, tracker: Any, *, no_cache: bool,
     stream = stream or logs.terminal
     display = StageDisplay(record, [s.name for s in prep.plan.stages], stream=stream, live=live)
     forward = os.environ.get(FORWARD_SECRETS_ENV) == "1"
-    if forward:
-        print(f"warning: {FORWARD_SECRETS_ENV}=1: secret storage credentials go into every stage task's "
-              "runtime_env, readable by anyone with access to Ray's state API or dashboard", file=sys.stderr)
+    if forward and (warning := secret_env_warning(sorted(set(storage.client_env(True)) & storage.SECRET_ENV),
+                                                  f"every stage task's runtime_env ({FORWARD_SECRETS_ENV}=1)")):
+        print(warning, file=sys.stderr)
     ex = Executor(prep.plan, record, tracker, display, sys_path=[prep.base_dir, os.getcwd()], no_cache=no_cache,
                   connect=lambda: connect_ray(prep.pipeline.ray, address), forward_secrets=forward, logs=logs)
     try:

@@ -13,9 +13,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from workers.config import StrictConfig
 
 from .errors import SpecError
+# Credentials inside a URI (userinfo, a token in its query): refused in the spec, redacted
+# wherever else a URI is shown (``redact``, re-exported here for the modules that show them).
+from .secrets import credential_paths, redact  # noqa: F401
 from .yamlio import load_yaml_file, load_yaml_text
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
@@ -23,43 +28,39 @@ NAME_PATTERN = r"^[a-z0-9_-]+$"
 # otherwise be taken for a local folder and scatter outputs over each node's disk).
 STORAGE_SCHEMES = ("file://", "s3://", "gs://", "gcs://", "hdfs://", "viewfs://")
 _SCHEME = re.compile(r"\A([A-Za-z][A-Za-z0-9+.-]*)://")
-# user:password@ inside a URI: refused in the spec, redacted wherever else a URI is shown.
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@:]+:[^/\s@]+@)")
 
 
-def redact(text: str) -> str:
-    """``text`` with credentials inside URIs (``scheme://user:secret@host``) replaced by ``***``."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", text)
+# Bounds of the policy and resource fields: past them a value is a typo, not a plan (a backoff
+# that doubles from an hour over 100 retries would outlive the cluster).
+MAX_RETRIES = 100
+MAX_BACKOFF_S = 3600.0
+MAX_TIMEOUT_S = 30 * 86400.0
+MAX_CPUS = 100_000
+MAX_GPUS = 10_000
+MAX_WORKERS = 100_000
 
 
-def _credential_paths(node: Any, path: str = "") -> list[str]:
-    """YAML paths of strings holding a URI with credentials."""
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _credential_paths(v, f"{path}.{k}" if path else str(k))]
-    if isinstance(node, list):
-        return [p for i, v in enumerate(node) for p in _credential_paths(v, f"{path}[{i}]")]
-    return [path] if isinstance(node, str) and _CREDENTIALS.search(node) else []
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(StrictConfig):
+    """Unknown fields refused; numbers finite and bounded (``workers.config``)."""
 
 
 class Resources(_Strict):
     """What a stage asks the cluster for."""
 
-    cpus: float = Field(1.0, ge=0, description="CPUs per worker (a python stage has one worker).")
-    gpus: float = Field(0.0, ge=0, description="GPUs per worker.")
-    workers: int | None = Field(None, ge=1, description="Number of workers for kinds that spread their work "
+    cpus: float = Field(1.0, ge=0, le=MAX_CPUS, description="CPUs per worker (a python stage has one worker).")
+    gpus: float = Field(0.0, ge=0, le=MAX_GPUS, description="GPUs per worker.")
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="Number of workers for kinds that spread their work "
                                 "(tokenizer actors, Ray Train workers, replicas); null: the kind's default.")
 
 
 class Policy(_Strict):
     """How a stage is retried, timed out and cached (``defaults`` and per-stage overrides)."""
 
-    retries: int = Field(2, ge=0, description="Extra attempts after the first.")
-    retry_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles on each retry.")
-    timeout_s: float | None = Field(None, gt=0, description="Stop an attempt after this many seconds (a failed attempt).")
+    retries: int = Field(2, ge=0, le=MAX_RETRIES, description="Extra attempts after the first.")
+    retry_backoff_s: float = Field(1.0, ge=0, le=MAX_BACKOFF_S,
+                                   description="Wait before the first retry; doubles on each retry.")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S,
+                                    description="Stop an attempt after this many seconds (a failed attempt).")
     cache: bool = Field(True, description="Reuse the outputs of an earlier run with the same fingerprint.")
 
 
@@ -72,9 +73,9 @@ class Stage(_Strict):
     config: dict[str, Any] = Field(default_factory=dict, description="The kind's own configuration, validated by the kind.")
     resources: Resources = Field(default_factory=Resources, description="Resources per worker.")
     enabled: bool = Field(True, description="false: the stage (and what needs it) is skipped.")
-    retries: int | None = Field(None, ge=0, description="Overrides defaults.retries.")
-    retry_backoff_s: float | None = Field(None, ge=0, description="Overrides defaults.retry_backoff_s.")
-    timeout_s: float | None = Field(None, gt=0, description="Overrides defaults.timeout_s.")
+    retries: int | None = Field(None, ge=0, le=MAX_RETRIES, description="Overrides defaults.retries.")
+    retry_backoff_s: float | None = Field(None, ge=0, le=MAX_BACKOFF_S, description="Overrides defaults.retry_backoff_s.")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="Overrides defaults.timeout_s.")
     cache: bool | None = Field(None, description="Overrides defaults.cache.")
 
     @field_validator("needs")
@@ -93,7 +94,7 @@ class Tracking(_Strict):
 
 class RayOptions(_Strict):
     address: str | None = Field(None, description='null: start a local Ray; "auto" or "ray://host:10001": connect.')
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started when address is null.")
+    num_cpus: int | None = Field(None, ge=1, le=MAX_CPUS, description="CPUs of the local Ray started when address is null.")
 
 
 class Pipeline(_Strict):
@@ -244,8 +245,8 @@ def parse_pipeline(raw: Any, source: str = "<pipeline>") -> Pipeline:
     """Validate the top level of a pipeline (kinds' configs are checked by ``check_stages``)."""
     if not isinstance(raw, dict):
         raise SpecError(f"the pipeline must be a mapping with name and stages, got {type(raw).__name__}", source)
-    if leaks := _credential_paths(raw):
-        raise SpecError([f"{p}: a URI with credentials (user:password@) would be printed, saved in the run state and "
+    if leaks := credential_paths(raw):
+        raise SpecError([f"{p}: a URI with credentials (user:password@, TOKEN@ or a token in its query) would be printed, saved in the run state and "
                          f"logged to MLflow; give them through the environment or a credentials file instead"
                          for p in leaks], source)
     try:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from workers import storage
 
+from .secrets import redact_tree
+
 
 # Tags on a pipeline's MLflow run: its role, and where its run state is (read without MLflow
 # by `status`, see orchestrator.runs.load_record).
@@ -119,7 +121,8 @@ class RunRecord:
 
     def save(self) -> None:
         self.updated = time.time()
-        storage.write_json(self.uri, asdict(self), indent=None, sort_keys=False)  # stages stay in plan order
+        # Stages stay in plan order; a credential in a URI (an error message quoting a store's URL) never lands on disk.
+        storage.write_json(self.uri, redact_tree(asdict(self)), indent=None, sort_keys=False)
 
     @classmethod
     def load(cls, uri: str) -> RunRecord:

@@ -20,6 +20,7 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from .secrets import redact
 from .spool import Spool
 from .state import TAG_ROLE, TAG_STATE_URI, RunRecord, StageRecord, StageState
 
@@ -248,7 +249,7 @@ class Tracker:
         self._call("_create_run", rid, rec.name,
                    {"mlflow.parentRunId": parent_id, TAG_ROLE: "stage", "stage": rec.name, "kind": rec.kind,
                     "fingerprint": rec.fingerprint, "state": rec.state.value})
-        params = [Param(k, v) for k, v in flatten({"config": config, "resources": resources}).items()]
+        params = [Param(k, redact(str(v))) for k, v in flatten({"config": config, "resources": resources}).items()]
         for i in range(0, len(params), 100):
             self._call("log_batch", rid, params=params[i:i + 100])
         return rid
@@ -264,7 +265,7 @@ class Tracker:
             self._call("log_batch", run_id, metrics=ms[i:i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self._call("log_batch", run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self._call("log_batch", run_id, tags=[RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()])
 
     def update_stage(self, rec: StageRecord) -> None:
         if not rec.child_run_id:
@@ -277,7 +278,7 @@ class Tracker:
         self.set_tags(rec.child_run_id, tags)
         if rec.state.terminal:
             if rec.traceback:
-                self._call("log_text", rec.child_run_id, rec.traceback, "error/traceback.txt")
+                self._call("log_text", rec.child_run_id, redact(rec.traceback), "error/traceback.txt")
             if rec.outputs is not None:
                 self._call("log_dict", rec.child_run_id, rec.outputs, "outputs.json")
             if rec.elapsed is not None:

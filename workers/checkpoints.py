@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from workers import storage
 
-__all__ = ["Checkpoint", "GenerationDefaults", "open_checkpoint", "local_folder", "context_length",
+__all__ = ["Checkpoint", "GenerationDefaults", "open_checkpoint", "check_checkpoint", "local_folder", "context_length",
            "write_tokenizer_files", "copy_model_files", "cast_model_files", "MODEL_FILES", "TRAINING_FILES"]
 
 CONFIG = "config.json"
@@ -221,17 +221,56 @@ def context_length(config: dict) -> int:
 
 
 def _read_json(path: Path, field_name: str, uri: str) -> dict:
+    from workers.model.hf_check import read_json_object
+
+    return read_json_object(path, f"{field_name} {uri!r}")
+
+
+def _read_tokenizer(text: str, field_name: str, uri: str):
+    from tokenizers import Tokenizer
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{field_name}: {uri!r} has a corrupt {path.name}: {e}") from None
+        return Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for any bad file
+        from workers.model.hf_check import CheckpointError
+
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{field_name} {uri!r}: {TOKENIZER}: not a tokenizer the `tokenizers` library "
+                              f"reads ({why})") from None
 
 
-def _load_model(local: Path, *, load: str, device, dtype):
+def _check_side(config: dict, tok_cfg: dict, template: Any, field_name: str, uri: str) -> None:
+    """The tokenizer side's fields that are used as given: a wrong type is one line, not a traceback later."""
+    from workers.model.hf_check import CheckpointError
+
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{field_name} {uri!r}: chat_template: expected a string, got {type(template).__name__}")
+    for key in ("bos_token", "eos_token", "pad_token"):
+        v = tok_cfg.get(key)
+        if v is not None and not isinstance(v, (str, dict)):
+            raise CheckpointError(f"{field_name} {uri!r}: {TOKENIZER_CONFIG}: {key}: got {v!r}; expected a string")
+    if config.get("prompt_template") is not None and not isinstance(config["prompt_template"], str):
+        raise CheckpointError(f"{field_name} {uri!r}: {CONFIG}: prompt_template: expected a string")
+
+
+def check_checkpoint(uri: str | Path, *, device=None, memory: bool = True, field: str = "checkpoint") -> None:
+    """Everything ``open_checkpoint`` checks, and the weights' headers, shapes and size against
+    free memory on ``device`` (``workers.model.hf_check``), with nothing loaded: a caller about to
+    start a cluster or a server fails first, in one line. A remote checkpoint is not downloaded
+    for this: it is checked the same way where it is loaded."""
+    uri = str(uri)
+    if storage.is_local(uri):
+        from workers.model.hf_check import check_folder
+
+        open_checkpoint(uri, load=None, field=field)
+        check_folder(Path(storage.resolve(uri)[1]), device=device, memory=memory)
+
+
+def _load_model(local: Path, config: dict, *, load: str, device, dtype):
     from workers.model.hf import load_model
     from workers.model.reward_head import RewardModel, load_reward_model
 
-    if load == "reward" and json.loads((local / CONFIG).read_text()).get("reward_model"):
+    if load == "reward" and config.get("reward_model"):
         model = load_reward_model(local, map_location=device)
         return model.to(dtype) if dtype is not None else model
     model = load_model(local, dtype=dtype, device=device)  # memory-mapped, straight into its dtype
@@ -249,8 +288,6 @@ def open_checkpoint(uri: str | Path, *, load: Literal["lm", "reward"] | None = "
     ``device``: where the model goes (default: CUDA when present); ``dtype``: cast to it (default:
     as stored). ``cache_dir``: keep a remote checkpoint's download there. Errors name ``field``.
     """
-    from tokenizers import Tokenizer
-
     from workers.data import tokenizer as toks
 
     uri = str(uri)
@@ -266,18 +303,24 @@ def open_checkpoint(uri: str | Path, *, load: Literal["lm", "reward"] | None = "
         config = _read_json(local / CONFIG, field, uri)
         tok_cfg = _read_json(local / TOKENIZER_CONFIG, field, uri) if (local / TOKENIZER_CONFIG).is_file() else {}
         gen = _read_json(local / GENERATION_CONFIG, field, uri) if (local / GENERATION_CONFIG).is_file() else {}
-        tokenizer_json = (local / TOKENIZER).read_text(encoding="utf-8")
+        try:
+            tokenizer_json = (local / TOKENIZER).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            from workers.model.hf_check import CheckpointError
+
+            raise CheckpointError(f"{field} {uri!r}: {TOKENIZER}: not UTF-8 text (byte {e.start})") from None
+        tokenizer = _read_tokenizer(tokenizer_json, field, uri)  # before the model: a bad file costs nothing
         template = _chat_template(local, tok_cfg, config)
+        _check_side(config, tok_cfg, template, field, uri)
         model = None
         if load is not None:
             if device is None:
                 from workers.model.transformer import default_device
                 device = default_device()
-            model = _load_model(local, load=load, device=device, dtype=dtype).eval()
+            model = _load_model(local, config, load=load, device=device, dtype=dtype).eval()
         created = int((local / CONFIG).stat().st_mtime)
         kept = local if (storage.is_local(uri) or cache_dir is not None) else None
 
-    tokenizer = Tokenizer.from_str(tokenizer_json)
     bos, eos, pad = (_token_str(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
 
     def tid(token: str | None) -> int | None:

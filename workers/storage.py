@@ -47,16 +47,29 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def client_env(forward_secrets: bool = False) -> dict[str, str]:
-    """The environment object-store clients read (endpoint, region, profile, credential file
-    paths), to hand to stage processes so they reach the same store as the driver. Secret keys
-    and session tokens stay out (a task's environment is visible in Ray's state API and
-    dashboard): nodes use their instance profile or credential files unless ``forward_secrets``."""
-    return {k: v for k, v in os.environ.items()
-            if k.startswith(_CLIENT_ENV_PREFIXES) and (forward_secrets or k not in SECRET_ENV)}
+    """The environment object-store clients read, to hand to stage processes so they reach the
+    same store as the driver: the variables of ``CLIENT_ENV`` that are set, nothing else (a
+    task's environment is visible in Ray's state API and dashboard). The keys of ``SECRET_ENV``
+    only with ``forward_secrets``; without it nodes use their instance profile or credential files."""
+    names = CLIENT_ENV | (SECRET_ENV if forward_secrets else frozenset())
+    return {k: v for k, v in os.environ.items() if k in names}
 
 
-_CLIENT_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
-SECRET_ENV = frozenset({"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+CLIENT_ENV = frozenset({
+    # S3 (pyarrow, boto): where the store is and how to find credentials, never the credentials
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_EC2_METADATA_DISABLED",
+    # GCS: the service-account key file's path, the project, an emulator
+    "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST",
+    # HDFS (pyarrow's libhdfs): the Hadoop install, its configuration, the user, the Kerberos ticket cache's path
+    "HADOOP_HOME", "HADOOP_CONF_DIR", "HADOOP_USER_NAME", "ARROW_LIBHDFS_DIR", "CLASSPATH", "JAVA_HOME",
+    "KRB5CCNAME", "LIBHDFS_OPTS",
+})
+"""What a store's client needs to reach the driver's store (an allowlist: a variable not named
+here is never forwarded)."""
+SECRET_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+"""Static credentials, forwarded only on request (``ORCHESTRATOR_FORWARD_SECRETS=1``)."""
 
 
 def join(uri: str, *parts: str) -> str:

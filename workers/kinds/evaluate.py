@@ -32,10 +32,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from workers import storage
 from workers.cluster import ActorGroup, check_fits, count_of
+from workers.config import StrictConfig
 from workers.rl.checks import Check, resolve_check
 from workers.checkpoints import Checkpoint, open_checkpoint
 from workers.rl.ranking import RankingPool, RewardConfig, ranking_actors, resolve_reward
@@ -44,7 +45,7 @@ from workers.rl.rollout import PromptSource, RolloutPool, load_prompts
 DISTRIBUTED = True
 
 
-class Config(BaseModel):
+class Config(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(None, description="The model to evaluate: an upstream stage with a "

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from workers import storage
 from workers.checkpoints import Checkpoint
+from workers.config import StrictConfig
 from workers.data import records as sft_data
 from workers.training.loop import FaultInjection, TrainJob, fit
 from workers.training.supervised import inputs  # noqa: F401 - the stage contract's external inputs
@@ -43,7 +44,7 @@ ADAPTER = "adapter"
 # ----------------------------------------------------------------------------- config
 
 
-class LoraFields(BaseModel):
+class LoraFields(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(8, ge=1, description="Rank r of the adapters A (r, in) and B (out, r).")

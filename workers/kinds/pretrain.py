@@ -13,15 +13,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from workers import storage
+from workers.config import StrictConfig
 from workers.training.loop import FaultInjection, TrainingConfig, TrainJob, fit
 
 DISTRIBUTED = True
 
 
-class ModelFields(BaseModel):
+class ModelFields(StrictConfig):
     """An explicit model shape; ``size`` (optional) names a base size the other fields override."""
 
     model_config = ConfigDict(extra="forbid")

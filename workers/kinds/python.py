@@ -6,13 +6,14 @@ import importlib
 import re
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from workers.config import StrictConfig
 from workers.cpu import normal_priority
 from workers.stage import StageContext
 
 
-class Config(BaseModel):
+class Config(StrictConfig):
     model_config = ConfigDict(extra="forbid")
 
     entrypoint: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",

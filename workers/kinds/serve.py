@@ -13,8 +13,10 @@ waits in front of the replicas.
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from workers.checkpoints import check_checkpoint
+from workers.config import StrictConfig
 from workers.serving.app import APP_NAME, STREAM_INTERVAL_S, api_key_from, serve_checkpoint, shutdown
 
 DISTRIBUTED = True
@@ -25,7 +27,7 @@ CACHEABLE = False  # an endpoint lives only as long as the Ray that serves it
 # Stage kind config
 
 
-class Autoscaling(BaseModel):
+class Autoscaling(StrictConfig):
     """Ray Serve autoscaling (replaces ``replicas`` when given)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -44,7 +46,7 @@ class Autoscaling(BaseModel):
         return self
 
 
-class Config(BaseModel):
+class Config(StrictConfig):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     input: str | None = None
@@ -99,6 +101,9 @@ def run(ctx, config: Config) -> dict:
         api_key = api_key_from(config.api_key_env, config.api_key_file)
     except (OSError, ValueError) as e:
         raise ValueError(f"serve.config.api_key_{'file' if config.api_key_file else 'env'}: {e}") from None
+    # A bad checkpoint fails this attempt in one line before anything is deployed (memory: the
+    # replicas may run on other nodes, whose memory the loading replica checks).
+    check_checkpoint(checkpoint, memory=False, field="serve.config.input")
     url = serve_checkpoint(checkpoint, host=config.host, port=config.port, replicas=config.replicas,
                            max_batch_size=config.max_batch_size, max_queue=config.max_queue, api_key=api_key,
                            model_name=name, autoscaling=config.autoscaling.model_dump() if config.autoscaling else None,

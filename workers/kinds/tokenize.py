@@ -37,9 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 
 from workers import storage
+from workers.config import StrictConfig
 from workers.cpu import claim_cpus
 from workers.data import corpus, encode
 from workers.data.corpus import CorpusError, Unit
@@ -53,7 +54,7 @@ _MAX_UNIT_TRIES = 3  # a unit whose actor died (node lost, OOM) is redone on a l
 
 # ---- config -----------------------------------------------------------------------------------
 
-class BPETokenizer(BaseModel):
+class BPETokenizer(StrictConfig):
     """Train a byte-level BPE tokenizer (GPT-2 style; any text round-trips)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -66,7 +67,7 @@ class BPETokenizer(BaseModel):
     sample_bytes: int = Field(10_000_000, gt=0, description="Train on the first this-many bytes of the corpus.")
 
 
-class CharTokenizer(BaseModel):
+class CharTokenizer(StrictConfig):
     """Train a character tokenizer: one id per character seen in the sample."""
 
     model_config = ConfigDict(extra="forbid")
@@ -77,7 +78,7 @@ class CharTokenizer(BaseModel):
     sample_bytes: int = Field(10_000_000, gt=0, description="Collect characters from the first this-many bytes.")
 
 
-class FileTokenizer(BaseModel):
+class FileTokenizer(StrictConfig):
     """Use an existing Hugging Face ``tokenizer.json``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -101,7 +102,7 @@ TokenizerSpec = Annotated[
 ]
 
 
-class Config(BaseModel):
+class Config(StrictConfig):
     """Tokenize a corpus into train/val token shards."""
 
     model_config = ConfigDict(extra="forbid")

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,22 +31,26 @@ import torch
 from workers.model.transformer import GPT, GPTConfig
 
 __all__ = ["load_model", "save_model", "read_model_config", "read_config", "MODEL_TYPES",
-           "DEFAULT_MAX_SHARD_BYTES", "atomic_write", "block_linears"]
+           "DEFAULT_MAX_SHARD_BYTES", "atomic_write", "block_linears", "expected_shapes", "normalized_name",
+           "ignored_weight", "SAFETENSORS_DTYPES"]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_DTYPES = _SAFETENSORS_DTYPES
 
 
 # ----------------------------------------------------------------------------- config.json
 
 def read_config(folder) -> dict:
     """The checkpoint's config.json as a dict (model fields plus any extra keys)."""
+    from workers.model.hf_check import read_json_object
+
     path = Path(folder) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(folder)!r}: no config.json")
-    return json.loads(path.read_text())
+    return read_json_object(path, f"checkpoint {str(folder)!r}")
 
 
 def _gpt2_config(hf: dict, where: str) -> GPTConfig:
@@ -124,15 +129,25 @@ MODEL_TYPES = tuple(_CONFIG_READERS)
 def read_model_config(folder) -> GPTConfig:
     """Our GPTConfig for a transformers folder (or one we wrote), without touching the weights.
 
-    Unsupported model_type or options raise ValueError naming them and listing what is supported.
+    Unsupported model_type or options raise ValueError naming them and listing what is supported;
+    config.json is first checked against its family's required keys, types and size limits
+    (``workers.model.hf_check``), so nothing is sized from a bad value.
     """
+    from workers.model.hf_check import CheckpointError, check_config
+
     hf = read_config(folder)
-    model_type = hf.get("model_type", "gpt2")
     where = f"checkpoint {str(folder)!r}"
+    check_config(hf, where)
+    model_type = hf.get("model_type", "gpt2")
     if model_type not in _CONFIG_READERS:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: "
                          f"{', '.join(MODEL_TYPES)}")
-    return _CONFIG_READERS[model_type](hf, where)
+    try:
+        return _CONFIG_READERS[model_type](hf, where)
+    except (TypeError, ValueError) as e:  # GPTConfig's own checks (divisibility ...) name our field
+        if str(e).startswith(where):
+            raise
+        raise CheckpointError(f"{where}: config.json: {str(e).removeprefix('model.')}") from None
 
 
 def _family(cfg: GPTConfig, hint: str | None) -> str:
@@ -255,6 +270,33 @@ def block_linears(cfg: GPTConfig) -> tuple[str, dict[str, tuple[str, int, int | 
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
+def expected_shapes(cfg: GPTConfig, model_type: str) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> the shape a checkpoint of this config stores it in (from a one-block
+    model's parameters on the meta device: no memory, and every block has the same shapes)."""
+    with torch.device("meta"):
+        one = GPT(replace(cfg, n_layer=1))
+        shapes = {n: tuple(p.shape) for n, p in one.named_parameters(remove_duplicate=False)}
+    out = {}
+    for ours, w in _WEIGHT_MAPS[model_type](cfg).items():
+        shape = shapes[re.sub(r"^transformer\.h\.\d+\.", "transformer.h.0.", ours)]
+        for name, rows in zip(w.hf, w.sizes or (shape[0],)):
+            part = (rows, *shape[1:])
+            out[name] = tuple(reversed(part)) if w.transposed else part
+    return out
+
+
+def normalized_name(name: str, model_type: str) -> str:
+    """A stored tensor's name as the weight map names it (older GPT-2 checkpoints: no prefix)."""
+    if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head")):
+        return "transformer." + name
+    return name
+
+
+def ignored_weight(name: str) -> bool:
+    """Stored tensors that are not weights of ours (mask buffers, rotary tables, a tied lm_head)."""
+    return name.endswith(_IGNORED_SUFFIXES) or name == "lm_head.weight"
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -282,14 +324,17 @@ def load_model(folder, *, dtype: torch.dtype | None = None, device="cpu") -> GPT
     from the memory-mapped file straight into its place (a slice of a fused weight, converted
     on the way if `dtype` says so); one file is mapped at a time. So a bf16 checkpoint of P
     parameters holds 2P bytes once loaded, with no fp32 copy and no random init.
-    The parsed config.json is kept on `model.hf_config`.
+    The parsed config.json is kept on `model.hf_config`. The folder is checked first
+    (``workers.model.hf_check.check_folder``: config, index, headers, shapes, free memory on
+    `device`), so a bad one is one line before anything is allocated.
     """
     from safetensors import safe_open
 
+    from workers.model.hf_check import check_folder
+
     folder = Path(folder)
     where = f"checkpoint {str(folder)!r}"
-    hf = read_config(folder)
-    cfg = read_model_config(folder)
+    hf, cfg = check_folder(folder, dtype=dtype, device=device)
     model_type = hf.get("model_type", "gpt2")
     files = _weight_files(folder)
     # HF name -> (our name, first row in ours, transposed)
@@ -310,27 +355,27 @@ def load_model(folder, *, dtype: torch.dtype | None = None, device="cpu") -> GPT
     model.to_empty(device=device)        # straight onto the device: no host copy of the model
     model.tie_weights()                  # to_empty gives tied parameters separate storage
     params = dict(model.named_parameters())
-    filled: dict[str, int] = dict.fromkeys(params, 0)
+    filled: set[str] = set()  # HF names copied: each exactly once (counting elements let a twice-stored key hide a missing one)
     unexpected: list[str] = []
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                key = name
-                if key not in places and model_type == "gpt2" and not key.startswith(("transformer.", "lm_head")):
-                    key = "transformer." + key  # older GPT-2 checkpoints: no "transformer." prefix
+                key = normalized_name(name, model_type)
                 if key not in places:
-                    if not key.endswith(_IGNORED_SUFFIXES) and key != "lm_head.weight":
+                    if not ignored_weight(key):
                         unexpected.append(name)
                     continue
+                if key in filled:
+                    raise ValueError(f"{where}: tensor {name!r} is stored more than once")
+                filled.add(key)
                 ours, row, transposed = places[key]
                 t = f.get_tensor(name)
                 t = t.t() if transposed else t
                 with torch.no_grad():
                     params[ours].narrow(0, row, t.size(0)).copy_(t)
-                filled[ours] += t.numel()
     if unexpected:
         raise ValueError(f"{where}: unexpected weights {sorted(unexpected)[:8]} for model_type {model_type!r}")
-    missing = [n for n, p in params.items() if filled[n] != p.numel()]
+    missing = sorted(set(places) - filled)
     if missing:
         raise ValueError(f"{where}: missing weights for {missing[:8]} (model_type {model_type!r})")
     model.hf_config = hf

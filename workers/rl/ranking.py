@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from workers.cluster import ActorGroup
+from workers.config import StrictConfig
 from workers.cpu import claim_cpus
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
-class RewardConfig(BaseModel):
+class RewardConfig(StrictConfig):
     """Where rewards come from, and how many actors score."""
 
     model_config = ConfigDict(extra="forbid")

@@ -15,9 +15,10 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from workers import storage
+from workers.config import StrictConfig
 from workers.cpu import claim_cpus
 
 __all__ = [
@@ -42,7 +43,7 @@ BUILTIN_PROMPTS: dict[str, list[str]] = {
 }
 
 
-class PromptSource(BaseModel):
+class PromptSource(StrictConfig):
     """Where prompts come from."""
 
     model_config = ConfigDict(extra="forbid")

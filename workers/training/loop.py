@@ -35,9 +35,11 @@ from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from workers import storage
+from workers.cluster import ActorGroup, check_fits, count_of
+from workers.config import StrictConfig
 from workers.cpu import claim_cpus
 from workers.training import sharding
 from workers.training.params import OptimizerConfig, adamw
@@ -47,7 +49,7 @@ ADAMW_BETAS = (0.9, 0.95)
 _PROGRESS_EVERY_S = 0.5
 
 
-class FsdpConfig(BaseModel):
+class FsdpConfig(StrictConfig):
     """Options of ``strategy: fsdp`` (see workers.training.sharding)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -59,7 +61,7 @@ class FsdpConfig(BaseModel):
                               "host memory (GPU only: fits larger models, slower steps).")
 
 
-class ShardingConfig(BaseModel):
+class ShardingConfig(StrictConfig):
     """How the training workers hold the model (every training kind and the rlhf learner)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -489,6 +491,10 @@ def fit(ctx, job: TrainJob) -> FitResult:
     # unless the environment asks for it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     res = ctx.resources
+    # Ray Train would wait forever for workers a too-small cluster can never place: fail now,
+    # naming stages.<stage>.resources.workers and the numbers (pretrain, finetune, reward).
+    workers, workers_field = count_of(("resources.workers", res.workers))
+    check_fits(ctx.stage, [ActorGroup("Ray Train worker", workers, workers_field, res.cpus, res.gpus, "resources")])
     use_gpu = res.gpus > 0
     per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if use_gpu else {})}
     root = ctx.scratch_uri or storage.join(str(ctx.artifact_dir), ".train")

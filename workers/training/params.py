@@ -13,12 +13,14 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from workers.config import StrictConfig
 from pydantic.fields import FieldInfo
 
 __all__ = ["OptimizerConfig", "knob", "param_groups", "adamw"]
 
 
-class OptimizerConfig(BaseModel):
+class OptimizerConfig(StrictConfig):
     """The optimizer knobs every training kind shares: the training loop's ``TrainingConfig``
     (pretrain, finetune, reward) and the rlhf learner's config both build on this section."""
 
