@@ -12,6 +12,7 @@ waits in front of the replicas.
 """
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -71,6 +72,9 @@ class Config(BaseModel):
     """Least time between two chunks of one stream after the first (tokens in between coalesce)."""
     model_name: str | None = None
     """The ``model`` id clients use; default: the checkpoint folder's name."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Encoder checkpoints (answered at /v1/embeddings): mean of the non-padding tokens' last
+    hidden states, or the [CLS] token's; L2-normalised."""
     enabled: bool = True
     """False: validate and pass through without deploying (e.g. on CI)."""
 
@@ -99,7 +103,8 @@ def run(ctx, config: Config) -> dict:
                            max_batch_size=config.max_batch_size, max_queue=config.max_queue, api_key=api_key,
                            model_name=name, autoscaling=config.autoscaling.model_dump() if config.autoscaling else None,
                            blocking=False, num_cpus=ctx.resources.cpus, num_gpus=ctx.resources.gpus or None,
-                           app_name=app_name(ctx.stage), stream_interval_s=config.stream_interval_ms / 1000)
+                           app_name=app_name(ctx.stage), stream_interval_s=config.stream_interval_ms / 1000,
+                           pooling=config.pooling)
     ctx.set_tags({"endpoint": url, "model": name})
     ctx.log_metrics({"replicas": float(config.replicas if config.autoscaling is None
                                        else config.autoscaling.min_replicas)})

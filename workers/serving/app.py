@@ -241,6 +241,9 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
 
     def make_requests(body, prompts: list[list[int]], *, param: str, emit, loop) -> list:
         check_model(body.model)
+        if not loaded.model.config.causal:
+            raise oa.APIError(f"{loaded.name!r} is an encoder (masked LM): it does not generate text; use "
+                              "POST /v1/embeddings", code="unsupported_model")
         body.check(max_batch_size=engine.max_batch_size, vocab_size=vocab)
         if not engine.admissible(len(prompts)):
             raise oa.APIError(f"{param} holds {len(prompts)} prompts; this server admits at most "
@@ -455,6 +458,10 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
             raise oa.APIError(str(e), param="messages") from None
         return await generate(request, body, [engine.encode(text)], chat=True, param="messages")
 
+    if not loaded.model.config.causal:
+        from workers.serving.embeddings import add_embedding_routes
+        add_embedding_routes(app, loaded, engine, check_model)
+
     @app.get("/v1/models")
     async def models():
         return oa.models_body(loaded.name, loaded.created)
@@ -491,7 +498,7 @@ def _deployment():
     @serve.ingress()
     class OpenAIServer:
         def __init__(self, checkpoint: str, *, model_name: str | None, key_digest: str | None,
-                     max_batch_size: int, max_queue: int, stream_interval_s: float):
+                     max_batch_size: int, max_queue: int, stream_interval_s: float, pooling: str = "mean"):
             import ray
 
             from workers.checkpoints import open_checkpoint
@@ -504,8 +511,14 @@ def _deployment():
             self.loaded = open_checkpoint(checkpoint)
             self.loaded.name = model_name or self.loaded.name
             lm = self.loaded
-            self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, end_token_ids=lm.stop_token_ids,
-                                 max_batch_size=max_batch_size, max_queue=max_queue).start()
+            if not lm.model.config.causal:  # an encoder serves embeddings
+                from workers.serving.embeddings import embedder_for
+                self.engine = embedder_for(lm, pooling=pooling, max_batch_size=max_batch_size,
+                                           max_queue=max_queue).start()
+            else:
+                self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id,
+                                     end_token_ids=lm.stop_token_ids, max_batch_size=max_batch_size,
+                                     max_queue=max_queue).start()
             self._app_args = dict(key_digest=key_digest, max_queue=max_queue, stream_interval_s=stream_interval_s)
 
         def __serve_build_asgi_app__(self):
@@ -546,7 +559,8 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
                      max_batch_size: int = 8, max_queue: int = 64, api_key: str | None = None,
                      model_name: str | None = None, autoscaling: dict | None = None, blocking: bool = True,
                      num_cpus: float = 1.0, num_gpus: float | None = None, app_name: str = APP_NAME,
-                     route_prefix: str = "/", stream_interval_s: float = STREAM_INTERVAL_S) -> str:
+                     route_prefix: str = "/", stream_interval_s: float = STREAM_INTERVAL_S,
+                     pooling: str = "mean") -> str:
     """Deploy ``checkpoint_dir`` as an OpenAI-compatible API on Ray Serve; return its base URL
     (``http://host:port`` + route_prefix; clients use ``<url>/v1``).
 
@@ -556,6 +570,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     ``num_gpus`` (None: one GPU when the cluster has any). ``blocking``: serve until Ctrl-C, then
     remove the application. A failure or interrupt while deploying removes it too. Several
     checkpoints can be served side by side under different ``app_name``/``route_prefix``.
+    An encoder checkpoint answers /v1/embeddings, pooled by ``pooling`` (mean or cls).
     """
     import ray
     from ray import serve
@@ -601,7 +616,8 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     deployment = _deployment().options(**options)
     app = deployment.bind(str(checkpoint_dir), model_name=model_name,
                           key_digest=key_digest(api_key) if api_key else None,
-                          max_batch_size=max_batch_size, max_queue=max_queue, stream_interval_s=stream_interval_s)
+                          max_batch_size=max_batch_size, max_queue=max_queue, stream_interval_s=stream_interval_s,
+                          pooling=pooling)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
     try:
