@@ -174,3 +174,39 @@ def test_conversion_depends_on_the_model_never_the_other_way():
     subprocess.run([sys.executable, "-c", code], check=True)
     src = open(sys.modules["workers.model.transformer"].__file__).read()
     assert "import workers.model.hf" not in src and "from workers.model.hf" not in src
+
+
+def test_encoder_tokenizers_behave_as_the_real_models_in_auto_tokenizer(tmp_path):
+    import glob
+    import sysconfig
+    from pathlib import Path
+
+    from pydantic import ValidationError
+    from transformers import AutoTokenizer
+
+    from workers.data import tokenizer as tk
+    from workers.kinds import tokenize
+
+    texts = [Path(f).read_text() for f in sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py")))]
+    bert_tok = tk.train_wordpiece(texts, 300)
+    tk.save(bert_tok, tmp_path / "bert", tk.document_end_token(bert_tok))
+    bert = AutoTokenizer.from_pretrained(tmp_path / "bert")
+    enc = bert("JSON Decoder", "encode")
+    pieces = bert.convert_ids_to_tokens(enc["input_ids"])
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]" and pieces.count("[SEP]") == 2
+    assert enc["token_type_ids"] == [0] * (pieces.index("[SEP]") + 1) + [1] * (len(pieces) - pieces.index("[SEP]") - 1)
+    assert "json" in pieces  # BERT's normaliser lower-cases (uncased by default)
+    assert bert.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 1, 2, 3, 4]
+    assert (bert.mask_token, bert.pad_token, tk.document_end_token(bert_tok)) == ("[MASK]", "[PAD]", "[SEP]")
+
+    rob_tok = tk.train_roberta_bpe(texts, 400)
+    tk.save(rob_tok, tmp_path / "roberta", tk.document_end_token(rob_tok))
+    rob = AutoTokenizer.from_pretrained(tmp_path / "roberta")
+    pieces = rob.convert_ids_to_tokens(rob("a b", "c")["input_ids"])
+    assert pieces[0] == "<s>" and pieces[-1] == "</s>" and pieces.count("</s>") == 3  # <s> A </s></s> B </s>
+    assert rob.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]) == [0, 1, 2, 3, 4]
+    assert rob.decode(rob("Hello  world")["input_ids"], skip_special_tokens=True) == "Hello  world"
+
+    assert tokenize.Config(source="x", tokenizer={"type": "wordpiece", "vocab_size": 500}).tokenizer.lowercase
+    with pytest.raises(ValidationError, match=r"\{type: wordpiece, vocab_size: N\}, \{type: bpe-roberta"):
+        tokenize.Config(source="x", tokenizer={"type": "sentencepiece"})
