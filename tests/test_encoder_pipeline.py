@@ -5,7 +5,6 @@ validation batches is the val_loss the stage logged."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -56,8 +55,15 @@ def test_encoder_pipeline_end_to_end(tmp_path):
 
     # transformers' loss on the stage's own validation batches (same seed, rows and masks) is the
     # val_loss the stage logged with val_masked_accuracy beside it
-    [state] = tmp_path.glob("artifacts/_scratch/**/checkpoint-00000150/trainer_state.json")
-    state = json.loads(state.read_text())
+    from mlflow.tracking import MlflowClient
+
+    from workers.kinds import pretrain
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [child] = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+               if r.data.tags.get("stage") == "pretrain"]
+    state = {k: child.data.metrics[k] for k in ("val_loss", "val_masked_accuracy")}
+    state["seed"] = pretrain.Config.model_fields["seed"].default
     ds = TokenDataset.open(str(manifest.parent))
     from tokenizers import Tokenizer
     specials = MLMSpecials.from_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), ds.vocab_size)

@@ -150,18 +150,18 @@ def test_openai_client_embeddings_equal_transformers(server, encoders):
                      headers={"Authorization": "Bearer sk-test"}).json()
     vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert vec.shape == (32,) and abs(np.linalg.norm(vec) - 1) < 1e-5
-    assert client.embeddings.create(input="x", dimensions=32).data[0].embedding
+    assert client.embeddings.create(model="bert-enc", input="x", dimensions=32).data[0].embedding
     with pytest.raises(BadRequestError) as e:
-        client.embeddings.create(input="x", dimensions=16)
+        client.embeddings.create(model="bert-enc", input="x", dimensions=16)
     assert e.value.body["param"] == "dimensions" and "have 32" in e.value.body["message"]
     with pytest.raises(BadRequestError) as e:
         client.completions.create(model="bert-enc", prompt="hello", max_tokens=3)
     assert "is an encoder" in e.value.body["message"] and e.value.status_code == 400
     with pytest.raises(BadRequestError) as e:
-        client.embeddings.create(input=[[10**6]])
+        client.embeddings.create(model="bert-enc", input=[[10**6]])
     assert e.value.body["param"] == "input"
     with pytest.raises(BadRequestError) as e:
-        client.embeddings.create(input="x " * 200)
+        client.embeddings.create(model="bert-enc", input="x " * 200)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(AuthenticationError):
-        OpenAI(base_url=f"{server}/v1", api_key="wrong").embeddings.create(input="x")
+        OpenAI(base_url=f"{server}/v1", api_key="wrong").embeddings.create(model="bert-enc", input="x")

@@ -13,8 +13,9 @@ one place, a thread of its own runs them in forward passes of up to ``max_batch_
 body limit and error shapes (``workers.serving.app``).
 """
 
-from __future__ import annotations
 
+# (no `from __future__ import annotations`: FastAPI resolves the route's `Request` annotation at
+# runtime, and it is imported inside add_embedding_routes)
 import asyncio
 import base64
 import collections
