@@ -128,7 +128,8 @@ def steady_tokens_per_s(ends: list[float], tokens_per_step: int, warmup: int) ->
 def make_base(folder: Path, model: dict) -> Path:
     """A random-init GPT of ``model``'s shape with a char tokenizer, as a pretrain stage leaves it."""
     from workers.data import tokenizer as toks
-    from workers.model.transformer import GPT, config_for, save_pretrained
+    from workers.model.transformer import GPT, config_for
+    from workers.model.hf import save_pretrained
 
     tok = toks.train_char([string.printable])
     torch.manual_seed(0)

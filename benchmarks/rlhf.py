@@ -35,7 +35,8 @@ def fraction_a(prompt: str, completion: str) -> float:
 
 def make_policy(folder: Path, n_layer: int, n_embd: int) -> Path:
     from workers.data import tokenizer as toks
-    from workers.model.transformer import GPT, GPTConfig, save_pretrained
+    from workers.model.transformer import GPT, GPTConfig
+    from workers.model.hf import save_pretrained
 
     tok = toks.train_char([CHARS])
     toks.save(tok, folder)

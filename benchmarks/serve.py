@@ -212,7 +212,8 @@ def _checkpoint(size: str) -> Path:
     import torch
 
     from workers.data import tokenizer as toks
-    from workers.model.transformer import GPT, config_for, save_pretrained
+    from workers.model.transformer import GPT, config_for
+    from workers.model.hf import save_pretrained
 
     torch.manual_seed(0)
     ckpt = Path(tempfile.mkdtemp(prefix="bench-serve-")) / f"random-{size}"
@@ -252,7 +253,7 @@ def main(argv=None) -> None:
     import torch
 
     from workers.data import tokenizer as toks
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
     from workers.serving.app import shutdown
     from workers.serving.engine import Engine
 

@@ -195,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_PORT, default=5000, help="Port (default 5000; 1 to 65535).")
     _add_tracking(p)
 
-    p = sub.add_parser("generate", help="Generate text from a checkpoint.",
-                       description="Print completions of --prompt from CHECKPOINT_OR_RUN: a checkpoint folder, "
+    p = sub.add_parser("generate", help="Generate text from a checkpoint (or fill [MASK] with an encoder).",
+                       description="Print completions of --prompt from CHECKPOINT_OR_RUN (a masked-LM encoder: "
+                                   "the --top-k fillings of each mask token, with probabilities): a checkpoint folder, "
                                    "ours or a Hugging Face one (config.json + safetensors + tokenizer.json), local "
                                    "or a storage URI; a pipeline run id (its last stage with a checkpoint) or "
                                    "RUN_ID:STAGE. Sampling options not given come from the checkpoint's "
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Serve a checkpoint with an OpenAI-compatible API on Ray Serve.",
                        description="Serve CHECKPOINT_OR_RUN (a checkpoint folder, ours or a Hugging Face one, "
                                    "local or a storage URI; a run id; RUN_ID:STAGE) at /v1/completions, "
-                                   "/v1/chat/completions, /v1/models and /health until Ctrl-C.")
+                                   "/v1/chat/completions, /v1/models and /health until Ctrl-C (an encoder: "
+                                   "/v1/embeddings instead of the completions).")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", type=_nonempty)
     p.add_argument("--host", default="127.0.0.1", type=_nonempty, help="Interface to bind (default 127.0.0.1).")
     p.add_argument("--port", type=_PORT, default=8000, help="Port (default 8000; 1 to 65535).")
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Require the bearer key in this file (first line); default: $ORCHESTRATOR_API_KEY; "
                         "neither: open. The key itself is never an argument (ps would show it).")
     p.add_argument("--model-name", default=None, type=_nonempty, help="Model name in the API (default: the folder name).")
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
+                   help="Encoder checkpoints (/v1/embeddings): mean of the non-padding tokens' last hidden "
+                        "states, or the [CLS] token's; L2-normalised (default mean).")
     p.add_argument("--address", default=None, type=_nonempty, help="Ray cluster to deploy on (default: a local Ray).")
     _add_tracking(p)
     return parser
@@ -454,6 +459,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         lm = open_checkpoint(ckpt, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     except (FileNotFoundError, ValueError) as e:
         raise SpecError(str(e)) from None
+    if not lm.model.config.causal:  # a masked-LM encoder fills its mask tokens instead
+        return _fill_masks(args, lm)
     params = params_for(lm.generation.sampling_kwargs())
     params.stop_token_ids = lm.stop_token_ids
     prompts = [lm.tokenizer.encode(p).ids for p in args.prompt]
@@ -483,6 +490,32 @@ def _check_checkpoint(ckpt: str, **kw) -> None:
         raise SpecError(str(e)) from None
 
 
+def _fill_masks(args: argparse.Namespace, lm) -> int:
+    """`generate` on a masked-LM checkpoint: each mask token of each --prompt, its --top-k (default
+    5) fillings with their probabilities."""
+    from workers.model.fill_mask import fill_mask
+
+    mask = lm.tokenizer_config.get("mask_token")
+    mask = mask.get("content") if isinstance(mask, dict) else mask
+    mask_id = lm.tokenizer.token_to_id(mask) if isinstance(mask, str) else None
+    if mask_id is None:
+        raise SpecError(f"checkpoint {lm.uri!r} is a masked-LM encoder but its tokenizer_config.json names no "
+                        "mask_token known to its tokenizer")
+    for i, prompt in enumerate(args.prompt):
+        ids = lm.tokenizer.encode(prompt).ids
+        if len(ids) > lm.model.max_length:
+            raise SpecError(f"--prompt #{i + 1} has {len(ids)} tokens; the model takes at most {lm.model.max_length}")
+        fills = fill_mask(lm.model, ids, mask_id, top_k=args.top_k or 5)
+        if not fills:
+            raise SpecError(f"--prompt #{i + 1} holds no {mask} token; a masked-LM encoder fills masks "
+                            f"(e.g. --prompt 'the {mask} of it')")
+        print(f"--- prompt {prompt!r} ({len(fills)} mask{'s' if len(fills) > 1 else ''})")
+        for m, top in enumerate(fills):
+            for rank, (tid, p) in enumerate(top):
+                print(f"mask {m} #{rank + 1}: {lm.tokenizer.decode([tid])!r} id={tid} p={p:.6f}")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from workers.serving import app as serving
 
@@ -505,7 +538,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         url = serving.serve_checkpoint(ckpt, host=args.host, port=args.port, replicas=args.replicas,
                                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                        allow_special_tokens=args.allow_special_tokens,
-                                       api_key=api_key,
+                                       api_key=api_key, pooling=args.pooling,
                                        model_name=args.model_name, blocking=False)
     except KeyboardInterrupt:  # Ctrl-C while deploying: leave nothing half-deployed
         _stop_serving(owns_ray)

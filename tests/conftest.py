@@ -138,7 +138,8 @@ def serve_checkpoint_dir(tmp_path_factory):
     import torch
 
     from workers.data import tokenizer as toks
-    from workers.model.transformer import GPT, config_for, save_pretrained
+    from workers.model.transformer import GPT, config_for
+    from workers.model.hf import save_pretrained
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("ckpt") / "tiny-test"

@@ -9,7 +9,8 @@ import torch
 
 from orchestrator.cli import main
 from workers.data import tokenizer as toks
-from workers.model.transformer import GPT, config_for, save_pretrained
+from workers.model.transformer import GPT, config_for
+from workers.model.hf import save_pretrained
 from workers.model.sampling import SamplingParams, generate
 
 

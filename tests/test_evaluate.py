@@ -55,7 +55,7 @@ def train_towards_a(src: Path, dst: Path, steps: int = 60) -> Path:
     """A policy fine-tuned (plain torch, in-process) to answer any prompt with 'a's."""
     from tokenizers import Tokenizer
 
-    from workers.model.transformer import load_pretrained, save_pretrained
+    from workers.model.hf import load_pretrained, save_pretrained
 
     model = load_pretrained(src)
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
@@ -82,7 +82,7 @@ def train_towards_a(src: Path, dst: Path, steps: int = 60) -> Path:
 
 @pytest.mark.slow
 def test_perplexity_matches_direct_computation_and_self_win_rate_is_half(ray_session, tmp_path):
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
 
     ck = make_policy(tmp_path / "policy", block_size=16)
     docs = [[2 + (i * j + j) % 4 for j in range(n)] for i, n in enumerate([3, 9, 14, 40, 1])]  # 40 > block_size

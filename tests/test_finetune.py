@@ -22,7 +22,8 @@ from workers.data import records as sft_data
 from workers.data import tokenizer as toks
 from workers.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from workers.model.lora import LoRALinear, apply_lora
-from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
+from workers.model.transformer import GPT, config_for
+from workers.model.hf import load_pretrained, save_pretrained
 from workers.stage import Resources, local_context
 from workers.training.params import adamw
 

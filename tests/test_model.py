@@ -11,8 +11,8 @@ import torch
 
 from workers.training.params import adamw
 
-from workers.model.transformer import (GPT, SIZES, GPTConfig, KVCache, autocast_context, config_for,
-                           default_device, load_pretrained, read_config, save_pretrained)
+from workers.model.transformer import GPT, SIZES, GPTConfig, KVCache, autocast_context, config_for, default_device
+from workers.model.hf import load_pretrained, read_config, save_pretrained
 
 V = 97
 

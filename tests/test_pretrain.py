@@ -256,7 +256,7 @@ def test_rank0_logs_training_metrics_and_progress(runs):
 def test_final_checkpoint_is_self_contained(runs):
     import torch
 
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
 
     ctx, outputs, _ = runs["one"]
     folder = Path(outputs["checkpoint"])

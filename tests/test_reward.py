@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from workers.kinds import reward
 from workers.data import records as sft_data
 from workers.data import tokenizer as toks
-from workers.model.transformer import GPT, config_for, load_pretrained, save_pretrained
+from workers.model.transformer import GPT, config_for
+from workers.model.hf import load_pretrained, save_pretrained
 from workers.model.reward_head import HEAD_FILE, RewardModel, load_reward_model, save_reward_model
 from workers.stage import Resources, local_context
 

@@ -39,7 +39,8 @@ def short(prompt: str, completion: str) -> float:
 def make_policy(folder: Path, seed: int = 0, block_size: int = 32) -> Path:
     """A tiny random GPT with a character tokenizer, saved as a self-contained checkpoint."""
     from workers.data import tokenizer as toks
-    from workers.model.transformer import GPT, GPTConfig, save_pretrained
+    from workers.model.transformer import GPT, GPTConfig
+    from workers.model.hf import save_pretrained
 
     tok = toks.train_char([CHARS])
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def test_ranking_pool_spreads_and_ranks(ray_session):
 
 
 def test_weights_reach_rollout_actors_through_object_store(ray_session, tmp_path):
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
     from workers.model.sampling import SamplingParams, generate
 
     ck = make_policy(tmp_path / "a", seed=0)
@@ -198,5 +199,5 @@ def test_algorithm_raises_reward_with_bounded_kl(ray_session, tmp_path, algorith
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     carried = json.loads((folder / "config.json").read_text())
     assert carried["prompt_template"] == "{prompt}" and carried["eos_token_id"] == 0
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
     assert load_pretrained(folder).config.n_embd == 32

@@ -18,7 +18,7 @@ import pytest
 from workers.data import tokenizer as toks
 from tests.conftest import SERVE_CHAT_TEMPLATE, free_port
 from workers.data.chat import render_chat
-from workers.model.transformer import load_pretrained
+from workers.model.hf import load_pretrained
 from workers.model.sampling import SamplingParams, generate
 
 # Starting Serve with two replicas takes ~30-60 s of a loaded 2-core machine; kept in the default run.

@@ -10,7 +10,7 @@ import torch
 
 from workers.data import tokenizer as toks
 from workers.model.sampling import SamplingParams, generate
-from workers.model.transformer import load_pretrained
+from workers.model.hf import load_pretrained
 from workers.serving.engine import Done, Engine, GenerationRequest, Step
 
 

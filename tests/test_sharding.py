@@ -178,7 +178,7 @@ def test_killed_on_two_workers_resumes_on_another_number(pretrain_runs, name, wo
 def assert_loads_in_transformers(folder: Path, family: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
 
     names = {p.name for p in folder.iterdir()}  # one consolidated weights file, no DCP shards
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names and not any(".distcp" in n for n in names)
@@ -283,7 +283,7 @@ def test_rlhf_two_worker_learner_follows_one_worker_learner(ray_session, tmp_pat
     np.testing.assert_allclose(two.sink.metrics("kl"), one.sink.metrics("kl"), rtol=1e-3, atol=1e-6)
     assert out2["kl"] == pytest.approx(out1["kl"], rel=1e-3, abs=1e-6)
     assert two.sink.metrics("learner_peak_memory_mb_rank1") and two.sink.metrics("learner_peak_memory_mb_rank0")
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
     a, b = load_pretrained(Path(out1["checkpoint"])), load_pretrained(Path(out2["checkpoint"]))
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, atol=1e-4, rtol=1e-3)

@@ -12,6 +12,7 @@ waits in front of the replicas.
 """
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -77,6 +78,9 @@ class Config(StrictConfig):
     """Let completion prompts hold the tokenizer's special tokens (``<|endoftext|>`` as the
     end-of-text token). Off: text from a request is always plain text, and in chat only the
     template's own markers are control tokens."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Encoder checkpoints (answered at /v1/embeddings): mean of the non-padding tokens' last
+    hidden states, or the [CLS] token's; L2-normalised."""
     enabled: bool = True
     """False: validate and pass through without deploying (e.g. on CI)."""
 
@@ -109,7 +113,7 @@ def run(ctx, config: Config) -> dict:
                            model_name=name, autoscaling=config.autoscaling.model_dump() if config.autoscaling else None,
                            blocking=False, num_cpus=ctx.resources.cpus, num_gpus=ctx.resources.gpus or None,
                            app_name=app_name(ctx.stage), stream_interval_s=config.stream_interval_ms / 1000,
-                           allow_special_tokens=config.allow_special_tokens)
+                           allow_special_tokens=config.allow_special_tokens, pooling=config.pooling)
     ctx.set_tags({"endpoint": url, "model": name})
     ctx.log_metrics({"replicas": float(config.replicas if config.autoscaling is None
                                        else config.autoscaling.min_replicas)})

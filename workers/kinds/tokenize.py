@@ -78,6 +78,28 @@ class CharTokenizer(StrictConfig):
     sample_bytes: int = Field(10_000_000, gt=0, description="Collect characters from the first this-many bytes.")
 
 
+class WordPieceTokenizer(StrictConfig):
+    """Train BERT's WordPiece tokenizer (for masked-LM encoders; `[SEP]` ends every document)."""
+
+    type: Literal["wordpiece"] = Field(description="BERT's WordPiece: its normaliser and pre-tokenizer, specials "
+                                                   "[PAD] [UNK] [CLS] [SEP] [MASK], `[CLS] … [SEP]` added by "
+                                                   "AutoTokenizer.")
+    vocab_size: int = Field(8192, ge=64, le=1 << 22, description="Largest vocabulary, special tokens included.")
+    lowercase: bool = Field(True, description="Lower-case and strip accents (bert-base-uncased); false: cased.")
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often in the sample to be merged.")
+    sample_bytes: int = Field(10_000_000, gt=0, description="Train on the first this-many bytes of the corpus.")
+
+
+class RobertaBPETokenizer(StrictConfig):
+    """Train a byte-level BPE with RoBERTa's specials (for masked-LM encoders; `</s>` ends every document)."""
+
+    type: Literal["bpe-roberta"] = Field(description="Byte-level BPE with RoBERTa's specials <s> <pad> </s> <unk> "
+                                                     "<mask>, `<s> … </s>` added by AutoTokenizer.")
+    vocab_size: int = Field(8192, ge=261, le=1 << 22, description="Largest vocabulary, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often in the sample to be merged.")
+    sample_bytes: int = Field(10_000_000, gt=0, description="Train on the first this-many bytes of the corpus.")
+
+
 class FileTokenizer(StrictConfig):
     """Use an existing Hugging Face ``tokenizer.json``."""
 
@@ -95,9 +117,11 @@ def _tokenizer_tag(v: Any) -> str | None:
 
 TokenizerSpec = Annotated[
     Union[Annotated[BPETokenizer, Tag("bpe")], Annotated[CharTokenizer, Tag("char")],
+          Annotated[WordPieceTokenizer, Tag("wordpiece")], Annotated[RobertaBPETokenizer, Tag("bpe-roberta")],
           Annotated[FileTokenizer, Tag("file")]],
     Discriminator(_tokenizer_tag, custom_error_type="tokenizer_kind",
-                  custom_error_message="tokenizer must be {type: bpe, vocab_size: N}, {type: char} or "
+                  custom_error_message="tokenizer must be {type: bpe, vocab_size: N}, {type: char}, "
+                                       "{type: wordpiece, vocab_size: N}, {type: bpe-roberta, vocab_size: N} or "
                                        "{path: tokenizer.json}"),
 ]
 
@@ -115,7 +139,8 @@ class Config(StrictConfig):
                                                           "corpus past this many UTF-8 bytes.")
     max_documents: int | None = Field(None, gt=0, description="Keep only the first this-many documents.")
     tokenizer: TokenizerSpec = Field(default_factory=lambda: BPETokenizer(type="bpe"),
-                                     description="`{type: bpe, vocab_size: 4096}`, `{type: char}` or "
+                                     description="`{type: bpe, vocab_size: 4096}`, `{type: char}`, "
+                                                 "`{type: wordpiece}` (BERT), `{type: bpe-roberta}` (RoBERTa) or "
                                                  "`{path: tokenizer.json}`.")
     val_fraction: float = Field(0.05, ge=0.0, le=0.5, description="Share of documents (by hash) held out for "
                                                                   "validation.")
@@ -180,7 +205,7 @@ class _Pool:
 
 # ---- the driver --------------------------------------------------------------------------------
 
-def _train_tokenizer(spec: BPETokenizer | CharTokenizer, units: list[Unit], text_field: str,
+def _train_tokenizer(spec: BPETokenizer | CharTokenizer | WordPieceTokenizer | RobertaBPETokenizer, units: list[Unit], text_field: str,
                      max_bytes: int | None, max_documents: int | None, threads: int) -> str:
     from workers.data import tokenizer as tk
 
@@ -190,6 +215,10 @@ def _train_tokenizer(spec: BPETokenizer | CharTokenizer, units: list[Unit], text
     texts = corpus.iter_texts(units, text_field, max_bytes=cap, max_documents=max_documents)
     if spec.type == "bpe":
         tok = tk.train_bpe(texts, spec.vocab_size, spec.special_tokens, spec.min_frequency)
+    elif spec.type == "wordpiece":
+        tok = tk.train_wordpiece(texts, spec.vocab_size, lowercase=spec.lowercase, min_frequency=spec.min_frequency)
+    elif spec.type == "bpe-roberta":
+        tok = tk.train_roberta_bpe(texts, spec.vocab_size, min_frequency=spec.min_frequency)
     else:
         tok = tk.train_char(texts, spec.special_tokens)
     return tok.to_str()
@@ -258,11 +287,12 @@ def _tokenizer_json(spec: TokenizerSpec, units: list[Unit], config: Config, cpus
         return storage.read_bytes(uri).decode(), spec.eos_token
     train = ray.remote(_train_tokenizer).options(num_cpus=cpus, **placement)
     try:
-        return ray.get(train.remote(spec, units, config.text_field, config.max_bytes, config.max_documents,
-                                    max(1, int(cpus)))), \
-            tk.EOS_TOKEN
+        tok_json = ray.get(train.remote(spec, units, config.text_field, config.max_bytes, config.max_documents,
+                                        max(1, int(cpus))))
     except ray.exceptions.RayTaskError as e:
         raise _unwrap(e) from None
+    from tokenizers import Tokenizer
+    return tok_json, tk.document_end_token(Tokenizer.from_str(tok_json))  # [SEP] / </s> for encoders
 
 
 def run(ctx: StageContext, config: Config) -> dict[str, Any]:
@@ -475,4 +505,5 @@ def run(ctx: StageContext, config: Config) -> dict[str, Any]:
     }
 
 
-__all__ = ["DISTRIBUTED", "BPETokenizer", "CharTokenizer", "Config", "FileTokenizer", "run"]
+__all__ = ["DISTRIBUTED", "BPETokenizer", "CharTokenizer", "WordPieceTokenizer", "RobertaBPETokenizer", "Config",
+           "FileTokenizer", "run"]

@@ -1,7 +1,8 @@
 """Hugging Face layout in and out: config.json + safetensors (single or sharded) <-> `GPT`.
 
-Conversion lives here, apart from the model: a config translation and a weight-name map per
-family (`gpt2`, `llama`, `mistral`, `qwen2`). Our module names are the same for every family
+Conversion lives here, apart from the model (it imports the model, never the other way): a
+config translation and a weight-name map per family (`gpt2`, `llama`, `mistral`, `qwen2`;
+the masked-LM encoders `bert`, `roberta` as BertForMaskedLM / RobertaForMaskedLM). Our module names are the same for every family
 (fused `c_attn` = q|k|v, fused `c_fc` = gate|up for SwiGLU); the map says which Hugging Face
 tensors concatenate (dim 0) into each of ours, and which are stored transposed (GPT-2's Conv1D).
 
@@ -31,8 +32,8 @@ import torch
 from workers.model.transformer import GPT, GPTConfig
 
 __all__ = ["load_model", "save_model", "read_model_config", "read_config", "MODEL_TYPES",
-           "DEFAULT_MAX_SHARD_BYTES", "atomic_write", "block_linears", "expected_shapes", "normalized_name",
-           "ignored_weight", "SAFETENSORS_DTYPES"]
+           "ENCODER_TYPES", "DEFAULT_MAX_SHARD_BYTES", "atomic_write", "save_pretrained", "load_pretrained",
+           "block_linears", "expected_shapes", "normalized_name", "ignored_weight", "SAFETENSORS_DTYPES"]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
 _INDEX = "model.safetensors.index.json"
@@ -120,10 +121,40 @@ def _llama_config(hf: dict, where: str) -> GPTConfig:
         sliding_window=window)
 
 
+def _bert_config(hf: dict, where: str) -> GPTConfig:
+    """BERT and RoBERTa: post-LN encoders; RoBERTa's positions start at pad_token_id + 1."""
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported; supported: gelu")
+    kind = hf.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(f"{where}: position_embedding_type {kind!r} is not supported; supported: absolute")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if hf.get(flag):
+            raise ValueError(f"{where}: {flag}=true is not supported; supported: false (an encoder)")
+    if hf.get("tie_word_embeddings", True) is False:  # its decoder bias then parts from the head's own
+        raise ValueError(f"{where}: tie_word_embeddings=false is not supported for an encoder; supported: true")
+    offset = 0
+    if hf["model_type"] == "roberta":
+        pad = hf.get("pad_token_id")
+        if not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"{where}: RoBERTa needs a pad_token_id (its positions start at "
+                             f"pad_token_id + 1); got {pad!r}")
+        offset = pad + 1
+    return GPTConfig(
+        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], norm_eps=hf.get("layer_norm_eps", 1e-12),
+        mlp="gelu_exact", causal=False, norm_position="post", token_types=hf.get("type_vocab_size", 2),
+        position_offset=offset, head="mlm")
+
+
 _CONFIG_READERS: dict[str, Callable[[dict, str], GPTConfig]] = {
     "gpt2": _gpt2_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
+    "bert": _bert_config, "roberta": _bert_config,
 }
 MODEL_TYPES = tuple(_CONFIG_READERS)
+ENCODER_TYPES = ("bert", "roberta")
 
 
 def read_model_config(folder) -> GPTConfig:
@@ -152,6 +183,19 @@ def read_model_config(folder) -> GPTConfig:
 
 def _family(cfg: GPTConfig, hint: str | None) -> str:
     """The Hugging Face model_type that holds this config, or a ValueError saying why none does."""
+    if not cfg.causal:
+        encoder = ("learned", "layernorm", "post", "gelu_exact", "mlm", True)
+        if ((cfg.position, cfg.norm, cfg.norm_position, cfg.mlp, cfg.head, cfg.bias) != encoder
+                or cfg.n_kv_head != cfg.n_head or cfg.head_size * cfg.n_head != cfg.n_embd
+                or cfg.qkv_bias != cfg.bias or cfg.token_types < 1 or not cfg.tie_embeddings):
+            raise ValueError("save_model: a BERT/RoBERTa layout (causal=false) needs position=learned, "
+                             "norm=layernorm, norm_position=post, mlp=gelu_exact, head=mlm, bias=true, "
+                             "n_kv_head == n_head, head_size * n_head == n_embd, token_types >= 1 and "
+                             "tie_embeddings=true")
+        return "roberta" if cfg.position_offset else "bert"
+    if (cfg.norm_position, cfg.head, cfg.token_types, cfg.position_offset) != ("pre", "lm", 0, 0):
+        raise ValueError("save_model: a decoder (causal=true) needs norm_position=pre, head=lm, "
+                         "token_types=0 and position_offset=0")
     if (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu"):
         if cfg.n_kv_head != cfg.n_head or cfg.head_size * cfg.n_head != cfg.n_embd or cfg.qkv_bias != cfg.bias:
             raise ValueError("save_model: a GPT-2 layout needs n_kv_head == n_head, head_size * n_head == "
@@ -172,7 +216,7 @@ def _family(cfg: GPTConfig, hint: str | None) -> str:
 
 
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM"}
+                  "qwen2": "Qwen2ForCausalLM", "bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
 
 
 def _hf_config(cfg: GPTConfig, model_type: str, dtype: torch.dtype) -> dict:
@@ -180,6 +224,17 @@ def _hf_config(cfg: GPTConfig, model_type: str, dtype: torch.dtype) -> dict:
     out = {"model_type": model_type, "architectures": [_ARCHITECTURES[model_type]],
            "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
            "torch_dtype": name, "dtype": name, "initializer_range": 0.02}
+    if model_type in ENCODER_TYPES:
+        out.update({
+            "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "hidden_act": "gelu", "layer_norm_eps": cfg.norm_eps,
+            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
+            "type_vocab_size": cfg.token_types, "position_embedding_type": "absolute",
+            "is_decoder": False, "add_cross_attention": False})
+        if model_type == "roberta":  # the position offset is the padding id's business in RoBERTa
+            out["pad_token_id"] = cfg.position_offset - 1
+        return out
     if model_type == "gpt2":
         return {**out, "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head,
@@ -250,7 +305,44 @@ def _llama_map(cfg: GPTConfig) -> dict[str, _Weight]:
     return m
 
 
-_WEIGHT_MAPS = {"gpt2": _gpt2_map, "llama": _llama_map, "mistral": _llama_map, "qwen2": _llama_map}
+def _bert_map(cfg: GPTConfig, model_type: str = "bert") -> dict[str, _Weight]:
+    """BertForMaskedLM (`bert.` + `cls.predictions.`) or RobertaForMaskedLM (`roberta.` + `lm_head.`)."""
+    p = f"{model_type}."
+    e = p + "embeddings."
+    m = {"transformer.wte.weight": _Weight((e + "word_embeddings.weight",)),
+         "transformer.wpe.weight": _Weight((e + "position_embeddings.weight",)),
+         "transformer.wtt.weight": _Weight((e + "token_type_embeddings.weight",))}
+    for k in ("weight", "bias"):
+        m[f"transformer.ln_e.{k}"] = _Weight((f"{e}LayerNorm.{k}",))
+    for i in range(cfg.n_layer):
+        o, h = f"transformer.h.{i}.", f"{p}encoder.layer.{i}."
+        for k in ("weight", "bias"):
+            m[f"{o}attn.c_attn.{k}"] = _Weight(tuple(f"{h}attention.self.{n}.{k}" for n in ("query", "key", "value")),
+                                               (cfg.n_embd,) * 3)
+            m[f"{o}attn.c_proj.{k}"] = _Weight((f"{h}attention.output.dense.{k}",))
+            m[f"{o}ln_1.{k}"] = _Weight((f"{h}attention.output.LayerNorm.{k}",))
+            m[f"{o}mlp.c_fc.{k}"] = _Weight((f"{h}intermediate.dense.{k}",))
+            m[f"{o}mlp.c_proj.{k}"] = _Weight((f"{h}output.dense.{k}",))
+            m[f"{o}ln_2.{k}"] = _Weight((f"{h}output.LayerNorm.{k}",))
+    head, ln = ("lm_head.", "layer_norm") if model_type == "roberta" else ("cls.predictions.", "transform.LayerNorm")
+    dense = head + ("dense" if model_type == "roberta" else "transform.dense")
+    for k in ("weight", "bias"):
+        m[f"mlm_transform.dense.{k}"] = _Weight((f"{dense}.{k}",))
+        m[f"mlm_transform.ln.{k}"] = _Weight((f"{head}{ln}.{k}",))
+    m["lm_head.bias"] = _Weight((head + "bias",))   # the output is tied to word_embeddings
+    return m
+
+
+_WEIGHT_MAPS = {"gpt2": _gpt2_map, "llama": _llama_map, "mistral": _llama_map, "qwen2": _llama_map,
+                "bert": _bert_map, "roberta": lambda cfg: _bert_map(cfg, "roberta")}
+# Non-weight buffers some writers store: GPT-2's causal-mask buffers, old Llama rotary tables,
+# BERT's position/token-type id buffers and the tied copies of its decoder.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "embeddings.position_ids",
+                     "embeddings.token_type_ids", "predictions.decoder.weight", "predictions.decoder.bias",
+                     "lm_head.decoder.weight", "lm_head.decoder.bias")
+# Heads of BERT's pretraining checkpoints (BertForPreTraining) an MLM does not use: next-sentence
+# prediction and the pooler. Skipped when loading.
+_IGNORED_PREFIXES = ("bert.pooler.", "roberta.pooler.", "cls.seq_relationship.")
 
 
 def block_linears(cfg: GPTConfig) -> tuple[str, dict[str, tuple[str, int, int | None]]]:
@@ -266,8 +358,6 @@ def block_linears(cfg: GPTConfig) -> tuple[str, dict[str, tuple[str, int, int | 
             for name, row, n in zip(w.hf, [0, *itertools.accumulate(w.sizes)], rows):
                 out[name.removesuffix(".weight")] = (ours.removesuffix(".weight"), row, n)
     return model_type, out
-# Non-weight buffers some writers store: GPT-2's causal-mask buffers, old Llama rotary tables.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 def expected_shapes(cfg: GPTConfig, model_type: str) -> dict[str, tuple[int, ...]]:
@@ -294,7 +384,7 @@ def normalized_name(name: str, model_type: str) -> str:
 
 def ignored_weight(name: str) -> bool:
     """Stored tensors that are not weights of ours (mask buffers, rotary tables, a tied lm_head)."""
-    return name.endswith(_IGNORED_SUFFIXES) or name == "lm_head.weight"
+    return name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES) or name == "lm_head.weight"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -443,6 +533,16 @@ def save_model(model: GPT, folder, *, dtype: torch.dtype | None = None,
             stale.unlink()
     config = {**(extra or {}), **_hf_config(cfg, model_type, dtype)}
     atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+
+
+def save_pretrained(model: GPT, directory, extra: dict | None = None) -> None:
+    """`save_model(model, directory, extra=extra)` (the name older callers use)."""
+    save_model(model, directory, extra=extra)
+
+
+def load_pretrained(directory, map_location="cpu", dtype: torch.dtype | None = None) -> GPT:
+    """`load_model(directory, dtype=dtype, device=map_location)` (the name older callers use)."""
+    return load_model(directory, dtype=dtype, device=map_location)
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:

@@ -1,14 +1,21 @@
-"""One config-driven decoder in plain PyTorch (nanoGPT/litgpt style): GPT-2 and the Llama family.
+"""One config-driven transformer in plain PyTorch (nanoGPT/litgpt style): GPT-2 and the Llama
+family (decoders), BERT and RoBERTa (masked-LM encoders).
 
 A family is a handful of `GPTConfig` fields, not a subclass: the position scheme (`learned`
-embeddings or `rope`), the norm (`layernorm` or `rmsnorm`), the MLP (`gelu` or `swiglu`), the
-number of key/value heads (GQA/MQA), biases and embedding tying. GPT-2 is the defaults; Llama,
-Mistral and Qwen2 are `rope` + `rmsnorm` + `swiglu` without biases (Qwen2: `qkv_bias`).
+embeddings or `rope`), the norm (`layernorm` or `rmsnorm`) and where it sits (`pre` or `post`
+the residual add), the MLP (`gelu`, `gelu_exact` or `swiglu`), the number of key/value heads
+(GQA/MQA), biases and embedding tying. GPT-2 is the defaults; Llama, Mistral and Qwen2 are
+`rope` + `rmsnorm` + `swiglu` without biases (Qwen2: `qkv_bias`). BERT is `causal=False`
+(bidirectional attention, padding mask only), `norm_position="post"` (with a LayerNorm on the
+embeddings and none at the end), `gelu_exact`, `token_types` embeddings and `head="mlm"` (a
+dense + GELU + LayerNorm transform before the tied, biased output); RoBERTa adds
+`position_offset` (its positions count from padding_idx + 1).
 
 Module names are the same in every family (`transformer.h.N.attn.c_attn` is the fused q/k/v
 projection, `mlp.c_fc` the fused gate/up or GELU input, `c_proj` the output projections), so
 LoRA targets, the KV cache and sampling work unchanged for all of them. Conversion to and from
-the Hugging Face layout lives apart, in `workers.model.hf`, with a weight-name map per family.
+the Hugging Face layout lives apart, in `workers.model.hf`, with a weight-name map per family;
+it depends on this module, never the other way.
 
 The model knows nothing of Ray, MLflow or configs: distribution, mixed precision and tracking
 are applied from outside.
@@ -26,12 +33,14 @@ from torch.nn import functional as F
 
 __all__ = [
     "GPTConfig", "SIZES", "config_for", "GPT", "KVCache", "StepDecoder", "NORMS", "MLPS", "POSITIONS", "ROPE_SCALINGS",
-    "save_pretrained", "load_pretrained", "read_config",
+    "NORM_POSITIONS", "HEADS",
     "default_device", "autocast_context",
 ]
 
 POSITIONS = ("learned", "rope")
 ROPE_SCALINGS = ("linear", "llama3")
+NORM_POSITIONS = ("pre", "post")
+HEADS = ("lm", "mlm")
 
 
 @dataclass
@@ -56,6 +65,13 @@ class GPTConfig:
     qkv_bias: bool | None = None        # bias on the q/k/v projection only; default `bias` (Qwen2: True)
     tie_embeddings: bool = True         # lm_head shares the token embedding
     sliding_window: int | None = None   # Mistral: a query sees at most this many keys (itself included)
+    # -- encoders (defaults: a decoder)
+    causal: bool = True                 # False: every token sees every real token (BERT)
+    norm_position: str = "pre"          # "post": LayerNorm after each residual add (BERT), one on
+                                        # the embeddings and no final norm
+    token_types: int = 0                # token-type (segment) embeddings; 0 = none (BERT: 2)
+    position_offset: int = 0            # first learned position used (RoBERTa: padding_idx + 1)
+    head: str = "lm"                    # "mlm": dense + GELU + LayerNorm before the (biased) output
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -76,9 +92,19 @@ class GPTConfig:
         self.qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout: got {self.dropout!r}; must be in [0, 1)")
-        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS)):
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS),
+                              ("norm_position", NORM_POSITIONS), ("head", HEADS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}: got {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        for name in ("token_types", "position_offset"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"model.{name}: got {v!r}; must be a non-negative integer")
+        if self.position_offset and (self.position != "learned" or self.position_offset >= self.block_size):
+            raise ValueError(f"model.position_offset: got {self.position_offset}; needs learned positions "
+                             f"and must be below block_size ({self.block_size})")
+        if not self.causal and self.sliding_window is not None:
+            raise ValueError("model.sliding_window: a window needs causal=true (encoders see every token)")
         if self.position == "rope" and self.head_size % 2:
             raise ValueError(f"model.head_size: got {self.head_size}; RoPE needs an even head size")
         if self.rope_scaling is not None:
@@ -95,6 +121,8 @@ def _positive_int(name: str, v) -> None:
 
 # Llama-family components; a size adds the shape.
 _LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-5)
+# BERT-family components (masked-LM encoders)
+_BERT = dict(causal=False, norm_position="post", mlp="gelu_exact", token_types=2, head="mlm", norm_eps=1e-12)
 
 # Named sizes (torchtitan-style registry). `tiny`/`llama-tiny` are for tests.
 SIZES: dict[str, dict] = {
@@ -111,6 +139,10 @@ SIZES: dict[str, dict] = {
                         block_size=256),
     "llama-medium": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, intermediate_size=1024,
                          block_size=512),
+    # the shapes of Google's BERT-Tiny / BERT-Mini (Turc et al. 2019) and BERT-base
+    "bert-tiny": dict(_BERT, n_layer=2, n_head=2, n_embd=128, block_size=512),
+    "bert-mini": dict(_BERT, n_layer=4, n_head=4, n_embd=256, block_size=512),
+    "bert-base": dict(_BERT, n_layer=12, n_head=12, n_embd=768, block_size=512),
     # the shapes of released models (SmolLM-135M; Llama 3.2 1B), for pretraining their like
     "smollm-135m": dict(_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
                         block_size=2048),
@@ -328,12 +360,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """GPT-2: Linear -> GELU (tanh approximation, HF "gelu_new") -> Linear."""
+    """GPT-2: Linear -> GELU (tanh approximation, HF "gelu_new") -> Linear; BERT ("gelu_exact"):
+    the erf GELU."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = nn.GELU(approximate="none" if config.mlp == "gelu_exact" else "tanh")
         self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
@@ -357,7 +390,7 @@ class SwiGLUMLP(nn.Module):
         return _dropout(y, self.dropout, self.training)
 
 
-MLPS = {"gelu": GeluMLP, "swiglu": SwiGLUMLP}
+MLPS = {"gelu": GeluMLP, "gelu_exact": GeluMLP, "swiglu": SwiGLUMLP}
 
 
 class Block(nn.Module):
@@ -367,10 +400,26 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = NORMS[config.norm](config)
         self.mlp = MLPS[config.mlp](config)
+        self.post_norm = config.norm_position == "post"
 
     def forward(self, x, mask, is_causal, kv_cache, layer, rope):
+        if self.post_norm:  # BERT: normalise the sum (ln_1 = attention.output.LayerNorm)
+            x = self.ln_1(x + self.attn(x, mask, is_causal, kv_cache, layer, rope))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
+
+
+class MLMTransform(nn.Module):
+    """BERT's prediction-head transform before the tied output: dense -> erf GELU -> LayerNorm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd, bias=True)
+        self.ln = NORMS[config.norm](config)
+
+    def forward(self, x):
+        return self.ln(F.gelu(self.dense(x)))
 
 
 class GPT(nn.Module):
@@ -380,13 +429,21 @@ class GPT(nn.Module):
         parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.position == "learned":
             parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.token_types:
+            parts["wtt"] = nn.Embedding(config.token_types, config.n_embd)
+        post = config.norm_position == "post"
+        if post:  # post-LN normalises the embeddings, and each block's output is already normalised
+            parts["ln_e"] = NORMS[config.norm](config)
         self.transformer = nn.ModuleDict(dict(
             parts,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=NORMS[config.norm](config),
+            ln_f=nn.Identity() if post else NORMS[config.norm](config),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        mlm = config.head == "mlm"
+        if mlm:
+            self.mlm_transform = MLMTransform(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=mlm)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
         self.rope = RoPE(config) if config.position == "rope" else None
@@ -443,22 +500,34 @@ class GPT(nn.Module):
 
     # -- forward
 
-    def _trunk(self, idx, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the model takes (RoBERTa's first positions are never used)."""
+        return self.config.block_size - self.config.position_offset
+
+    def _trunk(self, idx, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None,
+               token_type_ids=None):
         """Blocks + final norm: (B, T) token ids -> (B, T, C)."""
         B, T = idx.size()
+        if kv_cache is not None and not self.config.causal:
+            raise ValueError("kv_cache: an encoder (causal=false) has no incremental decoding")
         past = kv_cache.pos if kv_cache is not None else 0
         S = past + T                                         # keys visible to this call
-        if S > self.config.block_size:
-            raise ValueError(f"sequence length {S} exceeds block_size {self.config.block_size}")
+        if S > self.max_length:
+            raise ValueError(f"sequence length {S} exceeds the model's maximum {self.max_length}")
         if attention_mask is not None and attention_mask.size(-1) != S:
             raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)}; expected "
                              f"(B, {S}) = past cached positions + new tokens")
         if position_ids is None and attention_mask is not None:
-            # left padding: real tokens count from 0, pads get position 0 (ignored anyway)
+            # left padding: real tokens count from 0, pads get position 0 (ignored anyway);
+            # right padding (encoders): real tokens count from 0 as well
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)
         mask, is_causal = self._mask(idx.device, T, past, attention_mask)
 
         x = self.transformer.wte(idx)                        # (B, T, C)
+        if self.config.token_types:                          # none given: every token is type 0 (as HF)
+            wtt = self.transformer.wtt
+            x = x + (wtt.weight[0] if token_type_ids is None else wtt(token_type_ids))
         rope = None
         if self.rope is not None:
             cos, sin = self.rope(S, idx.device, x.dtype)       # (>= S, hs); positions are < S
@@ -468,9 +537,12 @@ class GPT(nn.Module):
                 cos, sin = cos[position_ids], sin[position_ids]  # (B, T, hs)
             rope = (cos.unsqueeze(-2), sin.unsqueeze(-2))    # (B|1, T, 1, hs): broadcast over heads
         elif position_ids is None:
-            x = x + self.transformer.wpe.weight[past:S]     # (T, C): a view, no lookup
+            off = self.config.position_offset
+            x = x + self.transformer.wpe.weight[off + past:off + S]  # (T, C): a view, no lookup
         else:
-            x = x + self.transformer.wpe(position_ids)      # (B, T, C)
+            x = x + self.transformer.wpe(position_ids + self.config.position_offset)  # (B, T, C)
+        if "ln_e" in self.transformer:
+            x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, is_causal, kv_cache, i, rope)
@@ -482,6 +554,11 @@ class GPT(nn.Module):
         """(attn_mask, is_causal) for T new queries after `past` cached keys: None/True when SDPA's
         own causal mask (or no mask at all) is exact, else a bool mask (B|1, 1, T, S)."""
         S, window = past + T, self.config.sliding_window
+        if not self.config.causal:  # every query sees every real key (and itself: no NaN pad rows)
+            if attention_mask is None:
+                return None, False
+            eye = torch.eye(T, S, dtype=torch.bool, device=device)                  # (T, S)
+            return attention_mask.bool()[:, None, None, :] | eye, False             # (B, 1, T, S)
         windowed = window is not None and S > window
         if attention_mask is None and not windowed:
             if T == 1:
@@ -499,19 +576,25 @@ class GPT(nn.Module):
         return (mask & attention_mask.bool()[:, None, None, :]) | (kpos == qpos), False
 
     def forward(self, idx, targets=None, *, attention_mask=None, position_ids=None,
-                kv_cache: KVCache | None = None, loss_mask=None, logits_to_keep: int = 0):
+                kv_cache: KVCache | None = None, loss_mask=None, logits_to_keep: int = 0,
+                token_type_ids=None):
         """idx (B, T) -> (logits (B, T, V), loss or None).
 
         targets (B, T): -100 is ignored. loss_mask (B, T): extra weight per target (e.g. only
         response tokens in SFT); the loss is the mean over selected tokens.
         attention_mask (B, past + T): 1 real, 0 padding (left padding for batched generation).
+        (Encoders: 1 real, 0 padding, wherever the padding sits.)
         kv_cache: appended to, so the next call only feeds new tokens. Logits for every given
         position are returned, or only the last `logits_to_keep` (a prefill needs one: with a
         128k vocabulary, logits for every prompt position would dwarf the model).
+        token_type_ids (B, T): segment ids of a model with `token_types` (default all 0).
+        For masked LM, targets are the original tokens at chosen positions and -100 elsewhere.
         """
-        x = self._trunk(idx, attention_mask, position_ids, kv_cache)
+        x = self._trunk(idx, attention_mask, position_ids, kv_cache, token_type_ids)
         if logits_to_keep and targets is None:
             x = x[:, -logits_to_keep:]                      # (B, logits_to_keep, C)
+        if self.config.head == "mlm":
+            x = self.mlm_transform(x)
         logits = self.lm_head(x)                            # (B, T, V)
         loss = None
         if targets is not None:
@@ -523,15 +606,18 @@ class GPT(nn.Module):
             loss = (flat * weight).sum() / weight.sum().clamp_min(1.0)
         return logits, loss
 
-    def hidden_states(self, idx, attention_mask=None) -> torch.Tensor:
-        """Final-norm output (B, T, C), e.g. for a reward model's scalar head."""
-        return self._trunk(idx, attention_mask)
+    def hidden_states(self, idx, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Final-norm output (B, T, C) (an encoder's last hidden state), e.g. for a reward model's
+        scalar head or an embedding."""
+        return self._trunk(idx, attention_mask, token_type_ids=token_type_ids)
 
     def step_decoder(self) -> "StepDecoder | None":
         """A :class:`StepDecoder` over the current parameters, or None where it could not mirror
         `forward` exactly: training mode, a module it does not know (LoRA's wrapped Linears,
         FSDP's wrapped blocks, an extra head) or a forward hook."""
-        if self.training:
+        cfg = self.config
+        if self.training or (cfg.causal, cfg.norm_position, cfg.head, cfg.token_types, cfg.position_offset) != (
+                True, "pre", "lm", 0, 0):
             return None
         for mod in self.modules():
             if mod is not self and type(mod) not in _STEP_MODULES:
@@ -653,24 +739,3 @@ def autocast_context(device, precision: str = "auto"):
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-# ----------------------------------------------------------------------------- checkpoint I/O
-# The Hugging Face conversion lives in workers.model.hf; these names are kept for existing callers.
-
-def save_pretrained(model: GPT, directory, extra: dict | None = None) -> None:
-    """`workers.model.hf.save_model(model, directory, extra=extra)`."""
-    from workers.model.hf import save_model
-    save_model(model, directory, extra=extra)
-
-
-def load_pretrained(directory, map_location="cpu", dtype: torch.dtype | None = None) -> GPT:
-    """`workers.model.hf.load_model(directory, dtype=dtype, device=map_location)`."""
-    from workers.model.hf import load_model
-    return load_model(directory, dtype=dtype, device=map_location)
-
-
-def read_config(directory) -> dict:
-    """`workers.model.hf.read_config`: the checkpoint's config.json as a dict."""
-    from workers.model.hf import read_config as read
-    return read(directory)

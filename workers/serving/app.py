@@ -495,6 +495,9 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
         """The request body, its model and fields checked (in a preparation thread)."""
         body = oa.parse_body(raw, model, limits=check_sizes)
         check_model(body.model)
+        if not loaded.model.config.causal:
+            raise oa.APIError(f"{loaded.name!r} is an encoder (masked LM): it does not generate text; use "
+                              "POST /v1/embeddings", code="unsupported_model")
         body.check(max_batch_size=engine.max_batch_size, vocab_size=vocab)
         return body
 
@@ -561,6 +564,10 @@ def build_app(loaded: "Checkpoint", engine: "Engine", *, key_digest: str | None 
     async def chat_completions(request: Request):
         return await generate(request, prepare_chat, chat=True)
 
+    if not loaded.model.config.causal:
+        from workers.serving.embeddings import add_embedding_routes
+        add_embedding_routes(app, loaded, engine, check_model)
+
     @app.get("/v1/models")
     async def models():
         return oa.models_body(loaded.name, loaded.created)
@@ -598,7 +605,7 @@ def _deployment():
     class OpenAIServer:
         def __init__(self, checkpoint: str, *, model_name: str | None, key_digest: str | None,
                      max_batch_size: int, max_queue: int, stream_interval_s: float,
-                     allow_special_tokens: bool = False):
+                     allow_special_tokens: bool = False, pooling: str = "mean"):
             import ray
 
             from workers.checkpoints import open_checkpoint
@@ -611,8 +618,14 @@ def _deployment():
             self.loaded = open_checkpoint(checkpoint)
             self.loaded.name = model_name or self.loaded.name
             lm = self.loaded
-            self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id, end_token_ids=lm.stop_token_ids,
-                                 max_batch_size=max_batch_size, max_queue=max_queue).start()
+            if not lm.model.config.causal:  # an encoder serves embeddings
+                from workers.serving.embeddings import embedder_for
+                self.engine = embedder_for(lm, pooling=pooling, max_batch_size=max_batch_size,
+                                           max_queue=max_queue).start()
+            else:
+                self.engine = Engine(lm.model, lm.tokenizer, eos_token_id=lm.eos_token_id,
+                                     end_token_ids=lm.stop_token_ids, max_batch_size=max_batch_size,
+                                     max_queue=max_queue).start()
             self._app_args = dict(key_digest=key_digest, max_queue=max_queue, stream_interval_s=stream_interval_s,
                                   allow_special_tokens=allow_special_tokens)
 
@@ -655,7 +668,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
                      model_name: str | None = None, autoscaling: dict | None = None, blocking: bool = True,
                      num_cpus: float = 1.0, num_gpus: float | None = None, app_name: str = APP_NAME,
                      route_prefix: str = "/", stream_interval_s: float = STREAM_INTERVAL_S,
-                     allow_special_tokens: bool = False) -> str:
+                     allow_special_tokens: bool = False, pooling: str = "mean") -> str:
     """Deploy ``checkpoint_dir`` as an OpenAI-compatible API on Ray Serve; return its base URL
     (``http://host:port`` + route_prefix; clients use ``<url>/v1``).
 
@@ -667,6 +680,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     tokenizer's special tokens (off: request text is plain text). A failure or interrupt while
     deploying removes it too. Several
     checkpoints can be served side by side under different ``app_name``/``route_prefix``.
+    An encoder checkpoint answers /v1/embeddings, pooled by ``pooling`` (mean or cls).
     """
     import ray
     from ray import serve
@@ -713,7 +727,7 @@ def serve_checkpoint(checkpoint_dir: str, *, host: str = "127.0.0.1", port: int 
     app = deployment.bind(str(checkpoint_dir), model_name=model_name,
                           key_digest=key_digest(api_key) if api_key else None,
                           max_batch_size=max_batch_size, max_queue=max_queue, stream_interval_s=stream_interval_s,
-                          allow_special_tokens=allow_special_tokens)
+                          allow_special_tokens=allow_special_tokens, pooling=pooling)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
     try:

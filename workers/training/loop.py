@@ -146,6 +146,11 @@ class TrainJob:
     """Tokens in one global batch (for tokens/s and the token count)."""
     threads_per_worker: int = 1
     fault: FaultInjection | None = None
+    val_metrics: Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, tuple[torch.Tensor, torch.Tensor]]] \
+        | None = None
+    """(model, validation micro-batch) -> {name: (numerator, denominator)}, summed over the
+    validation set and every rank, logged as ``val_<name>`` beside val_loss (e.g. masked-token
+    accuracy: correct, chosen)."""
 
 
 @dataclass
@@ -286,6 +291,25 @@ def _evaluate(model, batches: BatchSource, job: TrainJob, autocast, world: int, 
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
+def _evaluate_metrics(model, batches: BatchSource, job: TrainJob, autocast, world: int, device) -> dict[str, float]:
+    """``job.val_metrics`` over the validation set, as ratios of sums across ranks."""
+    if job.val_metrics is None:
+        return {}
+    sums: dict[str, torch.Tensor] = {}
+    model.eval()
+    with torch.no_grad(), autocast:
+        for b in batches.val():
+            for name, (num, den) in job.val_metrics(model, b).items():
+                t = torch.stack([num.double(), den.double()])
+                sums[name] = sums[name] + t if name in sums else t
+    model.train()
+    names = sorted(sums)  # the same order on every rank
+    if not names:
+        return {}
+    total = _all_reduce_sum(torch.stack([sums[n] for n in names]).to(device), world)
+    return {f"val_{n}": float(total[i, 0] / total[i, 1]) for i, n in enumerate(names) if total[i, 1] > 0}
+
+
 def _train_worker(loop_config: dict) -> None:
     """Ray Train's worker function: the loop, its events batched (one actor call per ~0.5 s,
     not per step: see ``BatchingSink``)."""
@@ -407,6 +431,7 @@ def _train(job: TrainJob, ctx: Any) -> None:
             val = _evaluate(model, batches, job, autocast(), world, device)
             if val is not None:
                 state["val_loss"] = val
+            state.update(_evaluate_metrics(model, batches, job, autocast(), world, device))
         if rank == 0:
             tps = job.tokens_per_step / dt
             metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
@@ -421,6 +446,7 @@ def _train(job: TrainJob, ctx: Any) -> None:
             if done % cfg.eval_every == 0 or done == job.max_steps:
                 if state["val_loss"] is not None:
                     metrics["val_loss"] = state["val_loss"]
+                metrics.update({k: v for k, v in state.items() if k.startswith("val_") and k != "val_loss"})
             ctx.log_metrics(metrics, step=done)
             if t_end - last_progress >= _PROGRESS_EVERY_S or done == job.max_steps:
                 ctx.progress(done, job.max_steps, "steps")  # for the live table: a few per second suffice
