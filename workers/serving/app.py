@@ -121,7 +121,11 @@ class Guard:
         except oa.APIError as e:
             if not started:
                 await _send_error(send, e)
-        except Exception:  # noqa: BLE001 - ours: logged here, an OpenAI-shaped 500 for the client
+        except Exception as e:  # noqa: BLE001 - ours: logged here, an OpenAI-shaped 500 for the client
+            from starlette.requests import ClientDisconnect
+
+            if isinstance(e, ClientDisconnect):  # gone while sending its body: nobody to answer
+                return
             log.exception("request failed")
             if not started:
                 await _send_error(send, oa.server_error())

@@ -50,7 +50,11 @@ WORKER_START_S = 60.0
 
 class _Worker:
     def __init__(self):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the worker imports this package from where this process found it (a Ray worker may
+        # have it on sys.path only, e.g. a job's working_dir)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         self.proc = subprocess.Popen([sys.executable, "-m", "workers.serving.render"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         try:
