@@ -90,6 +90,12 @@ _LLAMA = ({"vocab_size": VOCAB, "max_position_embeddings": POSITIONS, "num_hidde
            "rope_theta": Key("number", 0, low_open=True), "sliding_window": _POS, "hidden_act": Key("str"),
            "rope_parameters": Key("object"), "rope_scaling": Key("object")})
 FAMILIES.update({"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA})
+_BERT = ({"vocab_size": VOCAB, "max_position_embeddings": POSITIONS, "num_hidden_layers": LAYERS,
+          "num_attention_heads": HEADS, "hidden_size": WIDTH, "intermediate_size": INTERMEDIATE},
+         {"type_vocab_size": Key("int", 0, 1024), "layer_norm_eps": EPS, "hidden_act": Key("str"),
+          "position_embedding_type": Key("str"), "is_decoder": Key("bool"), "add_cross_attention": Key("bool"),
+          "pad_token_id": Key("int", 0, limit="vocab")})
+FAMILIES.update({"bert": _BERT, "roberta": _BERT})
 # Keys every family may carry, checked when present and not null.
 COMMON: dict[str, Key] = {"tie_word_embeddings": Key("bool"), "torch_dtype": Key("str"), "dtype": Key("str"),
                           "model_type": Key("str")}
