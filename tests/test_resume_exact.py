@@ -23,7 +23,6 @@ checkpoint equal. Dropout is on (0.1) so that the dropout RNG must follow the st
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import signal
@@ -58,10 +57,9 @@ def kill_point(kind: str, strategy: str) -> tuple[int, int]:
     return rng.choice([s for s in range(1, STEPS) if s % CKPT_EVERY]), rng.randrange(2)
 
 
-SCENARIOS = [pytest.param(kind, strategy, *kill_point(kind, strategy),
-                          id=f"{kind}-{strategy}-kill{'@iteration' if kind == 'grpo' else '@step'}"
-                             f"{kill_point(kind, strategy)[0]}-rank{kill_point(kind, strategy)[1]}")
-             for kind in KINDS for strategy in STRATEGIES]
+SCENARIOS = [pytest.param(kind, strategy, k, rank,
+                          id=f"{kind}-{strategy}-kill@{'iteration' if kind == 'grpo' else 'step'}{k}-rank{rank}")
+             for kind in KINDS for strategy in STRATEGIES for k, rank in [kill_point(kind, strategy)]]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -292,7 +290,7 @@ def test_killed_and_resumed_stage_ends_bit_identical(kind, strategy, k, rank, as
 @pytest.mark.parametrize("recorded, message", [
     ({"seed": 12}, r"trained with seed=12, this run has seed=11; resume with the seed it was trained with"),
     ({"max_steps": 6, "step": 6}, r"checkpoint at step 6 was trained with max_steps=6, this run has max_steps=8"),
-])
+], ids=["seed", "max_steps"])
 def test_a_checkpoint_of_another_plan_is_refused(recorded, message, assets, tmp_path):
     """A checkpoint recorded with another seed or step budget (a finished shorter run at its last
     step, say) would continue another run, or end "done" without training: refused, by name."""
