@@ -60,7 +60,7 @@ def config(policy: Path, algorithm: str, **over) -> rlhf.Config:
     base = dict(policy=str(policy), reward={"function": REWARD}, prompts={"source": make_prompts(40, 0)},
                 eval_prompts=16, algorithm=algorithm, iterations=6, prompts_per_iteration=8,
                 samples_per_prompt=8, max_tokens=8, lr=3e-3, epochs=2, batch_size=16,
-                beta={"dpo": 0.1, "grpo": 0.04}.get(algorithm, 0.1))
+                beta={"dpo": 0.1, "grpo": 0.04, "rloo": 0.04, "ppo": 0.04}.get(algorithm, 0.1))
     base.update(over)
     return rlhf.Config.model_validate(base)
 
@@ -170,6 +170,8 @@ CASES = [
     pytest.param("best_of_n", None, 0.2, id="best_of_n"),
     pytest.param("dpo", None, 0.2, id="dpo"),
     pytest.param("grpo", 3, 0.3, id="grpo-resumed"),
+    pytest.param("rloo", None, 0.3, id="rloo"),
+    pytest.param("ppo", 3, 0.3, id="ppo-resumed"),  # the critic resumes from its own checkpoint too
 ]
 
 
@@ -205,6 +207,11 @@ def test_algorithm_raises_reward_with_bounded_kl(ray_session, tmp_path, algorith
     for name in ("reward_max", "loss", "rollout_tokens_per_s", "ranking_completions_per_s", "time_sync_s"):
         assert ctx.sink.metrics(name), name
     assert all(v > 0 for v in ctx.sink.metrics("rollout_tokens_per_s"))
+    if algorithm == "ppo":  # the critic learns: its loss and explained variance each iteration
+        assert len(ctx.sink.metrics("critic_loss")) == cfg.iterations
+        assert len(ctx.sink.metrics("critic_explained_variance")) == cfg.iterations
+    else:
+        assert not ctx.sink.metrics("critic_loss")
     progress = [e for e in ctx.sink.events if e["type"] == "progress"]
     assert progress[-1]["done"] == cfg.iterations and progress[-1]["total"] == cfg.iterations
 
