@@ -423,3 +423,30 @@ def test_eval_prompts_larger_than_the_prompts_is_an_error_naming_the_field():
     held, train = rlhf.split_prompts([f"p{i}" for i in range(8)], 3, "tune")
     assert held == ["p5", "p6", "p7"] and train == [f"p{i}" for i in range(5)]
     assert rlhf.split_prompts(["a", "b"], 0, "tune") == ([], ["a", "b"])
+
+
+def test_ppo_critic_starts_from_the_reward_model_when_it_reads_the_policys_tokens(tmp_path):
+    import shutil
+
+    from tests.test_rlhf import make_policy
+    from workers.checkpoints import open_checkpoint
+    from workers.data import tokenizer as toks
+    from workers.model.reward_head import RewardModel, ValueModel, save_reward_model
+    from workers.model.transformer import load_pretrained
+    from workers.rl.ranking import RewardSource
+
+    policy = make_policy(tmp_path / "policy")
+    torch.manual_seed(0)
+    rm = RewardModel.from_gpt(load_pretrained(policy))
+    save_reward_model(rm, tmp_path / "rm", extra={"eos_token_id": 0})
+    shutil.copy(policy / "tokenizer.json", tmp_path / "rm" / "tokenizer.json")
+    critic = ValueModel.from_reward(rm)
+    idx = torch.tensor([[1, 2, 3, 4], [2, 2, 1, 3]])
+    with torch.no_grad():  # the critic's value after the last token is the reward model's score
+        assert torch.allclose(critic(idx)[:, -1], rm.score(idx), atol=1e-6)
+    cfg = rlhf.Config(algorithm="ppo")
+    pol = open_checkpoint(str(policy), load=None)
+    assert rlhf.critic_source(cfg, RewardSource("model", str(tmp_path / "rm")), pol) == str(tmp_path / "rm")
+    assert rlhf.critic_source(rlhf.Config(algorithm="grpo"), RewardSource("model", str(tmp_path / "rm")), pol) is None
+    toks.save(toks.train_char(["xyz"]), tmp_path / "rm")  # another vocabulary: the critic starts from the policy
+    assert rlhf.critic_source(cfg, RewardSource("model", str(tmp_path / "rm")), pol) is None

@@ -22,8 +22,9 @@ Each iteration has four steps, each its own function with a typed hand-off:
      - ``ppo`` (InstructGPT): per-token rewards (-``beta`` x (log pi_old - log ref) per token, the
        score added at the last token; or ``kl_penalty: loss``: the k3 term in the loss as GRPO),
        GAE (``gamma``, ``lambda``) over a learned critic's values, whitened; the critic (a
-       separate model: the reward model's trunk and head when the reward is a model, else the
-       policy's trunk with a fresh head) learns the returns with a clipped value loss.
+       separate model: the reward model's trunk and head when the reward is a model with the
+       policy's vocabulary, else the policy's trunk with a fresh head) learns the returns with a
+       clipped value loss.
    Log-probs are of the tempered distribution the samples were drawn from (logits /
    ``temperature``, as TRL); top-k / top-p are not applied to them (as TRL): the truncated
    distribution gives -inf to tokens outside the nucleus, so the reference's KL and the
@@ -103,7 +104,7 @@ class Config(OptimizerConfig, ShardingConfig):
                                 "(+ 1e-4); false: r - mean only (Dr. GRPO).")
     gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount of GAE (Schulman et al. 2015).")
     lam: float = Field(0.95, ge=0, le=1, alias="lambda", description="ppo: GAE's lambda (1: Monte Carlo "
-                       "returns, 0: one-step TD).")
+                       "returns, 0: one-step TD); the YAML key is `lambda`.")
     kl_penalty: Literal["reward", "loss"] = Field("reward", description="ppo: the KL to the reference as a "
                                                   "per-token penalty in the reward (InstructGPT), or as beta x k3 "
                                                   "in the loss (as grpo).")
@@ -778,6 +779,15 @@ def _iteration_prompts(prompts: list[str], config: Config, iteration: int) -> li
     return [prompts[i] for i in idx]
 
 
+def critic_source(config: Config, source, policy: Checkpoint) -> str | None:
+    """ppo: the reward model the critic starts from (InstructGPT), when it reads the policy's
+    tokens (the same vocabulary); else None: the critic starts from the policy's trunk."""
+    if config.algorithm != "ppo" or source.kind != "model":
+        return None
+    reward = open_checkpoint(source.ref, load=None, field="reward.model")
+    return source.ref if reward.tokenizer.get_vocab() == policy.tokenizer.get_vocab() else None
+
+
 def split_prompts(prompts: list[str], eval_prompts: int, stage: str) -> tuple[list[str], list[str]]:
     """(held out: the last ``eval_prompts``, train: the rest); at least one prompt must train."""
     if eval_prompts >= len(prompts):
@@ -811,7 +821,7 @@ def run(ctx, config: Config, *, fault: Fault | None = None) -> dict[str, Any]:
         rollout_pool = RolloutPool(policy_uri, workers, cpus=res.cpus, gpus=res.gpus)
         ranking_pool = RankingPool.from_config(source, config.reward)
         learner = LearnerGroup(policy_uri, config, config.learner_workers, cpus=res.cpus, gpus=res.gpus,
-                               critic=source.ref if source.kind == "model" else None)
+                               critic=critic_source(config, source, policy))
         ctx.set_tags({"learner.strategy": learner.strategy})
         start = latest_iteration(root)
         state: dict[str, Any] = {}
