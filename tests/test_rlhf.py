@@ -82,9 +82,9 @@ def test_examples_per_algorithm():
     assert [e.completion_ids for e in best] == [[11], [12], [10], [11]]
     pairs = rlhf.dpo_pairs(s)  # the all-tied prompt gives no pair
     assert [(p.chosen_ids, p.rejected_ids) for p in pairs] == [([11], [10])]
-    ex = rlhf.grpo_examples(s)  # the all-tied prompt has no advantage: dropped
+    ex = rlhf.grpo_examples(s)  # the all-tied prompt's advantages are 0 (it still feeds the KL term, as TRL)
     adv = [e.advantage for e in ex]
-    assert len(ex) == 3 and abs(sum(adv)) < 1e-9 and adv[1] > adv[2] > adv[0]
+    assert adv == pytest.approx([-0.4 / 0.4001, 0.4 / 0.4001, 0.0, 0.0, 0.0, 0.0], abs=1e-12)
     assert order_of([0.5, 0.9, 0.5, 0.1]) == [1, 0, 2, 3]  # ties keep sampling order
 
 
