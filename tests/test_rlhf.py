@@ -208,8 +208,9 @@ def test_algorithm_raises_reward_with_bounded_kl(ray_session, tmp_path, algorith
         assert ctx.sink.metrics(name), name
     assert all(v > 0 for v in ctx.sink.metrics("rollout_tokens_per_s"))
     if algorithm == "ppo":  # the critic learns: its loss and explained variance each iteration
-        assert len(ctx.sink.metrics("critic_loss")) == cfg.iterations
-        assert len(ctx.sink.metrics("critic_explained_variance")) == cfg.iterations
+        logged = len(ctx.sink.metrics("reward_mean"))  # this attempt's iterations (a resumed one: the rest)
+        assert len(ctx.sink.metrics("critic_loss")) == logged and all(v > 0 for v in ctx.sink.metrics("critic_loss"))
+        assert len(ctx.sink.metrics("critic_explained_variance")) == logged
     else:
         assert not ctx.sink.metrics("critic_loss")
     progress = [e for e in ctx.sink.events if e["type"] == "progress"]
