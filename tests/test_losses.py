@@ -160,16 +160,13 @@ def test_sft_loss_through_the_model_is_the_mean_over_response_tokens():
     rows = {"ids": np.array([[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 9, 0]]), "lengths": np.array([5, 6]),
             "n_prompt": np.array([2, 3])}
     b = sft_batch(rows)
-    torch.set_grad_enabled(False)
-    logits, _ = model(b["idx"])
-    lp = F.log_softmax(logits.float(), -1)
-    # row 0: prompt 1 2, response 3 4 0(eos); row 1: prompt 5 6 7, response 8 9 0(eos)
-    terms = [lp[0, 1, 3], lp[0, 2, 4], lp[0, 3, 0], lp[1, 2, 8], lp[1, 3, 9], lp[1, 4, 0]]
-    assert float(sft_items(b)) == 6
-    try:
+    with torch.no_grad():
+        logits, _ = model(b["idx"])
+        lp = F.log_softmax(logits.float(), -1)
+        # row 0: prompt 1 2, response 3 4 0(eos); row 1: prompt 5 6 7, response 8 9 0(eos)
+        terms = [lp[0, 1, 3], lp[0, 2, 4], lp[0, 3, 0], lp[1, 2, 8], lp[1, 3, 9], lp[1, 4, 0]]
+        assert float(sft_items(b)) == 6
         assert float(sft_loss(model, b)) == pytest.approx(float(-sum(terms) / 6), rel=1e-5)
-    finally:
-        torch.set_grad_enabled(True)
 
 
 # ----------------------------------------------------------------------------- wiring
