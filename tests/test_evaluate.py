@@ -99,6 +99,15 @@ def test_perplexity_matches_direct_computation_and_self_win_rate_is_half(ray_ses
     assert out["win_rate"] == 0.5 and out["ties"] == 24
     assert out["mean_reward"] == out["baseline_mean_reward"]
     assert ctx.sink.metrics("win_rate") == [0.5]
+    # standard errors over prompts: the samples' own rewards, spread over 12 prompts; every pair
+    # ties (no spread); each sample's log-ratio to itself is 0
+    rows = [json.loads(line) for line in (Path(ctx.artifact_dir) / "samples.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["model"] == "model"]
+    want_se = evaluate.standard_error([r["prompt"] for r in mine], [fraction_a(r["prompt"], r["completion"]) for r in mine])
+    assert want_se > 0 and out["mean_reward_se"] == pytest.approx(want_se, rel=1e-12)
+    assert out["baseline_mean_reward_se"] == out["mean_reward_se"] and out["win_rate_se"] == 0.0
+    assert out["kl"] == pytest.approx(0.0, abs=1e-4) and out["kl_se"] < 1e-4
+    assert ctx.sink.metrics("mean_reward_se") == [out["mean_reward_se"]]
 
     # text records: the same documents as text give the same perplexity
     from tokenizers import Tokenizer
@@ -142,6 +151,8 @@ def test_better_policy_wins_and_reward_hacking_is_called_out(ray_session, tmp_pa
     assert ctx.sink.metrics("baseline_check_degeneracy") and ctx.sink.metrics("check_variety")
     assert out["samples_per_model"] == 32 and out["prompts_per_model"] == 16
     assert 0 <= out["check_variety_se"] < 0.5 and "check_variety_se" in out["comparison"]["rlhf (evaluated)"]
+    assert 0 < out["win_rate_se"] < 0.2 and 0 < out["kl_se"] < out["kl"] and 0 < out["mean_reward_se"] < 0.2
+    assert "mean_reward_se" in out["comparison"]["rlhf (evaluated)"]
 
 
 def test_a_check_the_model_was_trained_against_is_named_and_raises_no_warning(ray_session, tmp_path):
@@ -176,7 +187,9 @@ def test_checks_fail_blank_docstring_only_and_looping_completions():
 
     prompt = 'def add(a, b):\n    """Add two numbers."""\n'
     assert python_syntax(prompt, "    return a + b\n") == 1.0
-    assert python_syntax(prompt, "    s = a + b\n    return s.to") == 1.0  # cut by max_tokens mid-line
+    cut = "    s = a + b\n    return s.to("
+    assert python_syntax(prompt, cut, "length") == 1.0  # cut by max_tokens mid-line: the line is dropped
+    assert python_syntax(prompt, cut, "stop") == 0.0    # it ended itself there: judged whole
     for bad in ("\n" * 48, "    pass\n", '    """More docs."""\n    ...\n', "    return (a +\n",
                 "    self._._._._._._._._._._._._._._._._._._._._."):
         assert python_syntax(prompt, bad) == 0.0, bad

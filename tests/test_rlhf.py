@@ -62,7 +62,7 @@ def config(policy: Path, algorithm: str, **over) -> rlhf.Config:
     base = dict(policy=str(policy), reward={"function": REWARD}, prompts={"source": make_prompts(40, 0)},
                 eval_prompts=16, algorithm=algorithm, iterations=6, prompts_per_iteration=8,
                 samples_per_prompt=8, max_tokens=8, lr=3e-3, epochs=2, batch_size=16,
-                beta={"dpo": 0.1, "grpo": 0.04}.get(algorithm, 0.1))
+                beta={"dpo": 0.1, "grpo": 0.04, "rloo": 0.04, "ppo": 0.04}.get(algorithm, 0.1))
     base.update(over)
     return rlhf.Config.model_validate(base)
 
@@ -84,9 +84,9 @@ def test_examples_per_algorithm():
     assert [e.completion_ids for e in best] == [[11], [12], [10], [11]]
     pairs = rlhf.dpo_pairs(s)  # the all-tied prompt gives no pair
     assert [(p.chosen_ids, p.rejected_ids) for p in pairs] == [([11], [10])]
-    ex = rlhf.grpo_examples(s)  # the all-tied prompt has no advantage: dropped
+    ex = rlhf.grpo_examples(s)  # the all-tied prompt's advantages are 0 (it still feeds the KL term, as TRL)
     adv = [e.advantage for e in ex]
-    assert len(ex) == 3 and abs(sum(adv)) < 1e-9 and adv[1] > adv[2] > adv[0]
+    assert adv == pytest.approx([-0.4 / 0.4001, 0.4 / 0.4001, 0.0, 0.0, 0.0, 0.0], abs=1e-12)
     assert order_of([0.5, 0.9, 0.5, 0.1]) == [1, 0, 2, 3]  # ties keep sampling order
 
 
@@ -172,6 +172,8 @@ CASES = [
     pytest.param("best_of_n", 0.2, id="best_of_n"),
     pytest.param("dpo", 0.2, id="dpo"),
     pytest.param("grpo", 0.3, id="grpo"),
+    pytest.param("rloo", 0.3, id="rloo"),
+    pytest.param("ppo", 0.3, id="ppo"),
 ]
 
 
@@ -191,6 +193,12 @@ def test_algorithm_raises_reward_with_bounded_kl(ray_session, tmp_path, algorith
     for name in ("reward_max", "loss", "rollout_tokens_per_s", "ranking_completions_per_s", "time_sync_s"):
         assert ctx.sink.metrics(name), name
     assert all(v > 0 for v in ctx.sink.metrics("rollout_tokens_per_s"))
+    if algorithm == "ppo":  # the critic learns: its loss and explained variance each iteration
+        logged = len(ctx.sink.metrics("reward_mean"))  # this attempt's iterations (a resumed one: the rest)
+        assert len(ctx.sink.metrics("critic_loss")) == logged and all(v > 0 for v in ctx.sink.metrics("critic_loss"))
+        assert len(ctx.sink.metrics("critic_explained_variance")) == logged
+    else:
+        assert not ctx.sink.metrics("critic_loss")
     progress = [e for e in ctx.sink.events if e["type"] == "progress"]
     assert progress[-1]["done"] == cfg.iterations and progress[-1]["total"] == cfg.iterations
 

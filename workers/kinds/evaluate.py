@@ -13,6 +13,12 @@ estimate, and independent checks of the completions.
   measures how well the policy pleases its judge, not that it got better;
 - kl: mean over the model's samples of log p_model - log p_baseline of the completion (a Monte
   Carlo estimate of KL(model || baseline); exact in expectation at temperature 1, no top-k/p);
+- mean_reward, win_rate and kl each come with a standard error over prompts (``..._se``, see
+  ``standard_error``). Seeded sampling gives every (prompt, sample) its own random stream
+  (``workers.rl.rollout.prompt_seed``), the same for both models, so that samples of different
+  prompts are independent (as the standard errors assume) and the comparison stays paired;
+- checks get each completion's finish reason (``python_syntax`` forgives an unfinished last line
+  only where ``max_tokens`` cut the completion);
 - checks (``workers.rl.checks``): functions of (prompt, completion) no stage trained against,
   logged as ``check_<name>`` for the model, ``baseline_check_<name>`` and ``<ref>_check_<name>``,
   each with its standard error over prompts (``..._se``); where the reward rose over the
@@ -207,15 +213,14 @@ def reward_hacking(out: dict[str, Any], checks: list[Check]) -> list[str]:
     return warnings
 
 
-def kl_estimate(model_groups, baseline_pool: RolloutPool) -> float:
-    """Mean over samples of log p_model(completion) - log p_baseline(completion), from the
-    model's sampling logprobs and the baseline's NLL of the same prompt + completion ids."""
+def kl_terms(model_groups, baseline_pool: RolloutPool) -> list[float]:
+    """Per sample, log p_model(completion) - log p_baseline(completion), from the model's
+    sampling logprobs and the baseline's NLL of the same prompt + completion ids; their mean
+    is the KL estimate."""
     samples = [(g.prompt_ids, s) for g in model_groups for s in g.samples]
-    with_completion, _ = baseline_pool.nll([p + s.token_ids for p, s in samples])
-    prompt_only, _ = baseline_pool.nll([p for p, _ in samples])
-    baseline_logp = prompt_only - with_completion
-    model_logp = sum(sum(s.logprobs) for _, s in samples)
-    return (model_logp - baseline_logp) / len(samples)
+    with_completion = baseline_pool.nll_each([p + s.token_ids for p, s in samples])
+    prompt_only = baseline_pool.nll_each([p for p, _ in samples])
+    return [sum(s.logprobs) - (po - wc) for (_, s), po, wc in zip(samples, prompt_only, with_completion)]
 
 
 # ----------------------------------------------------------------------------- the kind
@@ -241,6 +246,7 @@ def run(ctx, config: Config) -> dict[str, Any]:
     params = dict(n=config.samples_per_prompt, max_tokens=config.max_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, seed=config.seed)
     texts: dict[str, tuple[list[str], list[str]]] = {}
+    reasons: dict[str, list[str | None]] = {}
     scores: dict[str, list[float]] = {}
     model_groups = None
     # one model's rollout actors beside the ranking actors: on too small a cluster some would wait forever
@@ -261,22 +267,26 @@ def run(ctx, config: Config) -> dict[str, Any]:
                     groups = pool.rollout(prompts, params)
                     texts[prefix] = ([g.prompt for g in groups for _ in g.samples],
                                      [s.text for g in groups for s in g.samples])
+                    reasons[prefix] = [s.finish_reason for g in groups for s in g.samples]
                     model_groups = groups if prefix == "" else model_groups
                     if prefix == "baseline_":
-                        out["kl"] = kl_estimate(model_groups, pool)
+                        terms = kl_terms(model_groups, pool)
+                        out["kl"] = sum(terms) / len(terms)
+                        out["kl_se"] = standard_error(texts[""][0], terms)
             finally:
                 pool.shutdown()
         if ranking is not None:
-            scores = {prefix: ranking.score(*pc) for prefix, pc in texts.items()}
+            scores = {prefix: ranking.score(*pc, reasons[prefix]) for prefix, pc in texts.items()}
             out["ranking_completions_per_s"] = ranking.last.per_s
     finally:
         if ranking is not None:
             ranking.shutdown()
     for prefix, s in scores.items():
         out[f"{prefix}mean_reward"] = sum(s) / len(s)
+        out[f"{prefix}mean_reward_se"] = standard_error(texts[prefix][0], s)
     for prefix, (ps, cs) in texts.items():
         for c in checks:
-            values = c(ps, cs)
+            values = c(ps, cs, reasons[prefix])
             out[f"{prefix}check_{c.name}"] = sum(values) / len(values)
             out[f"{prefix}check_{c.name}_se"] = standard_error(ps, values)
     if texts:
@@ -284,6 +294,8 @@ def run(ctx, config: Config) -> dict[str, Any]:
         out["prompts_per_model"] = len(prompts)
     if baseline and scores:
         out["win_rate"], counts = win_rate(scores[""], scores["baseline_"])
+        out["win_rate_se"] = standard_error(texts[""][0], [float(a > b) + 0.5 * (a == b) for a, b in
+                                                           zip(scores[""], scores["baseline_"])])
         out.update(counts)
         trained_against = source is not None and any(
             out_.get("checkpoint") == checkpoint and out_.get("reward") == source.describe()
@@ -314,7 +326,7 @@ def _comparison(out: dict[str, Any], config: Config, models: dict[str, str]) -> 
     if "baseline_" in models:
         labels["baseline_"] = f"{config.baseline or 'baseline'} (baseline)"
     labels[""] = f"{config.checkpoint or 'model'} (evaluated)"
-    metrics = ["perplexity", "mean_reward"] + [k for k in out if k.startswith("check_")]  # with their _se
+    metrics = ["perplexity", "mean_reward", "mean_reward_se"] + [k for k in out if k.startswith("check_")]  # + _se
     table = {}
     for prefix, label in labels.items():
         row = {m: out[prefix + m] for m in metrics if isinstance(out.get(prefix + m), (int, float))}

@@ -124,6 +124,11 @@ def sft_loss(model, batch):
     return loss
 
 
+def sft_items(batch) -> torch.Tensor:
+    """The response tokens ``sft_loss`` averages over (the step's loss is their mean)."""
+    return ((batch["targets"] != -100).float() * batch["loss_mask"]).sum()
+
+
 # ----------------------------------------------------------------------------- the kind
 
 
@@ -166,6 +171,7 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None) -> tuple
         make_batches=functools.partial(make_example_batches, train_uri=train_uri, val_uri=val_uri, config=config,
                                        to_batch=sft_batch),
         loss_fn=sft_loss,
+        items_fn=sft_items,
         save_model=functools.partial(save_policy, extra=config_extra(base, chat, prompt_template),
                                      save=config.lora.save if config.lora else "merged", base_model=base.uri),
         tokens_per_step=global_rows * (width - 1),

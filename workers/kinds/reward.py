@@ -80,6 +80,11 @@ def bt_loss(model, batch):
 
 
 @torch.no_grad()
+def pair_items(batch) -> int:
+    """The pairs ``bt_loss`` averages over (the step's loss is their mean)."""
+    return batch["margin"].numel()
+
+
 def pairwise_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int = 32, device="cpu") -> float:
     """Fraction of pairs whose chosen response scores strictly higher than the rejected one."""
     model.eval().to(device)
@@ -142,6 +147,7 @@ def build_job(ctx, config: Config, fault: FaultInjection | None = None
         make_batches=functools.partial(make_example_batches, train_uri=train_uri, val_uri=val_uri, config=config,
                                        to_batch=pair_batch),
         loss_fn=bt_loss,
+        items_fn=pair_items,
         save_model=functools.partial(save_reward, extra=config_extra(base, chat, prompt_template)),
         tokens_per_step=2 * global_rows * arrays["chosen"].shape[1],
         threads_per_worker=max(1, int(ctx.resources.cpus)),

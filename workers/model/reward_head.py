@@ -24,7 +24,7 @@ import torch.nn as nn
 from workers.model.hf import atomic_write, load_model, read_config, save_model
 from workers.model.transformer import GPT, GPTConfig
 
-__all__ = ["RewardModel", "save_reward_model", "load_reward_model", "is_reward_model", "HEAD_FILE"]
+__all__ = ["RewardModel", "ValueModel", "save_reward_model", "load_reward_model", "is_reward_model", "HEAD_FILE"]
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -63,6 +63,22 @@ class RewardModel(nn.Module):
 
     def flops_per_token(self) -> int:
         return self.gpt.flops_per_token()
+
+
+class ValueModel(RewardModel):
+    """A critic: the reward model's trunk and head read at every position, (B, T) values (the
+    value of the state after each token). ``forward`` returns them, so DDP/FSDP wrap it as any
+    module; ``score`` is unchanged."""
+
+    @classmethod
+    def from_reward(cls, reward: RewardModel) -> "ValueModel":
+        critic = cls(reward.config, reward.gpt)
+        critic.head.load_state_dict(reward.head.state_dict())
+        return critic
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.gpt.hidden_states(idx, attention_mask)            # (B, T, C)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
 
 
 def is_reward_model(directory) -> bool:

@@ -458,7 +458,7 @@ class _Seq:
 
 
 def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, device,
-         stream_text: bool) -> Iterator[tuple[list[_Seq], list[StepOutput]]]:
+         stream_text: bool, seeds=None) -> Iterator[tuple[list[_Seq], list[StepOutput]]]:
     """Sampling/greedy decode loop; yields (all sequences, this step's outputs) per step."""
     device, Tp = _prepare(model, prompts, params, decode, device)
     n, P = params.n, len(prompts)
@@ -471,7 +471,8 @@ def _run(model: GPT, prompts, params: SamplingParams, eos_token_id, decode, devi
     generators: list[torch.Generator | None] = [None] * rows
     if params.seed is not None and not greedy:
         for r, s in enumerate(seqs):
-            generators[r] = torch.Generator(device=device).manual_seed(params.seed + s.sample_index)
+            base = params.seed if seeds is None else seeds[s.prompt_index]
+            generators[r] = torch.Generator(device=device).manual_seed(base + s.sample_index)
     text_every_step = decode is not None and (stream_text or bool(stops))
 
     was_training = model.training
@@ -537,13 +538,16 @@ def _final_text(s: _Seq, decode, stop_ids) -> str:
 
 def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *,
              eos_token_id: int | None = None, decode: Callable[[list[int]], str] | None = None,
-             device=None, should_stop: Callable[[], bool] | None = None) -> list[list[Completion]]:
+             device=None, should_stop: Callable[[], bool] | None = None,
+             seeds: list[int] | None = None) -> list[list[Completion]]:
     """One list of params.n completions per prompt (the n best beams with num_beams > 1).
-    ``should_stop`` (beam search) is asked before every step; True raises GenerationCancelled."""
+    ``should_stop`` (beam search) is asked before every step; True raises GenerationCancelled.
+    ``seeds`` (with params.seed set): prompt p's sample i draws from seeds[p] + i instead of
+    params.seed + i, so that prompts batched together need not share streams."""
     if params.num_beams > 1:
         return _beam_search(model, prompts, params, eos_token_id, decode, device, should_stop)
     seqs: list[_Seq] = []
-    for seqs, _ in _run(model, prompts, params, eos_token_id, decode, device, stream_text=False):
+    for seqs, _ in _run(model, prompts, params, eos_token_id, decode, device, stream_text=False, seeds=seeds):
         pass
     stop_ids = set(params.stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
     out: list[list[Completion]] = [[] for _ in prompts]

@@ -6,11 +6,17 @@ A check returns a float per completion; ``evaluate`` logs the mean for each mode
 - ``python_syntax`` (1 good, 0 bad): the prompt (a ``def`` line and docstring) plus the
   completion parses as Python, and the completion adds at least one real statement to the
   prompt's function; a blank body, a docstring, ``pass`` or ``...`` alone do not count. A
-  completion cut mid-line by ``max_tokens`` is judged without its unfinished last line.
+  completion that ended by length (``max_tokens`` cut it, finish reason "length") is judged
+  without its unfinished last line; one that ended itself (EOS, a stop) is judged whole.
 - ``degeneracy`` (0 good, 1 bad): the share of the completion's tokens that repeat an n-gram
   seen earlier in it (``self._._._._.`` is nearly all repeats); an empty completion is 1.
 
-A user's check is ``module:function(prompt, completion) -> float``, higher is better.
+A user's check is ``module:function(prompt, completion) -> float``, higher is better. A
+built-in check may also take the completion's finish reason (``Check.takes_finish``): callers
+pass ``finish_reasons`` ("stop" | "length") beside the texts, and a user's check never sees them.
+
+This module is the check registry; it imports only ``workers.rl.functions`` (user functions), so
+``workers.rl.ranking`` (reward sources with check terms) sits above it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
+
+from workers.rl.functions import resolve_function
 
 __all__ = ["Check", "BUILTIN_CHECKS", "resolve_check", "python_syntax", "degeneracy"]
 
@@ -26,13 +34,17 @@ __all__ = ["Check", "BUILTIN_CHECKS", "resolve_check", "python_syntax", "degener
 @dataclass(frozen=True)
 class Check:
     name: str                                  # metric names: check_<name>, baseline_check_<name>
-    fn: Callable[[str, str], float]
+    fn: Callable[..., float]
     higher_is_better: bool = True
+    takes_finish: bool = False                 # fn(prompt, completion, finish_reason)
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str],
+                 finish_reasons: Sequence[str | None] | None = None) -> list[float]:
+        """One value per completion; ``finish_reasons`` (None: unknown, judged as ended by itself)."""
+        reasons = list(finish_reasons) if finish_reasons is not None else [None] * len(completions)
         out = []
-        for p, c in zip(prompts, completions):
-            v = self.fn(p, c)
+        for p, c, r in zip(prompts, completions, reasons):
+            v = self.fn(p, c, r) if self.takes_finish else self.fn(p, c)
             if isinstance(v, bool):
                 v = float(v)
             if not isinstance(v, (int, float)):
@@ -55,9 +67,11 @@ def _parses_with_body(source: str) -> bool:
     return fn is not None and any(not _is_filler(s) for s in fn.body)
 
 
-def python_syntax(prompt: str, completion: str) -> float:
+def python_syntax(prompt: str, completion: str, finish_reason: str | None = None) -> float:
     if _parses_with_body(prompt + completion):
         return 1.0
+    if finish_reason != "length":  # it ended itself: a junk last line is its own
+        return 0.0
     head, sep, _ = completion.rpartition("\n")  # cut by max_tokens: drop the unfinished line
     return float(bool(sep) and _parses_with_body(prompt + head + "\n"))
 
@@ -79,7 +93,7 @@ def degeneracy(prompt: str, completion: str, n: int = 4) -> float:
     return sum(repeated) / len(tokens)
 
 
-BUILTIN_CHECKS = {"python_syntax": Check("python_syntax", python_syntax),
+BUILTIN_CHECKS = {"python_syntax": Check("python_syntax", python_syntax, takes_finish=True),
                   "degeneracy": Check("degeneracy", degeneracy, higher_is_better=False)}
 
 
@@ -89,8 +103,6 @@ def resolve_check(ref: str, field: str = "checks") -> Check:
         return BUILTIN_CHECKS[ref]
     if ":" not in ref:
         raise ValueError(f"{field}: got {ref!r}; allowed: {', '.join(BUILTIN_CHECKS)} or module:function")
-    from workers.rl.ranking import resolve_function
-
     try:
         fn = resolve_function(ref)
     except Exception as e:  # noqa: BLE001 - the user's module: report why it failed

@@ -9,13 +9,9 @@ spreads the (prompt, completion) pairs of many prompts over them, and returns fo
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from pydantic import ConfigDict, Field, model_validator
@@ -23,14 +19,13 @@ from pydantic import ConfigDict, Field, model_validator
 from workers.cluster import ActorGroup
 from workers.config import StrictConfig
 from workers.cpu import claim_cpus
+from workers.rl.checks import resolve_check
+from workers.rl.functions import ENTRYPOINT, import_root, resolve_function
 
 __all__ = [
     "RewardConfig", "RewardSource", "Ranking", "RankingStats", "RankingPool",
     "resolve_reward", "order_of", "make_scorer", "reward_modules", "ranking_actors",
 ]
-
-ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
-
 
 class RewardConfig(StrictConfig):
     """Where rewards come from, and how many actors score."""
@@ -77,8 +72,6 @@ class RewardSource:
     @property
     def check_names(self) -> list[str]:
         """The names (as ``evaluate`` logs them) of the checks in this reward."""
-        from workers.rl.checks import resolve_check
-
         return [resolve_check(ref).name for ref, _ in self.checks]
 
 
@@ -116,25 +109,6 @@ def order_of(scores: list[float]) -> list[int]:
 # ----------------------------------------------------------------------------- resolving sources
 
 
-def _import_root(module_name: str) -> str | None:
-    """The sys.path entry the module was found under (so actors can import it too)."""
-    spec = importlib.util.find_spec(module_name)
-    origin = getattr(spec, "origin", None)
-    if not origin or not os.path.isfile(origin):
-        return None
-    path = Path(origin)
-    depth = module_name.count(".") + (1 if path.name == "__init__.py" else 0)
-    return str(path.parents[depth])
-
-
-def resolve_function(entrypoint: str) -> Callable[[str, str], float]:
-    module_name, _, fn_name = entrypoint.partition(":")
-    fn = getattr(importlib.import_module(module_name), fn_name, None)
-    if not callable(fn):
-        raise AttributeError(f"module {module_name!r} has no function {fn_name!r}")
-    return fn
-
-
 def reward_modules(reward: RewardConfig | None) -> list[str]:
     """The user modules a reward function and its user checks live in (their source joins the
     stage's fingerprint)."""
@@ -147,8 +121,6 @@ def reward_modules(reward: RewardConfig | None) -> list[str]:
 def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSource:
     """The reward source ``config`` names, checked now (import the function and the checks,
     find the folder)."""
-    from workers.rl.checks import resolve_check
-
     for ref in config.checks:
         resolve_check(ref, f"{field}.checks")
     checks = tuple(config.checks.items())
@@ -158,7 +130,7 @@ def resolve_reward(ctx, config: RewardConfig, field: str = "reward") -> RewardSo
         except Exception as e:  # noqa: BLE001 - the user's module: report why it failed
             raise ValueError(f"{field}.function: cannot import {config.function!r}: {type(e).__name__}: {e}") from None
     # where the user's modules were found, so that the ranking actors import them too
-    roots = tuple(dict.fromkeys(r for r in map(_import_root, reward_modules(config)) if r))
+    roots = tuple(dict.fromkeys(r for r in map(import_root, reward_modules(config)) if r))
     if config.function is not None:
         return RewardSource("function", config.function, roots, checks)
     uri = ctx.upstream("reward_model", config.model, field=f"{field}.model")
@@ -228,15 +200,14 @@ class WithChecks:
     """A scorer plus weighted checks: score + sum of weight x check(prompt, completion)."""
 
     def __init__(self, scorer: Callable[[list[str], list[str]], list[float]], checks: tuple[tuple[str, float], ...]):
-        from workers.rl.checks import resolve_check
-
         self.scorer = scorer
         self.checks = [(resolve_check(ref), weight) for ref, weight in checks]
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str],
+                 finish_reasons: list[str | None] | None = None) -> list[float]:
         scores = self.scorer(prompts, completions)
         for check, weight in self.checks:
-            scores = [s + weight * v for s, v in zip(scores, check(prompts, completions))]
+            scores = [s + weight * v for s, v in zip(scores, check(prompts, completions, finish_reasons))]
         return scores
 
 
@@ -245,7 +216,7 @@ def make_scorer(source: RewardSource, batch_size: int = 32) -> Callable[[list[st
         if p not in sys.path:
             sys.path.insert(0, p)
     scorer = FunctionScorer(source.ref) if source.kind == "function" else RewardModelScorer(source.ref, batch_size)
-    return WithChecks(scorer, source.checks) if source.checks else scorer
+    return WithChecks(scorer, source.checks)  # no checks: the scorer's scores
 
 
 # ----------------------------------------------------------------------------- the actor pool
@@ -264,8 +235,9 @@ class RankingActor:
         claim_cpus(threads)
         self.scorer = make_scorer(source, batch_size)
 
-    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
-        return self.scorer(prompts, completions)
+    def score(self, prompts: list[str], completions: list[str],
+              finish_reasons: list[str | None] | None = None) -> list[float]:
+        return self.scorer(prompts, completions, finish_reasons)
 
 
 class RankingPool:
@@ -284,24 +256,29 @@ class RankingPool:
     def from_config(cls, source: RewardSource, config: RewardConfig) -> "RankingPool":
         return cls(source, config.num_actors, batch_size=config.batch_size, cpus=config.cpus, gpus=config.gpus)
 
-    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
-        """Scores of (prompt, completion) pairs, split into contiguous chunks, one per actor."""
+    def score(self, prompts: list[str], completions: list[str],
+              finish_reasons: list[str | None] | None = None) -> list[float]:
+        """Scores of (prompt, completion) pairs, split into contiguous chunks, one per actor;
+        ``finish_reasons`` ("stop" | "length" per completion) reach the checks that take them."""
         import ray
 
         n, A = len(prompts), len(self.actors)
         t0 = time.perf_counter()
         bounds = [round(a * n / A) for a in range(A + 1)]
-        refs = [actor.score.remote(prompts[lo:hi], completions[lo:hi])
+        reasons = finish_reasons if finish_reasons is not None else [None] * n
+        refs = [actor.score.remote(prompts[lo:hi], completions[lo:hi], reasons[lo:hi])
                 for actor, lo, hi in zip(self.actors, bounds, bounds[1:]) if hi > lo]
         scores = [s for chunk in ray.get(refs) for s in chunk]
         self.last = RankingStats(n, time.perf_counter() - t0)
         return scores
 
-    def rank_many(self, prompts: list[str], completions: list[list[str]]) -> list[Ranking]:
+    def rank_many(self, prompts: list[str], completions: list[list[str]],
+                  finish_reasons: list[list[str | None]] | None = None) -> list[Ranking]:
         """One Ranking per prompt of its completions; ``self.last`` holds the throughput."""
         flat_p = [p for p, cs in zip(prompts, completions) for _ in cs]
         flat_c = [c for cs in completions for c in cs]
-        scores = self.score(flat_p, flat_c)
+        flat_r = [r for rs in finish_reasons for r in rs] if finish_reasons is not None else None
+        scores = self.score(flat_p, flat_c, flat_r)
         out, k = [], 0
         for cs in completions:
             s = scores[k:k + len(cs)]

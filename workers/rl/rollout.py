@@ -23,7 +23,7 @@ from workers.cpu import claim_cpus
 
 __all__ = [
     "PromptSource", "load_prompts", "BUILTIN_PROMPTS", "Sample", "Group", "RolloutStats",
-    "encode_prompt", "RolloutActor", "RolloutPool",
+    "prompt_seed", "encode_prompt", "RolloutActor", "RolloutPool",
 ]
 
 # Small demo prompts (no download): Python questions in the style of the stdlib docstring data.
@@ -129,6 +129,7 @@ class Sample:
     token_ids: list[int]           # the completion (a final EOS included)
     text: str
     logprobs: list[float]          # under the policy that sampled it (raw model distribution)
+    finish_reason: str | None = None  # "stop" (EOS / stop token) | "length" (max_tokens cut it)
 
 
 @dataclass
@@ -143,6 +144,10 @@ class Group:
     def texts(self) -> list[str]:
         return [s.text for s in self.samples]
 
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return [s.finish_reason for s in self.samples]
+
 
 @dataclass
 class RolloutStats:
@@ -152,6 +157,14 @@ class RolloutStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The base seed of prompt ``prompt_index``'s samples (sample i: base + i): mixed from both
+    numbers (numpy's SeedSequence), so that no two prompts share a stream and seeds s and s + 1
+    do not overlap shifted."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, prompt_index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def encode_prompt(policy, prompt: str, room: int) -> list[int]:
@@ -180,7 +193,11 @@ class RolloutActor:
         self.version = version
         return version
 
-    def generate(self, prompts: list[str], params: dict, seed: int | None = None) -> list[Group]:
+    def generate(self, prompts: list[str], params: dict, seed: int | None = None,
+                 first_index: int = 0) -> list[Group]:
+        """``params['seed']`` set: prompt ``first_index + p`` of the whole call draws its samples
+        from ``prompt_seed(seed, first_index + p) + i`` (the same however prompts are split over
+        actors); else ``seed`` seeds torch's global RNG."""
         import torch
 
         from workers.model.sampling import SamplingParams, generate
@@ -188,31 +205,38 @@ class RolloutActor:
         sp = SamplingParams(**{**params, "logprobs": True})
         if seed is not None and sp.seed is None:
             torch.manual_seed(seed)
+        seeds = None if sp.seed is None else [prompt_seed(sp.seed, first_index + p) for p in range(len(prompts))]
         pol = self.policy
         sp.stop_token_ids = tuple(dict.fromkeys((*sp.stop_token_ids, *pol.stop_token_ids)))
         ids = [encode_prompt(pol, p, sp.max_tokens) for p in prompts]
         out = generate(pol.model, ids, sp, eos_token_id=pol.eos_token_id,
-                       decode=lambda t: pol.tokenizer.decode(t))
-        return [Group(p, i, [Sample(c.token_ids, c.text, c.logprobs or []) for c in comps])
+                       decode=lambda t: pol.tokenizer.decode(t), seeds=seeds)
+        return [Group(p, i, [Sample(c.token_ids, c.text, c.logprobs or [], c.finish_reason) for c in comps])
                 for p, i, comps in zip(prompts, ids, out)]
 
     def nll(self, sequences: list[list[int]]) -> tuple[float, int]:
         """Summed negative log-likelihood and token count of each sequence's tokens after the
         first, in consecutive windows of at most block_size predictions."""
+        each = self.nll_each(sequences)
+        return sum(each), sum(max(0, len(seq) - 1) for seq in sequences)
+
+    def nll_each(self, sequences: list[list[int]]) -> list[float]:
+        """Each sequence's summed negative log-likelihood (as ``nll``)."""
         import torch
         from torch.nn import functional as F
 
         model, block = self.policy.model, self.policy.context
-        total, count = 0.0, 0
+        out = []
         device = next(model.parameters()).device
         with torch.inference_mode():
             for seq in sequences:
+                total = 0.0
                 for lo in range(0, len(seq) - 1, block):
                     window = torch.tensor(seq[lo:lo + block + 1], dtype=torch.long, device=device)
                     logits, _ = model(window[None, :-1])                      # (1, T, V)
                     total += float(F.cross_entropy(logits[0].float(), window[1:], reduction="sum"))
-                    count += len(window) - 1
-        return total, count
+                out.append(total)
+        return out
 
 
 class RolloutPool:
@@ -242,11 +266,12 @@ class RolloutPool:
 
     def rollout(self, prompts: list[str], params: dict, seed: int | None = None) -> list[Group]:
         """One Group per prompt; prompts are split into contiguous chunks, one per actor.
-        ``seed`` (unseeded params) seeds each actor's RNG as seed + actor index."""
+        Seeded params (``params['seed']``): every (prompt, sample) draws from a stream of its own
+        (``prompt_seed``); else ``seed`` seeds each actor's RNG as seed + actor index."""
         import ray
 
         t0 = time.perf_counter()
-        refs = [a.generate.remote(prompts[lo:hi], params, None if seed is None else seed + k)
+        refs = [a.generate.remote(prompts[lo:hi], params, None if seed is None else seed + k, lo)
                 for k, (a, (lo, hi)) in enumerate(zip(self.actors, self._split(prompts))) if hi > lo]
         groups = [g for chunk in ray.get(refs) for g in chunk]
         tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
@@ -259,6 +284,13 @@ class RolloutPool:
         parts = ray.get([a.nll.remote(sequences[lo:hi])
                          for a, (lo, hi) in zip(self.actors, self._split(sequences)) if hi > lo])
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def nll_each(self, sequences: list[list[int]]) -> list[float]:
+        import ray
+
+        parts = ray.get([a.nll_each.remote(sequences[lo:hi])
+                         for a, (lo, hi) in zip(self.actors, self._split(sequences)) if hi > lo])
+        return [v for p in parts for v in p]
 
     def shutdown(self) -> None:
         import ray

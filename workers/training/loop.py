@@ -138,7 +138,7 @@ class TrainJob:
     make_batches: Callable[[int, int, torch.device], BatchSource]
     """(rank, world, device) -> this rank's BatchSource."""
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-    """(model, micro-batch) -> mean loss of the micro-batch."""
+    """(model, micro-batch) -> mean loss of the micro-batch (over its ``items_fn`` items)."""
     save_model: Callable[[torch.nn.Module, Path], None]
     """Writes the final weights (and model config) into a folder in the kind's Hugging Face layout;
     called once, in the driver, on a plain model built by make_model."""
@@ -151,6 +151,11 @@ class TrainJob:
     """(model, validation micro-batch) -> {name: (numerator, denominator)}, summed over the
     validation set and every rank, logged as ``val_<name>`` beside val_loss (e.g. masked-token
     accuracy: correct, chosen)."""
+    items_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    """micro-batch -> the number of items its mean loss is over (response tokens, pairs): the
+    step's loss is then the mean over all of the step's items, across micro-batches and workers
+    (as transformers >= 4.46 with num_items_in_batch), not the mean of micro-batch means. None:
+    micro-batches weigh the same."""
 
 
 @dataclass
@@ -278,14 +283,27 @@ def _gather(values: list[float], world: int, device) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
+def micro_batch_weights(micro: list[dict[str, torch.Tensor]], job: TrainJob, world: int, device) -> list[float]:
+    """The weight of each micro-batch's mean loss in this rank's share of the step's loss, such
+    that the shares summed over ranks (what DDP/FSDP's averaged gradient, times ``world``, sees)
+    are the mean over the step's items: items_i x world / (the step's items on all ranks, all-
+    reduced). Without ``items_fn``: 1 / micro-batches."""
+    if job.items_fn is None:
+        return [1.0 / len(micro)] * len(micro)
+    counts = [float(job.items_fn(b)) for b in micro]
+    total = float(_all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64, device=device), world)[0])
+    return [c * world / max(total, 1.0) for c in counts]
+
+
 def _evaluate(model, batches: BatchSource, job: TrainJob, autocast, world: int, device) -> float | None:
     micro = batches.val()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, batches)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, items or batches)
     model.eval()
     with torch.no_grad(), autocast:
         for b in micro:
-            total[0] += job.loss_fn(model, b).double()
-            total[1] += 1
+            items = float(job.items_fn(b)) if job.items_fn is not None else 1.0
+            total[0] += job.loss_fn(model, b).double() * items
+            total[1] += items
     model.train()
     total = _all_reduce_sum(total, world)
     return float(total[0] / total[1]) if total[1] > 0 else None
@@ -398,11 +416,12 @@ def _train(job: TrainJob, ctx: Any) -> None:
         micro = batches.train(step)
         t_data = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
+        weights = micro_batch_weights(micro, job, world, device)
         for k, b in enumerate(micro):
             # Gradients are reduced across workers on the last micro-batch only.
             with sharding.gradient_sync(train_model, k == len(micro) - 1):
                 with autocast():
-                    loss = job.loss_fn(train_model, b) / len(micro)
+                    loss = job.loss_fn(train_model, b) * weights[k]
                 loss.backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
