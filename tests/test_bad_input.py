@@ -326,7 +326,7 @@ def test_client_env_is_an_allowlist(monkeypatch):
 def test_submit_env_warns_for_secrets(tmp_path, monkeypatch):
     """`submit --env` with a secret: the executor's warning (one shared function), before the
     cluster is contacted (here: nothing listens, so the command then fails on --address)."""
-    from conftest import free_port
+    from tests.conftest import free_port
 
     from orchestrator.secrets import secret_env_warning
 

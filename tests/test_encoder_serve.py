@@ -120,7 +120,7 @@ def server(ray_session, encoders):
     url = serve_checkpoint(str(encoders["bert"][0]), port=port, blocking=False, max_batch_size=4, max_queue=8,
                            api_key="sk-test", model_name="bert-enc", app_name="encoder-test")
     yield url
-    shutdown("encoder-test")
+    shutdown()  # Serve altogether: its HTTP proxy keeps this port, and later modules serve on their own
 
 
 @pytest.mark.slow

@@ -356,7 +356,7 @@ def _outside(model, prompt: list[int], tokens: list[int], p: float) -> int:
 def test_top_p_draws_stay_inside_the_nucleus_in_generate_and_in_the_engine(serve_checkpoint_dir, one_thread):
     from workers.data import tokenizer as toks
     from workers.model.sampling import SamplingParams, generate
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
     from workers.serving.engine import Engine, GenerationRequest
 
     model = load_pretrained(serve_checkpoint_dir).eval()
@@ -433,7 +433,7 @@ def test_ppo_critic_starts_from_the_reward_model_when_it_reads_the_policys_token
     from workers.checkpoints import open_checkpoint
     from workers.data import tokenizer as toks
     from workers.model.reward_head import RewardModel, ValueModel, save_reward_model
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
     from workers.rl.ranking import RewardSource
 
     policy = make_policy(tmp_path / "policy")

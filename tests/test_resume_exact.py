@@ -68,7 +68,8 @@ SCENARIOS = [pytest.param(kind, strategy, k, rank,
 def make_base(folder: Path, dropout: float = 0.0) -> Path:
     """A random 2-layer, 32-wide GPT (block 32, fp32) with a char tokenizer over printable ASCII."""
     from workers.data import tokenizer as toks
-    from workers.model.transformer import GPT, config_for, save_pretrained
+    from workers.model.hf import save_pretrained
+    from workers.model.transformer import GPT, config_for
 
     tok = toks.train_char([string.printable])
     torch.manual_seed(0)

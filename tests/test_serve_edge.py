@@ -681,10 +681,10 @@ def test_hostile_clients_beside_well_formed_streams(serve_checkpoint_dir, tmp_pa
 
         expected = asyncio.run(quiet())
         rss_loaded = _rss_kib(proc.pid)
-        # the start: a replica that has served each kind of request once (first uses allocate for
-        # good: each preparation thread's malloc arena, the beam-search and logprob paths)
-        warm_up = [dict(r, id=i) for i, r in enumerate([r for r in storm if r.get("kind")][:40] + storm[:40])]
-        asyncio.run(loud(warm_up))
+        # the start: a replica that has weathered one storm already. First uses allocate for good
+        # (each preparation thread's malloc arena at its high-water mark, the beam-search and
+        # logprob paths): what must not happen is growth from one storm to the next (a leak)
+        asyncio.run(loud())
         time.sleep(2)  # the heap trim after big bodies runs 1 s after the last one
         rss_start = _rss_kib(proc.pid)
         stop, lat_file = tmp_path / "stop", tmp_path / "latencies.json"
@@ -699,9 +699,8 @@ def test_hostile_clients_beside_well_formed_streams(serve_checkpoint_dir, tmp_pa
             assert probe.wait(30) == 0
         probes = json.loads(lat_file.read_text())
         latencies = sorted(wall for wall, _ in probes)
-        # what the replica can be blamed for: a wait for work of its own (its event loop busy,
-        # the GIL held by its threads) is spent on its CPU time; a wait for a core another
-        # process holds (this machine runs several test suites at once) is not
+        # the replica's own share of each wait: work of its own (its event loop busy, the GIL held
+        # by its threads) is spent on its CPU time; a wait for a core another process holds is not
         blamed = sorted(min(wall, cpu) for wall, cpu in probes)
         stats = httpx.get(f"{url}/v1/stats", headers=AUTH, timeout=10).json()
         deadline = time.monotonic() + 30
@@ -742,7 +741,9 @@ def test_hostile_clients_beside_well_formed_streams(serve_checkpoint_dir, tmp_pa
           f"warmed up, {rss_end / 1024:.0f} MiB after the storm")
     assert statuses.get(400, 0) > 100 and statuses.get(200, 0) > 10, statuses
     assert by_kind["slow"].get(400, 0) >= 1 and by_kind["huge"].get(400, 0) >= 1
-    assert len(latencies) > 100 and p99_blamed < 0.100, f"/health p99 {1000 * p99_blamed:.0f} ms"
+    # the bound on the wall clock; the replica's own CPU share is printed beside it, to tell a
+    # busy machine (other processes holding the cores) from a busy replica when it fails
+    assert len(latencies) > 100 and p99 < 0.100, f"/health p99 {1000 * p99:.0f} ms (replica CPU {1000 * p99_blamed:.0f} ms)"
     assert rss_end <= 1.10 * rss_start, (rss_start, rss_end)
     assert stats["in_flight"] == 0 and stats["alive"] and stats["failed"] == 0, stats
     assert not errors, errors[:5]

@@ -51,10 +51,14 @@ def ddp_reference(job, world: int) -> tuple[list[float], int]:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, job.max_steps)
         total = 0.0
-        for batches in ranks:
-            micro = batches.train(step)
-            for b in micro:
-                loss = job.loss_fn(model, b) / len(micro) / world
+        micros = [batches.train(step) for batches in ranks]
+        # the step's loss: the mean over all of its items (response tokens, pairs) when the job
+        # counts them, across micro-batches and ranks; else micro-batches weigh the same
+        items = [[float(job.items_fn(b)) if job.items_fn else 1.0 for b in micro] for micro in micros]
+        all_items = sum(map(sum, items))
+        for micro, counts in zip(micros, items):
+            for b, n in zip(micro, counts):
+                loss = job.loss_fn(model, b) * (n / all_items)
                 loss.backward()
                 total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

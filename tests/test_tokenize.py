@@ -246,7 +246,7 @@ def test_missing_field_column_and_unmatched_source_are_named(ray_session, tmp_pa
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValidationError, match="tokenizer must be"):
-        T.Config(source="x.txt", tokenizer={"type": "wordpiece"})
+        T.Config(source="x.txt", tokenizer={"type": "sentencepiece"})
     with pytest.raises(ValidationError, match="val_fraction"):
         T.Config(source="x.txt", val_fraction=0.7)
     with pytest.raises(ValidationError, match="shard_sise"):

@@ -40,7 +40,7 @@ def fit_on_gpu(ray, tmp: Path, ds: Path, **config):
 
 
 def check_fit(outputs, events, strategy: str) -> None:
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
 
     tags = {k: v for e in events if e["type"] == "tags" for k, v in e["tags"].items()}
     assert tags["train.strategy"] == strategy
@@ -74,7 +74,7 @@ def test_bf16_pretrain_on_ray_train(ray_session, dataset, tmp_path, strategy, ex
 def nccl():
     import torch.distributed as dist
 
-    from conftest import free_port
+    from tests.conftest import free_port
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0,
@@ -136,7 +136,7 @@ def test_fsdp2_bf16_state_round_trips_through_dcp_on_cuda(nccl, tmp_path):
 def test_engine_step_on_cuda_matches_generate(serve_checkpoint_dir):
     from workers.data import tokenizer as toks
     from workers.model.sampling import SamplingParams, generate
-    from workers.model.transformer import load_pretrained
+    from workers.model.hf import load_pretrained
     from workers.serving.engine import Engine, GenerationRequest
 
     model = load_pretrained(serve_checkpoint_dir, map_location="cuda").eval()
