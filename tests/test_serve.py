@@ -361,9 +361,10 @@ def test_serve_config_errors_name_the_field(tmp_path):
 # ------------------------------------------------------------------------------ lifecycle
 
 
-def test_a_timed_out_serve_stage_leaves_no_serve_application(server, tmp_path, tracking_uri):
-    """The stage times out while its replica cannot start (a folder that is no checkpoint):
-    the executor kills the attempt and the kind's cleanup removes the Serve application."""
+def test_a_timed_out_serve_stage_leaves_no_serve_application(server, checkpoint, tmp_path, tracking_uri):
+    """The stage times out while its replica cannot be placed (it asks for more CPUs than the
+    session's Ray has free beside this module's two replicas): the executor kills the attempt
+    and the kind's cleanup removes the Serve application."""
     import io
 
     from ray import serve
@@ -373,16 +374,14 @@ def test_a_timed_out_serve_stage_leaves_no_serve_application(server, tmp_path, t
     from workers.kinds import serve as kind
 
     (tmp_path / "upfuncs.py").write_text("def ckpt(ctx, path):\n    return {'checkpoint': path}\n")
-    empty = tmp_path / "not-a-checkpoint"
-    empty.mkdir()
     path = tmp_path / "servetimeout.yaml"
     path.write_text(f"""name: servetimeout
 storage: {tmp_path / 'artifacts'}
 tracking: {{uri: "{tracking_uri}"}}
 defaults: {{retries: 0}}
 stages:
-  up: {{kind: python, config: {{entrypoint: "upfuncs:ckpt", params: {{path: "{empty}"}}}}}}
-  web: {{kind: serve, needs: [up], timeout_s: 10, resources: {{cpus: 0.25}}, config: {{port: {server['port']}}}}}
+  up: {{kind: python, config: {{entrypoint: "upfuncs:ckpt", params: {{path: "{checkpoint}"}}}}}}
+  web: {{kind: serve, needs: [up], timeout_s: 25, resources: {{cpus: 3.75}}, config: {{port: {server['port']}}}}}
 """)
     seen = threading.Event()
     stop = threading.Event()
