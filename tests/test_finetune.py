@@ -278,11 +278,14 @@ def test_lora_sft_loss_falls_and_checkpoint_is_self_contained(lora_run):
                                                         "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert outputs["steps"] == 40 and outputs["train_examples"] + outputs["val_examples"] == 240
     assert outputs["final_val_loss"] < 0.6 * before, (outputs, before)
-    # the merged weights alone reproduce the loop's val loss: the mean over the loop's micro-batches
-    # (eval_steps=2 global batches of 8 rows; rank r takes rows r, r+2, ...; micro-batches of 4)
+    # the merged weights alone reproduce the loop's val loss: the mean over the response tokens of
+    # the loop's micro-batches (eval_steps=2 global batches of 8 rows; rank r takes rows r, r+2,
+    # ...; micro-batches of 4), each micro-batch's mean weighted by its tokens
     model = load_pretrained(folder)
     batches = [np.arange(r, 16, 2)[k:k + 4] for r in (0, 1) for k in (0, 4)]
-    merged = np.mean([mean_loss(model, {n: a[i] for n, a in val_rows.items()}) for i in batches])
+    parts = [{n: a[i] for n, a in val_rows.items()} for i in batches]
+    items = [float(finetune.sft_items(finetune.sft_batch(p))) for p in parts]
+    merged = sum(mean_loss(model, p) * n for p, n in zip(parts, items)) / sum(items)
     assert merged == pytest.approx(outputs["final_val_loss"], rel=1e-4)
     cfg = json.loads((folder / "config.json").read_text())
     assert (folder / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
